@@ -1,0 +1,51 @@
+"""Shared helpers for the benchmarks: device-synchronised timing, effective bandwidth, and a
+summary table (median time, GB/s, ratio to the tensor copy and to the peers) after the run.
+
+Run with `pytest benchmarks --benchmark-only`; add `--benchmark-json=FILE` to keep the raw numbers.
+"""
+import pytest
+import torch
+
+import diffkern as dk
+
+CUDA = torch.cuda.is_available() and dk.cuda_kernels_available()
+DEVICES = ["cpu"] + (["cuda"] if CUDA else [])
+
+
+def run(benchmark, fn, *, group: str, name: str, nbytes: int, device: str):
+    """Time fn (synchronising CUDA) and record the bytes a memory-bound version must move."""
+    if device == "cuda":
+        def timed():
+            out = fn()
+            torch.cuda.synchronize()
+            return out
+    else:
+        timed = fn
+    timed()  # warm-up (allocator, lazy init, compilation)
+    benchmark.group = group
+    benchmark.name = name
+    benchmark.extra_info.update(nbytes=nbytes, device=device, label=name)
+    return benchmark(timed)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    session = getattr(config, "_benchmarksession", None)
+    if session is None or not session.benchmarks:
+        return
+    groups = {}
+    for bench in session.benchmarks:
+        if bench.stats is None or not bench.extra_info.get("label"):
+            continue
+        groups.setdefault(bench.group, []).append(bench)
+    write = terminalreporter.write_line
+    write("")
+    write("diffkern summary: median time, effective GB/s (bytes that must move / time), "
+          "time relative to a copy of the same bytes (lower is better)")
+    for group, benches in groups.items():
+        copy = next((b for b in benches if b.extra_info["label"] == "copy"), None)
+        write(f"  {group}")
+        for b in sorted(benches, key=lambda b: b.stats.median):
+            median = b.stats.median
+            gbps = b.extra_info["nbytes"] / median / 1e9
+            vs_copy = f"{median / copy.stats.median:7.2f}x copy" if copy else ""
+            write(f"    {b.extra_info['label']:<28} {median * 1e3:10.3f} ms {gbps:9.2f} GB/s  {vs_copy}")

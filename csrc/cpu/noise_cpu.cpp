@@ -1,0 +1,115 @@
+// CPU kernels of the noise ops. The scalar path runs the per-thread body of diffkern/noise_fill.h
+// over every index, exactly what a CUDA thread runs; the SIMD paths (isa_avx2.cpp,
+// isa_avx512.cpp) compute 8 or 16 Philox blocks per instruction and are bitwise identical to it.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <torch/library.h>
+
+#include <string>
+
+#include "../ops_common.h"
+#include "isa_dispatch.h"
+
+namespace diffkern {
+namespace cpu {
+namespace {
+
+constexpr int64_t kGrainBlocks = 2048;  // 8K values per task: large enough to amortise a task
+
+template <typename T, typename Generator>
+void fill_scalar(T* out, const FillShape& shape, const NoiseParams& params, Generator generate) {
+  at::parallel_for(0, shape.num_threads(), kGrainBlocks, [&](int64_t begin, int64_t end) {
+    for (int64_t thread = begin; thread < end; ++thread) fill_block(thread, out, shape, params, generate);
+  });
+}
+
+template <typename T>
+void fill_normal(T* out, at::ScalarType dtype, const FillShape& shape, const NoiseParams& params, Isa isa) {
+  if (isa == Isa::kScalar) return fill_scalar(out, shape, params, NormalGenerator<T>{});
+  const NoiseKey key = resolve_noise_key(params);
+  at::parallel_for(0, shape.num_threads(), kGrainBlocks, [&](int64_t begin, int64_t end) {
+    const NormalFillArgs args{out,        dtype,      shape.rows, shape.row_size,       key.key0, key.key1,
+                              key.step,   key.stream, params.sample_offset, begin, end};
+    if (isa == Isa::kAvx512) {
+      fill_normal_avx512(args);
+    } else {
+      fill_normal_avx2(args);
+    }
+  });
+}
+
+at::Tensor randn_impl(at::IntArrayRef size, int64_t seed, int64_t step, int64_t sample_offset,
+                      int64_t stream, const std::optional<at::Tensor>& seed_step, at::ScalarType dtype,
+                      Isa isa) {
+  const FillShape shape = fill_shape_for(size, sample_offset);
+  const NoiseParams params = noise_params_for(seed, step, sample_offset, stream, seed_step, at::kCPU);
+  at::Tensor out = at::empty(size, at::TensorOptions().dtype(dtype).device(at::kCPU));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "diffkern::randn", [&] {
+    fill_normal(out.mutable_data_ptr<scalar_t>(), dtype, shape, params, isa);
+  });
+  return out;
+}
+
+at::Tensor randn_cpu(c10::SymIntArrayRef size, int64_t seed, int64_t step, int64_t sample_offset,
+                     int64_t stream, const std::optional<at::Tensor>& seed_step, at::ScalarType dtype,
+                     at::Device device) {
+  TORCH_CHECK(device.is_cpu(), "diffkern::randn: CPU kernel called for device ", device);
+  return randn_impl(C10_AS_INTARRAYREF_SLOW(size), seed, step, sample_offset, stream, seed_step, dtype,
+                    best_isa());
+}
+
+// Test hook: randn on a chosen instruction set, to compare the paths bitwise.
+at::Tensor randn_cpu_isa(c10::SymIntArrayRef size, int64_t seed, int64_t step, int64_t sample_offset,
+                         int64_t stream, at::ScalarType dtype, c10::string_view isa) {
+  return randn_impl(C10_AS_INTARRAYREF_SLOW(size), seed, step, sample_offset, stream, std::nullopt, dtype,
+                    isa_from_name(std::string(isa).c_str()));
+}
+
+at::Tensor random_bits_cpu(c10::SymIntArrayRef size, int64_t seed, int64_t step, int64_t sample_offset,
+                           int64_t stream, const std::optional<at::Tensor>& seed_step, at::Device device) {
+  TORCH_CHECK(device.is_cpu(), "diffkern::random_bits: CPU kernel called for device ", device);
+  const at::IntArrayRef sizes = C10_AS_INTARRAYREF_SLOW(size);
+  const FillShape shape = fill_shape_for(sizes, sample_offset);
+  const NoiseParams params = noise_params_for(seed, step, sample_offset, stream, seed_step, at::kCPU);
+  at::Tensor out = at::empty(sizes, at::TensorOptions().dtype(at::kInt).device(at::kCPU));
+  fill_scalar(out.mutable_data_ptr<int32_t>(), shape, params, BitsGenerator{});
+  return out;
+}
+
+at::Tensor philox4x32_10_cpu(const at::Tensor& counter, const at::Tensor& key) {
+  check_philox_inputs(counter, key);
+  const at::Tensor c = counter.contiguous(), k = key.contiguous();
+  at::Tensor out = at::empty_like(c);
+  const int64_t* cp = c.const_data_ptr<int64_t>();
+  const int64_t* kp = k.const_data_ptr<int64_t>();
+  int64_t* op = out.mutable_data_ptr<int64_t>();
+  at::parallel_for(0, c.numel() / 4, 1024, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const Uint4 r = philox4x32_10(
+          Uint4{static_cast<uint32_t>(cp[4 * i]), static_cast<uint32_t>(cp[4 * i + 1]),
+                static_cast<uint32_t>(cp[4 * i + 2]), static_cast<uint32_t>(cp[4 * i + 3])},
+          static_cast<uint32_t>(kp[2 * i]), static_cast<uint32_t>(kp[2 * i + 1]));
+      op[4 * i] = r.x;
+      op[4 * i + 1] = r.y;
+      op[4 * i + 2] = r.z;
+      op[4 * i + 3] = r.w;
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(diffkern, CPU, m) {
+  m.impl("randn", &randn_cpu);
+  m.impl("random_bits", &random_bits_cpu);
+  m.impl("philox4x32_10", &philox4x32_10_cpu);
+}
+
+// No tensor arguments: registered as the catch-all so it is reachable without a device key.
+TORCH_LIBRARY_IMPL(diffkern, CompositeExplicitAutograd, m) { m.impl("_randn_cpu_isa", &randn_cpu_isa); }
+
+}  // namespace cpu
+}  // namespace diffkern

@@ -1,0 +1,89 @@
+// The op schemas of diffkern, in one place. Per-device kernels are registered next to their
+// implementations (cpu/*.cpp, cuda/*.cu); fake (meta) kernels are registered from Python in
+// diffkern/ops.py with torch.library.register_fake.
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/DispatchKeySet.h>
+#include <torch/library.h>
+
+#include <torch/version.h>
+
+#include <string>
+
+#include "cpu/isa_dispatch.h"
+
+namespace diffkern {
+namespace {
+
+// "torch=<version compiled against>;cuda=<0|1>;cpu_isa=<avx512|avx2|scalar>", read by
+// diffkern/_extension.py. cpu_isa is the instruction set the CPU kernels use on this machine.
+std::string build_info() {
+  std::string info = "torch=" + std::to_string(TORCH_VERSION_MAJOR) + "." +
+                     std::to_string(TORCH_VERSION_MINOR) + "." + std::to_string(TORCH_VERSION_PATCH);
+#ifdef DK_WITH_CUDA
+  info += ";cuda=1";
+#else
+  info += ";cuda=0";
+#endif
+  info += std::string(";cpu_isa=") + cpu::isa_name(cpu::best_isa());
+  return info;
+}
+
+// Factory ops (no tensor argument unless seed_step is given) reach this catch-all kernel; it
+// forwards to the kernel of the requested device, as ATen's BackendSelect does for torch.empty.
+template <typename Signature>
+c10::TypedOperatorHandle<Signature> typed_op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
+}
+
+c10::DispatchKeySet backend_keys(at::ScalarType dtype, at::Device device) {
+  return c10::DispatchKeySet(c10::computeDispatchKey(dtype, at::kStrided, device));
+}
+
+at::Tensor randn_select(c10::SymIntArrayRef size, int64_t seed, int64_t step, int64_t sample_offset,
+                        int64_t stream, const std::optional<at::Tensor>& seed_step, at::ScalarType dtype,
+                        at::Device device) {
+  static const auto op = typed_op<decltype(randn_select)>("diffkern::randn");
+  return op.redispatch(backend_keys(dtype, device), size, seed, step, sample_offset, stream, seed_step,
+                       dtype, device);
+}
+
+at::Tensor random_bits_select(c10::SymIntArrayRef size, int64_t seed, int64_t step, int64_t sample_offset,
+                              int64_t stream, const std::optional<at::Tensor>& seed_step,
+                              at::Device device) {
+  static const auto op = typed_op<decltype(random_bits_select)>("diffkern::random_bits");
+  return op.redispatch(backend_keys(at::kInt, device), size, seed, step, sample_offset, stream, seed_step,
+                       device);
+}
+
+}  // namespace
+
+TORCH_LIBRARY(diffkern, m) {
+  m.def("build_info() -> str", &build_info);
+
+  // Philox4x32-10 of explicit counters [..., 4] and keys [..., 2] (low 32 bits of each int64);
+  // returns the four output words as int64 in [0, 2^32). For known-answer tests and users who want
+  // the raw generator.
+  m.def("philox4x32_10(Tensor counter, Tensor key) -> Tensor");
+
+  // The noise stream (csrc/include/diffkern/noise.h) materialised: standard normals, or the raw
+  // 32-bit words as int32. seed is a uint64 in two's complement; seed_step (int64 [2] on `device`)
+  // overrides seed and step when given.
+  m.def(
+      "randn(SymInt[] size, int seed, int step, int sample_offset, int stream, Tensor? seed_step, "
+      "ScalarType dtype, Device device) -> Tensor");
+  m.def(
+      "random_bits(SymInt[] size, int seed, int step, int sample_offset, int stream, Tensor? seed_step, "
+      "Device device) -> Tensor");
+
+  // Test hook: CPU randn on a given instruction set ("auto", "scalar", "avx2", "avx512").
+  m.def(
+      "_randn_cpu_isa(SymInt[] size, int seed, int step, int sample_offset, int stream, "
+      "ScalarType dtype, str isa) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(diffkern, CompositeExplicitAutograd, m) {
+  m.impl("randn", &randn_select);
+  m.impl("random_bits", &random_bits_select);
+}
+
+}  // namespace diffkern

@@ -1,0 +1,27 @@
+"""diffkern: fused C++/CUDA kernels for the per-step arithmetic of diffusion models.
+
+    import diffkern as dk
+    z = dk.randn((16, 3, 64, 64), seed=0, step=0)   # the noise stream every fused op draws from
+"""
+from ._version import __version__
+from .ops import BUILD as _BUILD, cuda_kernels_available
+from .noise import randn, random_bits
+from . import reference
+
+__all__ = ["__version__", "randn", "random_bits", "cuda_kernels_available", "build_info", "reference"]
+
+
+def build_info() -> dict:
+    """What this installation was built with and can run: versions, compiled kernels, devices."""
+    import torch
+
+    return {
+        "diffkern": __version__,
+        "torch": torch.__version__,
+        "built_against_torch": _BUILD["torch_version"],
+        "cpu_kernels": True,
+        "cpu_isa": _BUILD["cpu_isa"],
+        "cuda_kernels": _BUILD["cuda_kernels"],
+        "cuda_arch_list": _BUILD["cuda_arch_list"],
+        "cuda_device": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+    }

@@ -1,0 +1,151 @@
+"""One typed Python function per compiled op: argument checks with clear messages, the call into
+torch.ops.diffkern, and the op's fake (meta) kernel for torch.compile and FakeTensor tracing.
+
+Most users want the public functions (diffkern.randn, ...); these are the thin layer below them.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Optional, Sequence
+
+import torch
+
+from . import _extension
+
+BUILD = _extension.load()
+
+_UINT32 = 1 << 32
+_UINT64 = 1 << 64
+NOISE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def cuda_kernels_available() -> bool:
+    """True when the library was compiled with its CUDA kernels."""
+    return BUILD["cuda_kernels"]
+
+
+def _check_uint(name: str, value, bound: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    value = int(value)
+    if not 0 <= value < bound:
+        raise ValueError(f"{name} must lie in [0, 2^{bound.bit_length() - 1}), got {value}")
+    return value
+
+
+def seed_to_int64(seed) -> int:
+    """A seed in [0, 2^64) as the int64 with the same bits (what the op schemas carry)."""
+    seed = _check_uint("seed", seed, _UINT64)
+    return seed - _UINT64 if seed >= 1 << 63 else seed
+
+
+def check_shape(shape) -> list[int]:
+    if isinstance(shape, numbers.Integral) and not isinstance(shape, bool):
+        shape = (shape,)
+    if isinstance(shape, (str, bytes)) or isinstance(shape, torch.Tensor) and shape.dim() > 1:
+        raise TypeError(f"shape must be an int or a sequence of ints, got {shape!r}")
+    try:
+        dims = [int(d) for d in shape]
+    except (TypeError, ValueError):
+        raise TypeError(f"shape must be an int or a sequence of ints, got {shape!r}") from None
+    if any(d < 0 for d in dims):
+        raise ValueError(f"shape must not have negative sizes, got {tuple(dims)}")
+    return dims
+
+
+def check_noise_layout(shape: Sequence[int], sample_offset: int) -> None:
+    rows = shape[0] if len(shape) else 1
+    features = math.prod(shape[1:])
+    if features > 1 << 34:
+        raise ValueError(f"at most 2^34 features per sample (dims after the first), got {features}")
+    if sample_offset + rows > _UINT32:
+        raise ValueError(
+            f"sample_offset + batch size must be at most 2^32, got {sample_offset} + {rows}")
+
+
+def check_seed_step(seed_step: Optional[torch.Tensor], device: torch.device) -> None:
+    if seed_step is None:
+        return
+    if not isinstance(seed_step, torch.Tensor) or seed_step.dtype != torch.int64 or seed_step.numel() != 2:
+        raise ValueError("seed_step must be an int64 tensor of two elements (seed, step)")
+    if seed_step.device != device:
+        raise ValueError(f"seed_step is on {seed_step.device} but the output is on {device}")
+
+
+def check_device(device: torch.device) -> None:
+    if device.type == "cuda" and not cuda_kernels_available():
+        raise RuntimeError(
+            "diffkern was built without its CUDA kernels, so it cannot run on "
+            f"{device}. Rebuild with a CUDA toolkit and a CUDA build of torch: "
+            "DIFFKERN_CUDA=1 pip install --no-build-isolation -e .")
+    if device.type not in ("cpu", "cuda", "meta"):
+        raise ValueError(f"diffkern has kernels for cpu and cuda, not {device.type}; "
+                         "diffkern.reference has portable implementations")
+
+
+def randn(shape: Sequence[int], *, seed: int, step: int, sample_offset: int, stream: int,
+          seed_step: Optional[torch.Tensor], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Standard normals of the noise stream; see diffkern.randn for the contract."""
+    shape = check_shape(shape)
+    seed = seed_to_int64(seed)
+    step = _check_uint("step", step, _UINT32)
+    stream = _check_uint("stream", stream, _UINT32)
+    sample_offset = _check_uint("sample_offset", sample_offset, _UINT32 + 1)
+    check_noise_layout(shape, sample_offset)
+    if dtype not in NOISE_DTYPES:
+        raise ValueError(f"dtype must be one of {NOISE_DTYPES}, got {dtype}")
+    check_device(device)
+    check_seed_step(seed_step, device)
+    return torch.ops.diffkern.randn(shape, seed, step, sample_offset, stream, seed_step, dtype, device)
+
+
+def random_bits(shape: Sequence[int], *, seed: int, step: int, sample_offset: int, stream: int,
+                seed_step: Optional[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """The raw 32-bit Philox words of the noise stream, as int32."""
+    shape = check_shape(shape)
+    seed = seed_to_int64(seed)
+    step = _check_uint("step", step, _UINT32)
+    stream = _check_uint("stream", stream, _UINT32)
+    sample_offset = _check_uint("sample_offset", sample_offset, _UINT32 + 1)
+    check_noise_layout(shape, sample_offset)
+    check_device(device)
+    check_seed_step(seed_step, device)
+    return torch.ops.diffkern.random_bits(shape, seed, step, sample_offset, stream, seed_step, device)
+
+
+def philox4x32_10(counter: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+    """Philox4x32-10 of counters [..., 4] and keys [..., 2] (int64, low 32 bits used) -> [..., 4]."""
+    if counter.dtype != torch.int64 or key.dtype != torch.int64:
+        raise ValueError("counter and key must be int64 tensors")
+    if counter.dim() < 1 or counter.shape[-1] != 4 or key.dim() < 1 or key.shape[-1] != 2:
+        raise ValueError(f"counter must be [..., 4] and key [..., 2], got {tuple(counter.shape)} and "
+                         f"{tuple(key.shape)}")
+    if counter.numel() // 4 != key.numel() // 2:
+        raise ValueError("counter and key must have the same number of rows")
+    if counter.device != key.device:
+        raise ValueError(f"counter is on {counter.device} but key is on {key.device}")
+    check_device(counter.device)
+    return torch.ops.diffkern.philox4x32_10(counter, key)
+
+
+# ---- fake kernels: shapes and dtypes only, for torch.compile / FakeTensor / meta tensors ----
+
+@torch.library.register_fake("diffkern::randn")
+def _randn_fake(size, seed, step, sample_offset, stream, seed_step, dtype, device):
+    return torch.empty(size, dtype=dtype, device=device)
+
+
+@torch.library.register_fake("diffkern::random_bits")
+def _random_bits_fake(size, seed, step, sample_offset, stream, seed_step, device):
+    return torch.empty(size, dtype=torch.int32, device=device)
+
+
+@torch.library.register_fake("diffkern::philox4x32_10")
+def _philox_fake(counter, key):
+    return torch.empty_like(counter, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("diffkern::_randn_cpu_isa")
+def _randn_cpu_isa_fake(size, seed, step, sample_offset, stream, dtype, isa):
+    return torch.empty(size, dtype=dtype, device="cpu")

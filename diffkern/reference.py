@@ -1,0 +1,111 @@
+"""Pure-PyTorch twins of the compiled ops: the executable specification of diffkern.
+
+Each function has the signature and semantics of its kernel. They are written for clarity, not
+speed, and are the fallback on devices the kernels do not cover. Philox is reproduced in int64
+integer arithmetic, so reference.random_bits equals the kernels' words bit for bit; the normal
+transform is Box-Muller evaluated in float64, so reference.randn is the mathematically intended
+value of each normal and the kernels (float32 polynomials) agree with it to within
+NORMAL_ATOL + NORMAL_RTOL * |z| (see tests/test_randn.py for how that bound was measured).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+
+PHILOX_M0 = 0xD2511F53
+PHILOX_M1 = 0xCD9E8D57
+PHILOX_W0 = 0x9E3779B9
+PHILOX_W1 = 0xBB67AE85
+PHILOX_ROUNDS = 10
+_MASK32 = 0xFFFFFFFF
+
+# Kernel normals vs this float64 reference: |kernel - reference| <= NORMAL_ATOL + NORMAL_RTOL * |z|.
+NORMAL_ATOL = 3.0e-7
+NORMAL_RTOL = 2.0e-7
+
+
+def _mulhilo32(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(high, low) 32-bit halves of a * b for a constant a and b in [0, 2^32), in int64 math."""
+    b_lo, b_hi = b & 0xFFFF, b >> 16
+    p_lo = a * b_lo                      # < 2^48
+    p_hi = a * b_hi                      # < 2^48, weight 2^16
+    s = ((p_hi & 0xFFFF) << 16) + p_lo   # < 2^49
+    return ((p_hi >> 16) + (s >> 32)) & _MASK32, s & _MASK32
+
+
+def philox4x32_10(counter: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+    """Philox4x32-10 of counters [..., 4] and keys [..., 2] (low 32 bits of int64) -> int64 [..., 4]."""
+    c = [(counter[..., i].to(torch.int64) & _MASK32) for i in range(4)]
+    k0 = key[..., 0].to(torch.int64) & _MASK32
+    k1 = key[..., 1].to(torch.int64) & _MASK32
+    for round_ in range(PHILOX_ROUNDS):
+        if round_ > 0:
+            k0 = (k0 + PHILOX_W0) & _MASK32
+            k1 = (k1 + PHILOX_W1) & _MASK32
+        hi0, lo0 = _mulhilo32(PHILOX_M0, c[0])
+        hi1, lo1 = _mulhilo32(PHILOX_M1, c[2])
+        c = [hi1 ^ c[1] ^ k0, lo1, hi0 ^ c[3] ^ k1, lo0]
+    return torch.stack(c, dim=-1)
+
+
+def _as_int(value, name: str) -> int:
+    return int(value.item()) if isinstance(value, torch.Tensor) else int(value)
+
+
+def _noise_words(shape: Sequence[int], seed, step, sample_offset: int, stream: int,
+                 device) -> tuple[torch.Tensor, list[int], int]:
+    """The Philox blocks of every (sample, block) of `shape`: int64 [rows, blocks, 4] and the layout."""
+    shape = [int(s) for s in shape] if not isinstance(shape, int) else [int(shape)]
+    rows = shape[0] if shape else 1
+    features = math.prod(shape[1:])
+    blocks = (features + 3) // 4
+    seed = _as_int(seed, "seed") % (1 << 64)
+    step = _as_int(step, "step") % (1 << 32)
+    n = torch.arange(rows, dtype=torch.int64, device=device) + sample_offset
+    q = torch.arange(blocks, dtype=torch.int64, device=device)
+    counter = torch.stack(torch.broadcast_tensors(q[None, :], n[:, None],
+                                                  torch.tensor(step, device=device),
+                                                  torch.tensor(stream, device=device)), dim=-1)
+    key = torch.tensor([seed & _MASK32, seed >> 32], dtype=torch.int64, device=device)
+    return philox4x32_10(counter, key.expand(rows, blocks, 2)), shape, features
+
+
+def random_bits(shape: Sequence[int], seed=0, step=0, sample_offset: int = 0, stream: int = 0,
+                device=None) -> torch.Tensor:
+    """Word j % 4 of Philox((j / 4, sample_offset + n, step, stream), seed) for element (n, j), as int32."""
+    words, shape, features = _noise_words(shape, seed, step, sample_offset, stream, device)
+    flat = words.reshape(words.shape[0], 4 * words.shape[1])[:, :features]
+    flat = torch.where(flat >= 1 << 31, flat - (1 << 32), flat)
+    return flat.to(torch.int32).reshape(shape)
+
+
+def box_muller(words: torch.Tensor) -> torch.Tensor:
+    """Normals [..., 4] from Philox words [..., 4] (int64 in [0, 2^32)), computed in float64.
+
+    Words (0, 1) and (2, 3) are (radius, angle) pairs. The radius uniform is the float32 value the
+    kernels form, u = fl32(fl32(w >> 1) * 2^-31 + 2^-32) in (0, 1]; the angle is 2 pi w / 2^32.
+    """
+    def pair(radius_word, angle_word):
+        u = torch.floor_divide(radius_word, 2).to(torch.float32).to(torch.float64)
+        u = (u * 2.0**-31 + 2.0**-32).to(torch.float32).to(torch.float64)
+        radius = torch.sqrt(-2.0 * torch.log(u))
+        angle = angle_word.to(torch.float64) * (2.0 * math.pi / 2.0**32)
+        return radius * torch.cos(angle), radius * torch.sin(angle)
+
+    z0, z1 = pair(words[..., 0], words[..., 1])
+    z2, z3 = pair(words[..., 2], words[..., 3])
+    return torch.stack([z0, z1, z2, z3], dim=-1)
+
+
+def randn(shape: Sequence[int], seed=0, step=0, sample_offset: int = 0, stream: int = 0,
+          device=None, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """Standard normals of the noise stream: element j % 4 of box_muller of block (j / 4, n).
+
+    As in the kernels, each value is a float32 normal cast to `dtype`, so all dtypes share the numbers.
+    """
+    dtype = dtype or torch.get_default_dtype()
+    words, shape, features = _noise_words(shape, seed, step, sample_offset, stream, device)
+    z = box_muller(words).reshape(words.shape[0], 4 * words.shape[1])[:, :features]
+    return z.to(torch.float32).to(dtype).reshape(shape)

@@ -1,0 +1,119 @@
+"""Build of diffkern's compiled ops (diffkern._C).
+
+The CPU kernels are always built. The CUDA kernels are built when a CUDA toolkit and a CUDA build
+of torch are both present, whether or not a GPU is visible (so GPU-less CI machines compile them).
+
+Environment variables:
+  DIFFKERN_CUDA=auto|1|0   auto (default) builds CUDA when possible; 1 requires it; 0 skips it.
+  CUDA_HOME                the toolkit; by default the first of $CUDA_HOME, $CUDA_PATH,
+                           /usr/local/cuda, the nvcc on PATH, /usr/local/cuda-* that has
+                           include/cuda_runtime.h (an nvcc wrapper in /usr/local/bin misleads torch).
+  TORCH_CUDA_ARCH_LIST     GPU architectures; defaults to the visible GPUs, or to
+                           DEFAULT_ARCH_LIST below when no GPU is visible.
+  MAX_JOBS                 parallel compile jobs (ninja).
+"""
+import glob
+import os
+import shutil
+import sys
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_ARCH_LIST = "8.0;8.6;8.9;9.0+PTX"
+
+
+def _is_cuda_home(path):
+    return bool(path) and os.path.isfile(os.path.join(path, "include", "cuda_runtime.h"))
+
+
+def find_cuda_home():
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+    candidates += sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
+    for path in candidates:
+        if _is_cuda_home(path) and os.path.isfile(os.path.join(path, "bin", "nvcc")):
+            return path
+    return None
+
+
+def cuda_mode():
+    value = os.environ.get("DIFFKERN_CUDA", "auto").strip().lower()
+    if value in ("1", "on", "true", "yes"):
+        return "on"
+    if value in ("0", "off", "false", "no"):
+        return "off"
+    if value in ("", "auto"):
+        return "auto"
+    sys.exit(f"diffkern setup: DIFFKERN_CUDA must be auto, 1 or 0, not {value!r}")
+
+
+MODE = cuda_mode()
+CUDA_HOME = find_cuda_home() if MODE != "off" else None
+if CUDA_HOME:
+    # torch.utils.cpp_extension reads CUDA_HOME when it is imported.
+    os.environ["CUDA_HOME"] = CUDA_HOME
+
+import torch  # noqa: E402
+from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+
+TORCH_HAS_CUDA = torch.version.cuda is not None
+if MODE == "on" and not (CUDA_HOME and TORCH_HAS_CUDA):
+    sys.exit(
+        "diffkern setup: DIFFKERN_CUDA=1 but "
+        + ("no CUDA toolkit was found (set CUDA_HOME)" if not CUDA_HOME else
+           f"torch {torch.__version__} is a CPU-only build (install a CUDA build of torch)")
+    )
+WITH_CUDA = MODE != "off" and bool(CUDA_HOME) and TORCH_HAS_CUDA
+
+if WITH_CUDA and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+    # Without a GPU and without an arch list torch's build fails (IndexError in its arch parsing).
+    if not torch.cuda.is_available():
+        os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_ARCH_LIST
+        print(f"diffkern setup: no GPU visible, building for TORCH_CUDA_ARCH_LIST={DEFAULT_ARCH_LIST}")
+
+print(
+    f"diffkern setup: torch {torch.__version__}, CUDA kernels "
+    + (f"ON (CUDA_HOME={CUDA_HOME}, archs={os.environ.get('TORCH_CUDA_ARCH_LIST', 'visible GPUs')})"
+       if WITH_CUDA else f"OFF (DIFFKERN_CUDA={MODE}, toolkit={CUDA_HOME}, torch CUDA={torch.version.cuda})")
+)
+
+
+def write_build_config():
+    """Record what the extension is built against; diffkern checks it before loading the library."""
+    path = os.path.join(ROOT, "diffkern", "_build_config.py")
+    text = (
+        "# Written by setup.py at build time; do not edit.\n"
+        f"TORCH_VERSION = {torch.__version__!r}\n"
+        f"WITH_CUDA = {WITH_CUDA!r}\n"
+        f"CUDA_ARCH_LIST = {os.environ.get('TORCH_CUDA_ARCH_LIST', '') if WITH_CUDA else ''!r}\n"
+    )
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def extension():
+    csrc = os.path.join("csrc")
+    sources = [os.path.join(csrc, "ops.cpp"), os.path.join(csrc, "python_module.cpp")]
+    sources += sorted(glob.glob(os.path.join(csrc, "cpu", "*.cpp")))
+    # Every formula is compiled exactly as written (explicit fma only): the CPU, AVX2 and CUDA
+    # paths then agree bitwise. See csrc/include/diffkern/normal.h.
+    cxx = ["-O3", "-ffp-contract=off"]
+    include_dirs = [os.path.join(ROOT, csrc, "include")]
+    if not WITH_CUDA:
+        return CppExtension("diffkern._C", sources, include_dirs=include_dirs,
+                            extra_compile_args={"cxx": cxx})
+    sources += sorted(glob.glob(os.path.join(csrc, "cuda", "*.cu")))
+    nvcc = ["-O3", "--fmad=false", "-DDK_WITH_CUDA", "-Xcompiler", "-ffp-contract=off"]
+    return CUDAExtension("diffkern._C", sources, include_dirs=include_dirs,
+                         extra_compile_args={"cxx": cxx + ["-DDK_WITH_CUDA"], "nvcc": nvcc})
+
+
+write_build_config()
+setup(
+    packages=find_packages(include=["diffkern", "diffkern.*"]),
+    ext_modules=[extension()],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+)
