@@ -2,6 +2,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
 
 #include <optional>
@@ -46,6 +47,22 @@ inline NoiseParams noise_params_for(int64_t seed, int64_t step, int64_t sample_o
   return NoiseParams{static_cast<uint64_t>(seed), static_cast<uint64_t>(step),
                      static_cast<uint32_t>(stream), static_cast<uint64_t>(sample_offset),
                      seed_step_ptr};
+}
+
+// The output and parameters of a randn / random_bits call, checked.
+struct NoiseFill {
+  at::Tensor out;
+  FillShape shape;
+  NoiseParams params;
+};
+
+inline NoiseFill prepare_noise_fill(c10::SymIntArrayRef size, int64_t seed, int64_t step, int64_t sample_offset,
+                                    int64_t stream, const std::optional<at::Tensor>& seed_step,
+                                    at::ScalarType dtype, at::Device device) {
+  const at::IntArrayRef sizes = C10_AS_INTARRAYREF_SLOW(size);
+  const FillShape shape = fill_shape_for(sizes, sample_offset);
+  const NoiseParams params = noise_params_for(seed, step, sample_offset, stream, seed_step, device);
+  return NoiseFill{at::empty(sizes, at::TensorOptions().dtype(dtype).device(device)), shape, params};
 }
 
 inline void check_philox_inputs(const at::Tensor& counter, const at::Tensor& key) {

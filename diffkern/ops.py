@@ -84,34 +84,32 @@ def check_device(device: torch.device) -> None:
                          "diffkern.reference has portable implementations")
 
 
-def randn(shape: Sequence[int], *, seed: int, step: int, sample_offset: int, stream: int,
-          seed_step: Optional[torch.Tensor], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Standard normals of the noise stream; see diffkern.randn for the contract."""
+def _noise_args(shape, seed, step, sample_offset, stream, seed_step, device) -> tuple:
     shape = check_shape(shape)
     seed = seed_to_int64(seed)
     step = _check_uint("step", step, _UINT32)
     stream = _check_uint("stream", stream, _UINT32)
     sample_offset = _check_uint("sample_offset", sample_offset, _UINT32 + 1)
     check_noise_layout(shape, sample_offset)
-    if dtype not in NOISE_DTYPES:
-        raise ValueError(f"dtype must be one of {NOISE_DTYPES}, got {dtype}")
     check_device(device)
     check_seed_step(seed_step, device)
-    return torch.ops.diffkern.randn(shape, seed, step, sample_offset, stream, seed_step, dtype, device)
+    return shape, seed, step, sample_offset, stream, seed_step
+
+
+def randn(shape: Sequence[int], *, seed: int, step: int, sample_offset: int, stream: int,
+          seed_step: Optional[torch.Tensor], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Standard normals of the noise stream; see diffkern.randn for the contract."""
+    if dtype not in NOISE_DTYPES:
+        raise ValueError(f"dtype must be one of {NOISE_DTYPES}, got {dtype}")
+    args = _noise_args(shape, seed, step, sample_offset, stream, seed_step, device)
+    return torch.ops.diffkern.randn(*args, dtype, device)
 
 
 def random_bits(shape: Sequence[int], *, seed: int, step: int, sample_offset: int, stream: int,
                 seed_step: Optional[torch.Tensor], device: torch.device) -> torch.Tensor:
     """The raw 32-bit Philox words of the noise stream, as int32."""
-    shape = check_shape(shape)
-    seed = seed_to_int64(seed)
-    step = _check_uint("step", step, _UINT32)
-    stream = _check_uint("stream", stream, _UINT32)
-    sample_offset = _check_uint("sample_offset", sample_offset, _UINT32 + 1)
-    check_noise_layout(shape, sample_offset)
-    check_device(device)
-    check_seed_step(seed_step, device)
-    return torch.ops.diffkern.random_bits(shape, seed, step, sample_offset, stream, seed_step, device)
+    args = _noise_args(shape, seed, step, sample_offset, stream, seed_step, device)
+    return torch.ops.diffkern.random_bits(*args, device)
 
 
 def philox4x32_10(counter: torch.Tensor, key: torch.Tensor) -> torch.Tensor:

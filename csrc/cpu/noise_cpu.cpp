@@ -40,42 +40,36 @@ void fill_normal(T* out, at::ScalarType dtype, const FillShape& shape, const Noi
   });
 }
 
-at::Tensor randn_impl(at::IntArrayRef size, int64_t seed, int64_t step, int64_t sample_offset,
+at::Tensor randn_impl(c10::SymIntArrayRef size, int64_t seed, int64_t step, int64_t sample_offset,
                       int64_t stream, const std::optional<at::Tensor>& seed_step, at::ScalarType dtype,
                       Isa isa) {
-  const FillShape shape = fill_shape_for(size, sample_offset);
-  const NoiseParams params = noise_params_for(seed, step, sample_offset, stream, seed_step, at::kCPU);
-  at::Tensor out = at::empty(size, at::TensorOptions().dtype(dtype).device(at::kCPU));
+  NoiseFill fill = prepare_noise_fill(size, seed, step, sample_offset, stream, seed_step, dtype, at::kCPU);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "diffkern::randn", [&] {
-    fill_normal(out.mutable_data_ptr<scalar_t>(), dtype, shape, params, isa);
+    fill_normal(fill.out.mutable_data_ptr<scalar_t>(), dtype, fill.shape, fill.params, isa);
   });
-  return out;
+  return fill.out;
 }
 
 at::Tensor randn_cpu(c10::SymIntArrayRef size, int64_t seed, int64_t step, int64_t sample_offset,
                      int64_t stream, const std::optional<at::Tensor>& seed_step, at::ScalarType dtype,
                      at::Device device) {
   TORCH_CHECK(device.is_cpu(), "diffkern::randn: CPU kernel called for device ", device);
-  return randn_impl(C10_AS_INTARRAYREF_SLOW(size), seed, step, sample_offset, stream, seed_step, dtype,
-                    best_isa());
+  return randn_impl(size, seed, step, sample_offset, stream, seed_step, dtype, best_isa());
 }
 
 // Test hook: randn on a chosen instruction set, to compare the paths bitwise.
 at::Tensor randn_cpu_isa(c10::SymIntArrayRef size, int64_t seed, int64_t step, int64_t sample_offset,
                          int64_t stream, at::ScalarType dtype, c10::string_view isa) {
-  return randn_impl(C10_AS_INTARRAYREF_SLOW(size), seed, step, sample_offset, stream, std::nullopt, dtype,
+  return randn_impl(size, seed, step, sample_offset, stream, std::nullopt, dtype,
                     isa_from_name(std::string(isa).c_str()));
 }
 
 at::Tensor random_bits_cpu(c10::SymIntArrayRef size, int64_t seed, int64_t step, int64_t sample_offset,
                            int64_t stream, const std::optional<at::Tensor>& seed_step, at::Device device) {
   TORCH_CHECK(device.is_cpu(), "diffkern::random_bits: CPU kernel called for device ", device);
-  const at::IntArrayRef sizes = C10_AS_INTARRAYREF_SLOW(size);
-  const FillShape shape = fill_shape_for(sizes, sample_offset);
-  const NoiseParams params = noise_params_for(seed, step, sample_offset, stream, seed_step, at::kCPU);
-  at::Tensor out = at::empty(sizes, at::TensorOptions().dtype(at::kInt).device(at::kCPU));
-  fill_scalar(out.mutable_data_ptr<int32_t>(), shape, params, BitsGenerator{});
-  return out;
+  NoiseFill fill = prepare_noise_fill(size, seed, step, sample_offset, stream, seed_step, at::kInt, at::kCPU);
+  fill_scalar(fill.out.mutable_data_ptr<int32_t>(), fill.shape, fill.params, BitsGenerator{});
+  return fill.out;
 }
 
 at::Tensor philox4x32_10_cpu(const at::Tensor& counter, const at::Tensor& key) {

@@ -43,26 +43,20 @@ at::Tensor randn_cuda(c10::SymIntArrayRef size, int64_t seed, int64_t step, int6
                       at::Device device) {
   TORCH_CHECK(device.is_cuda(), "diffkern::randn: CUDA kernel called for device ", device);
   const c10::cuda::CUDAGuard guard(device);
-  const at::IntArrayRef sizes = C10_AS_INTARRAYREF_SLOW(size);
-  const FillShape shape = fill_shape_for(sizes, sample_offset);
-  const NoiseParams params = noise_params_for(seed, step, sample_offset, stream, seed_step, device);
-  at::Tensor out = at::empty(sizes, at::TensorOptions().dtype(dtype).device(device));
+  NoiseFill fill = prepare_noise_fill(size, seed, step, sample_offset, stream, seed_step, dtype, device);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "diffkern::randn", [&] {
-    launch_fill(out.mutable_data_ptr<scalar_t>(), shape, params, NormalGenerator<scalar_t>{});
+    launch_fill(fill.out.mutable_data_ptr<scalar_t>(), fill.shape, fill.params, NormalGenerator<scalar_t>{});
   });
-  return out;
+  return fill.out;
 }
 
 at::Tensor random_bits_cuda(c10::SymIntArrayRef size, int64_t seed, int64_t step, int64_t sample_offset,
                             int64_t stream, const std::optional<at::Tensor>& seed_step, at::Device device) {
   TORCH_CHECK(device.is_cuda(), "diffkern::random_bits: CUDA kernel called for device ", device);
   const c10::cuda::CUDAGuard guard(device);
-  const at::IntArrayRef sizes = C10_AS_INTARRAYREF_SLOW(size);
-  const FillShape shape = fill_shape_for(sizes, sample_offset);
-  const NoiseParams params = noise_params_for(seed, step, sample_offset, stream, seed_step, device);
-  at::Tensor out = at::empty(sizes, at::TensorOptions().dtype(at::kInt).device(device));
-  launch_fill(out.mutable_data_ptr<int32_t>(), shape, params, BitsGenerator{});
-  return out;
+  NoiseFill fill = prepare_noise_fill(size, seed, step, sample_offset, stream, seed_step, at::kInt, device);
+  launch_fill(fill.out.mutable_data_ptr<int32_t>(), fill.shape, fill.params, BitsGenerator{});
+  return fill.out;
 }
 
 __global__ void philox_kernel(const int64_t* counter, const int64_t* key, int64_t* out, int64_t rows) {
