@@ -101,14 +101,20 @@ def extension():
     # Every formula is compiled exactly as written (explicit fma only): the CPU, AVX2 and CUDA
     # paths then agree bitwise. See csrc/include/diffkern/normal.h.
     cxx = ["-O3", "-ffp-contract=off"]
+    link = []
+    # at::parallel_for is inlined into our code: with torch's OpenMP backend it runs on one thread
+    # unless we compile with OpenMP too. The loader then shares torch's own libgomp.so.1.
+    if "OpenMP" in torch.__config__.parallel_info() and sys.platform.startswith("linux"):
+        cxx.append("-fopenmp")
+        link.append("-fopenmp")
     include_dirs = [os.path.join(ROOT, csrc, "include")]
     if not WITH_CUDA:
         return CppExtension("diffkern._C", sources, include_dirs=include_dirs,
-                            extra_compile_args={"cxx": cxx})
+                            extra_compile_args={"cxx": cxx}, extra_link_args=link)
     sources += sorted(glob.glob(os.path.join(csrc, "cuda", "*.cu")))
     nvcc = ["-O3", "--fmad=false", "-DDK_WITH_CUDA", "-Xcompiler", "-ffp-contract=off"]
     return CUDAExtension("diffkern._C", sources, include_dirs=include_dirs,
-                         extra_compile_args={"cxx": cxx + ["-DDK_WITH_CUDA"], "nvcc": nvcc})
+                         extra_compile_args={"cxx": cxx + ["-DDK_WITH_CUDA"], "nvcc": nvcc}, extra_link_args=link)
 
 
 write_build_config()
