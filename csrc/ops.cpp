@@ -10,6 +10,7 @@
 #include <string>
 
 #include "cpu/isa_dispatch.h"
+#include "diffkern/step_math.h"
 
 namespace diffkern {
 namespace {
@@ -55,6 +56,15 @@ at::Tensor random_bits_select(c10::SymIntArrayRef size, int64_t seed, int64_t st
                        device);
 }
 
+// The coefficient row layout of the fused step, "a,b,e,...", read by diffkern/coefficients.py.
+std::string step_row_fields() {
+  std::string fields;
+#define DK_STEP_ROW_NAME(name) fields += (fields.empty() ? "" : ",") + std::string(#name);
+  DK_STEP_ROW_FIELDS(DK_STEP_ROW_NAME)
+#undef DK_STEP_ROW_NAME
+  return fields;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(diffkern, m) {
@@ -74,6 +84,26 @@ TORCH_LIBRARY(diffkern, m) {
   m.def(
       "random_bits(SymInt[] size, int seed, int step, int sample_offset, int stream, Tensor? seed_step, "
       "Device device) -> Tensor");
+
+  // The fused sampler step of diffkern/step_math.h:
+  //   m = m_uncond + w (m_cond - m_uncond); x0 = clip(a x + b m + e g);
+  //   out = c x0 + d x + f m + h g + sigma z
+  // x and every optional input are [batch, ...] with contiguous samples, all of one dtype.
+  // coefficients: rows [R, len(step_row_fields)], float32 (float64 for float64 inputs); sample n uses
+  // row rows[n] (rows has 1 or batch elements), else row `row` (-1: row n). z is `noise` if given,
+  // else the noise stream (seed, step, sample_offset + n, stream) if stream_noise, else 0.
+  // Returns (out, aux): aux is x0 (aux=1), the noise used (aux=2), or empty (aux=0).
+  m.def("step_row_fields() -> str", &step_row_fields);
+  m.def(
+      "fused_step(Tensor x, Tensor? model_output, Tensor? model_output_uncond, Tensor? guidance_grad, "
+      "Tensor? predicted_variance, Tensor? noise, Tensor coefficients, Tensor? rows, int row, bool clip, "
+      "int aux, bool stream_noise, int seed, int step, int sample_offset, int stream, Tensor? seed_step) "
+      "-> (Tensor, Tensor)");
+  m.def(
+      "_fused_step_cpu_isa(Tensor x, Tensor? model_output, Tensor? model_output_uncond, Tensor? guidance_grad, "
+      "Tensor? predicted_variance, Tensor? noise, Tensor coefficients, Tensor? rows, int row, bool clip, "
+      "int aux, bool stream_noise, int seed, int step, int sample_offset, int stream, Tensor? seed_step, "
+      "str isa) -> (Tensor, Tensor)");
 
   // Test hook: CPU randn on a given instruction set ("auto", "scalar", "avx2", "avx512").
   m.def(

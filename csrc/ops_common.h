@@ -9,6 +9,8 @@
 
 #include "diffkern/noise.h"
 #include "diffkern/noise_fill.h"
+#include "diffkern/step_args.h"
+#include "diffkern/step_math.h"
 
 namespace diffkern {
 
@@ -72,6 +74,119 @@ inline void check_philox_inputs(const at::Tensor& counter, const at::Tensor& key
   TORCH_CHECK(key.dim() >= 1 && key.size(-1) == 2 && key.numel() / 2 == counter.numel() / 4,
               "diffkern: key must have shape [..., 2] with as many rows as counter");
   TORCH_CHECK(key.device() == counter.device(), "diffkern: counter and key on different devices");
+}
+
+// ---- the fused step ----
+
+// Sample n of t ([batch, ...]) as a contiguous run of `features` elements: returns its row stride.
+inline int64_t step_row_stride(const at::Tensor& t, const char* name) {
+  int64_t expected = 1;
+  for (int64_t d = t.dim() - 1; d >= 1; --d) {
+    TORCH_CHECK(t.size(d) == 1 || t.stride(d) == expected, "diffkern::fused_step: ", name,
+                " must have contiguous samples (got strides ", t.strides(), ")");
+    expected *= t.size(d);
+  }
+  return t.dim() == 0 ? 1 : (t.size(0) == 1 ? expected : t.stride(0));
+}
+
+// The checked launch arguments of a fused step and its outputs.
+struct FusedStep {
+  FusedStepArgs args;
+  at::Tensor out, aux;
+};
+
+// The parameters of the fused_step op (its schema is in ops.cpp), for the per-device kernels.
+#define DK_FUSED_STEP_PARAMS                                                                                   \
+  const at::Tensor &x, const std::optional<at::Tensor>&model_output,                                           \
+      const std::optional<at::Tensor>&model_output_uncond, const std::optional<at::Tensor>&guidance_grad,      \
+      const std::optional<at::Tensor>&predicted_variance, const std::optional<at::Tensor>&noise,               \
+      const at::Tensor &coefficients, const std::optional<at::Tensor>&rows, int64_t row, bool clip, int64_t aux, \
+      bool stream_noise, int64_t seed, int64_t step, int64_t sample_offset, int64_t stream,                    \
+      const std::optional<at::Tensor>&seed_step
+#define DK_FUSED_STEP_ARGS                                                                                  \
+  x, model_output, model_output_uncond, guidance_grad, predicted_variance, noise, coefficients, rows, row, clip, \
+      aux, stream_noise, seed, step, sample_offset, stream, seed_step
+
+inline FusedStep prepare_fused_step(DK_FUSED_STEP_PARAMS) {
+  const at::ScalarType dtype = x.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16,
+              "diffkern::fused_step: x must be float16, bfloat16, float32 or float64, got ", dtype);
+  const int64_t batch = x.dim() == 0 ? 1 : x.size(0);
+  const FillShape shape = fill_shape_for(x.sizes(), sample_offset);
+
+  FusedStepArgs a{};
+  a.dtype = static_cast<int>(dtype);
+  a.batch = batch;
+  a.features = shape.row_size;
+  a.x = StepInput{x.const_data_ptr(), step_row_stride(x, "x")};
+  const std::pair<const std::optional<at::Tensor>*, StepInput*> inputs[] = {
+      {&model_output, &a.m}, {&model_output_uncond, &a.m_uncond}, {&guidance_grad, &a.g},
+      {&predicted_variance, &a.v}, {&noise, &a.noise}};
+  const char* names[] = {"model_output", "model_output_uncond", "guidance_grad", "predicted_variance", "noise"};
+  for (int i = 0; i < 5; ++i) {
+    const std::optional<at::Tensor>& t = *inputs[i].first;
+    *inputs[i].second = StepInput{nullptr, 0};
+    if (!t.has_value()) continue;
+    TORCH_CHECK(t->sizes() == x.sizes(), "diffkern::fused_step: ", names[i], " has shape ", t->sizes(),
+                " but x has ", x.sizes());
+    TORCH_CHECK(t->scalar_type() == dtype, "diffkern::fused_step: ", names[i], " is ", t->scalar_type(),
+                " but x is ", dtype);
+    TORCH_CHECK(t->device() == x.device(), "diffkern::fused_step: ", names[i], " is on ", t->device(),
+                " but x is on ", x.device());
+    *inputs[i].second = StepInput{t->const_data_ptr(), step_row_stride(*t, names[i])};
+  }
+  TORCH_CHECK(!(model_output_uncond.has_value() && !model_output.has_value()),
+              "diffkern::fused_step: model_output_uncond needs model_output");
+
+  const at::ScalarType table_dtype = dtype == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK(coefficients.scalar_type() == table_dtype && coefficients.dim() == 2 &&
+                  coefficients.size(1) == kStepRowSize && coefficients.is_contiguous(),
+              "diffkern::fused_step: coefficients must be a contiguous ", table_dtype, " tensor [rows, ",
+              kStepRowSize, "] for ", dtype, " inputs, got ", coefficients.scalar_type(), " ",
+              coefficients.sizes());
+  TORCH_CHECK(coefficients.device() == x.device(), "diffkern::fused_step: coefficients are on ",
+              coefficients.device(), " but x is on ", x.device());
+  a.table = coefficients.const_data_ptr();
+  a.table_rows = coefficients.size(0);
+  a.rows = nullptr;
+  a.rows_size = 0;
+  a.row = row;
+  if (rows.has_value()) {
+    TORCH_CHECK(rows->scalar_type() == at::kLong && rows->is_contiguous() &&
+                    (rows->numel() == 1 || rows->numel() == batch),
+                "diffkern::fused_step: rows must be a contiguous int64 tensor of 1 or batch (", batch,
+                ") elements");
+    TORCH_CHECK(rows->device() == x.device(), "diffkern::fused_step: rows are on ", rows->device(),
+                " but x is on ", x.device());
+    a.rows = rows->const_data_ptr<int64_t>();
+    a.rows_size = rows->numel();
+  } else if (row >= 0) {
+    TORCH_CHECK(row < a.table_rows, "diffkern::fused_step: row ", row, " outside the table of ", a.table_rows,
+                " rows");
+  } else {
+    TORCH_CHECK(row == -1 && a.table_rows == batch,
+                "diffkern::fused_step: row -1 (one row per sample) needs a table of batch (", batch,
+                ") rows, got ", a.table_rows);
+  }
+  a.clip = clip;
+  a.guided = model_output_uncond.has_value();
+  a.learned_variance = predicted_variance.has_value();
+  TORCH_CHECK(aux >= 0 && aux <= 2, "diffkern::fused_step: aux must be 0 (none), 1 (x0) or 2 (noise)");
+  a.aux_kind = static_cast<AuxOutput>(aux);
+
+  a.noise_source = noise.has_value() ? NoiseSource::kTensor : (stream_noise ? NoiseSource::kStream : NoiseSource::kNone);
+  const NoiseParams params = noise_params_for(seed, step, sample_offset, stream, seed_step, x.device());
+  a.seed = params.seed;
+  a.step = params.step;
+  a.stream = params.stream;
+  a.sample_offset = params.sample_offset;
+  a.seed_step = params.seed_step;
+
+  FusedStep result{a, at::empty(x.sizes(), x.options()),
+                   aux != 0 ? at::empty(x.sizes(), x.options()) : at::empty({0}, x.options())};
+  result.args.out = result.out.mutable_data_ptr();
+  result.args.aux = aux != 0 ? result.aux.mutable_data_ptr() : nullptr;
+  return result;
 }
 
 }  // namespace diffkern

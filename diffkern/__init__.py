@@ -2,13 +2,21 @@
 
     import diffkern as dk
     z = dk.randn((16, 3, 64, 64), seed=0, step=0)   # the noise stream every fused op draws from
+    x0 = dk.sample_ddpm(model, (16, 3, 32, 32), num_inference_steps=100, seed=0)
 """
 from ._version import __version__
 from .ops import BUILD as _BUILD, cuda_kernels_available
 from .noise import randn, random_bits
-from . import reference
+from .schedules import DDPMSchedule
+from .steps import ddim_step, ddpm_step, q_sample, q_sample_with_noise
+from .samplers import classifier_grad, sample_ddim, sample_ddpm
+from . import coefficients, reference
 
-__all__ = ["__version__", "randn", "random_bits", "cuda_kernels_available", "build_info", "reference"]
+__all__ = [
+    "__version__", "randn", "random_bits", "cuda_kernels_available", "build_info", "reference", "coefficients",
+    "DDPMSchedule", "ddpm_step", "ddim_step", "q_sample", "q_sample_with_noise",
+    "sample_ddpm", "sample_ddim", "classifier_grad",
+]
 
 
 def build_info() -> dict:

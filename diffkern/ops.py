@@ -127,6 +127,76 @@ def philox4x32_10(counter: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
     return torch.ops.diffkern.philox4x32_10(counter, key)
 
 
+_AUX = {"none": 0, "x0": 1, "noise": 2}
+
+
+def samples_contiguous(t: torch.Tensor) -> bool:
+    """True when every sample t[n] is one contiguous run (the kernels' layout; dim 0 may be strided)."""
+    expected = 1
+    for size, stride in zip(reversed(t.shape[1:]), reversed(t.stride()[1:])):
+        if size != 1 and stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def fused_step(x: torch.Tensor, model_output: Optional[torch.Tensor] = None,
+               model_output_uncond: Optional[torch.Tensor] = None, guidance_grad: Optional[torch.Tensor] = None,
+               predicted_variance: Optional[torch.Tensor] = None, noise: Optional[torch.Tensor] = None, *,
+               coefficients: torch.Tensor, rows: Optional[torch.Tensor] = None, row: int = 0, clip: bool = False,
+               aux: str = "none", stream_noise: bool = False, seed: int = 0, step: int = 0, sample_offset: int = 0,
+               stream: int = 0, seed_step: Optional[torch.Tensor] = None):
+    """The fused step of csrc/include/diffkern/step_math.h (see diffkern.coefficients for the rows).
+
+    Inputs are [batch, ...] tensors of x's shape, dtype and device; any layout works (samples that are
+    not contiguous runs, e.g. channels_last, are copied) and the outputs keep x's memory format.
+    Returns (out, aux_out) where aux_out is x0, the noise used, or None (aux = "x0" | "noise" | "none").
+    """
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise ValueError(f"x must be a floating-point tensor, got {type(x).__name__}")
+    if x.dtype not in NOISE_DTYPES:
+        raise ValueError(f"x must be float16, bfloat16, float32 or float64, got {x.dtype}")
+    check_device(x.device)
+    named = {"model_output": model_output, "model_output_uncond": model_output_uncond,
+             "guidance_grad": guidance_grad, "predicted_variance": predicted_variance, "noise": noise}
+    for name, t in named.items():
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a tensor, got {type(t).__name__}")
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+        if t.shape != x.shape:
+            raise ValueError(f"{name} has shape {tuple(t.shape)} but x has {tuple(x.shape)}")
+        if t.dtype != x.dtype:
+            raise ValueError(f"{name} is {t.dtype} but x is {x.dtype}")
+    if model_output_uncond is not None and model_output is None:
+        raise ValueError("model_output_uncond (classifier-free guidance) needs model_output")
+    if aux not in _AUX:
+        raise ValueError(f"aux must be one of {tuple(_AUX)}, got {aux!r}")
+    table_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    if coefficients.dtype != table_dtype or coefficients.dim() != 2:
+        raise ValueError(f"coefficients must be a 2-d {table_dtype} tensor for {x.dtype} inputs, got "
+                         f"{coefficients.dtype} {tuple(coefficients.shape)}")
+    if coefficients.device != x.device or (rows is not None and rows.device != x.device):
+        raise ValueError(f"coefficients and rows must be on x's device ({x.device})")
+    shape = check_shape(x.shape)
+    _, seed, step, sample_offset, stream, seed_step = _noise_args(
+        shape, seed, step, sample_offset, stream, seed_step, x.device)
+
+    channels_last = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    def prepare(t):
+        return t if t is None or samples_contiguous(t) else t.contiguous()
+
+    out, aux_out = torch.ops.diffkern.fused_step(
+        prepare(x), *(prepare(t) for t in named.values()), coefficients.contiguous(), rows, int(row), bool(clip),
+        _AUX[aux], bool(stream_noise), seed, step, sample_offset, stream, seed_step)
+    if channels_last:
+        out = out.contiguous(memory_format=torch.channels_last)
+        aux_out = aux_out.contiguous(memory_format=torch.channels_last) if aux != "none" else aux_out
+    return out, (aux_out if aux != "none" else None)
+
+
 # ---- fake kernels: shapes and dtypes only, for torch.compile / FakeTensor / meta tensors ----
 
 @torch.library.register_fake("diffkern::randn")
@@ -142,6 +212,16 @@ def _random_bits_fake(size, seed, step, sample_offset, stream, seed_step, device
 @torch.library.register_fake("diffkern::philox4x32_10")
 def _philox_fake(counter, key):
     return torch.empty_like(counter, memory_format=torch.contiguous_format)
+
+
+def _fused_step_fake(x, model_output, model_output_uncond, guidance_grad, predicted_variance, noise, coefficients,
+                     rows, row, clip, aux, stream_noise, seed, step, sample_offset, stream, seed_step, *isa):
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    return out, torch.empty(x.shape if aux else (0,), dtype=x.dtype, device=x.device)
+
+
+torch.library.register_fake("diffkern::fused_step")(_fused_step_fake)
+torch.library.register_fake("diffkern::_fused_step_cpu_isa")(_fused_step_fake)
 
 
 @torch.library.register_fake("diffkern::_randn_cpu_isa")

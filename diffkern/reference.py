@@ -109,3 +109,64 @@ def randn(shape: Sequence[int], seed=0, step=0, sample_offset: int = 0, stream: 
     words, shape, features = _noise_words(shape, seed, step, sample_offset, stream, device)
     z = box_muller(words).reshape(words.shape[0], 4 * words.shape[1])[:, :features]
     return z.to(torch.float32).to(dtype).reshape(shape)
+
+
+def fused_step(x: torch.Tensor, model_output: Optional[torch.Tensor] = None,
+               model_output_uncond: Optional[torch.Tensor] = None, guidance_grad: Optional[torch.Tensor] = None,
+               predicted_variance: Optional[torch.Tensor] = None, noise: Optional[torch.Tensor] = None, *,
+               coefficients: torch.Tensor, rows: Optional[torch.Tensor] = None, row: int = 0, clip: bool = False,
+               aux: str = "none", stream_noise: bool = False, seed=0, step=0, sample_offset: int = 0,
+               stream: int = 0, seed_step: Optional[torch.Tensor] = None):
+    """diffkern.ops.fused_step in plain PyTorch, evaluated in float64 and rounded once to x's dtype:
+
+        m = m_uncond + w (m - m_uncond);  x0 = clip(a x + b m + e g);
+        out = c x0 + d x + f m + h g + sigma z,
+    sigma = exp(var_alpha + var_beta v) for learned variances (0 where the row's sigma is 0).
+    Stream noise is reference.randn(x.shape, seed, step, sample_offset, stream), used only in rows
+    with sigma != 0 (elsewhere z = 0, as in the kernels).
+    """
+    from .coefficients import INDEX  # late: coefficients needs the compiled library
+
+    batch = x.shape[0] if x.dim() else 1
+    features = math.prod(x.shape[1:])
+    f64 = torch.float64
+
+    def flat(t):
+        return None if t is None else t.reshape(batch, features).to(f64)
+
+    if rows is not None:
+        index = rows.reshape(-1).expand(batch) if rows.numel() == 1 else rows.reshape(-1)
+    elif row >= 0:
+        index = torch.full((batch,), row, dtype=torch.int64, device=x.device)
+    else:
+        index = torch.arange(batch, device=x.device)
+    table = coefficients.to(f64)[index]
+
+    def col(name):
+        return table[:, INDEX[name]].reshape(batch, 1)
+
+    X, M, MU, G, V = (flat(t) for t in (x, model_output, model_output_uncond, guidance_grad, predicted_variance))
+    zero = torch.zeros_like(X)
+    M = zero if M is None else M
+    G = zero if G is None else G
+    if MU is not None:
+        M = MU + col("w") * (M - MU)
+    x0 = col("a") * X + col("b") * M + col("e") * G
+    if clip:
+        x0 = torch.minimum(torch.maximum(x0, col("clip_lo")), col("clip_hi"))
+    sigma = col("sigma").expand(batch, features)
+    if V is not None:
+        sigma = torch.where(sigma != 0, torch.exp(col("var_alpha") + col("var_beta") * V), torch.zeros_like(sigma))
+    if noise is not None:
+        z = flat(noise)
+    elif stream_noise:
+        if seed_step is not None:
+            seed, step = seed_step.tolist()
+        z = randn((batch, features), seed, step, sample_offset, stream, device=x.device, dtype=f64)
+        z = torch.where(col("sigma") != 0, z, torch.zeros_like(z))
+    else:
+        z = zero
+    out = col("c") * x0 + col("d") * X + col("f") * M + col("h") * G + sigma * z
+    aux_out = {"none": None, "x0": x0, "noise": z}[aux]
+    out = out.to(x.dtype).reshape(x.shape)
+    return out, None if aux_out is None else aux_out.to(x.dtype).reshape(x.shape)

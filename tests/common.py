@@ -23,3 +23,15 @@ def cpu_isas():
     order = ["scalar", "avx2", "avx512"]
     return order[: order.index(dk.build_info()["cpu_isa"]) + 1]
 
+
+
+# Kernels vs the float64 reference: the kernels round each fused operation in the compute type
+# (float32 for half types, float64 for float64) and the result once to the tensor dtype, so the
+# difference is a few float32 ulps of the intermediate values, or one ulp of the output dtype.
+TOLERANCES = {
+    torch.float32: dict(atol=1e-5, rtol=1e-5),
+    torch.float64: dict(atol=1e-12, rtol=1e-12),
+    torch.float16: dict(atol=1e-3, rtol=2e-3),    # 2^-10 relative: one float16 ulp
+    torch.bfloat16: dict(atol=1e-2, rtol=1.6e-2),  # 2^-7 relative: one bfloat16 ulp, twice
+}
+DTYPES = list(TOLERANCES)

@@ -7,6 +7,8 @@
 
 #include <cstdint>
 
+#include "diffkern/step_args.h"
+
 namespace diffkern {
 namespace cpu {
 
@@ -32,6 +34,12 @@ struct NormalFillArgs {
 
 void fill_normal_avx2(const NormalFillArgs& args);
 void fill_normal_avx512(const NormalFillArgs& args);
+
+// The fused step (diffkern/step_math.h) for work items [begin, end): item i is chunk
+// i % chunks of sample i / chunks, a chunk being kCpuStepChunk features (simd/step_simd.h).
+constexpr int64_t kCpuStepChunk = 512;
+void fused_step_avx2(const FusedStepArgs& args, int64_t begin, int64_t end);
+void fused_step_avx512(const FusedStepArgs& args, int64_t begin, int64_t end);
 
 }  // namespace cpu
 }  // namespace diffkern

@@ -80,16 +80,7 @@ at::Tensor philox4x32_10_cpu(const at::Tensor& counter, const at::Tensor& key) {
   const int64_t* kp = k.const_data_ptr<int64_t>();
   int64_t* op = out.mutable_data_ptr<int64_t>();
   at::parallel_for(0, c.numel() / 4, 1024, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const Uint4 r = philox4x32_10(
-          Uint4{static_cast<uint32_t>(cp[4 * i]), static_cast<uint32_t>(cp[4 * i + 1]),
-                static_cast<uint32_t>(cp[4 * i + 2]), static_cast<uint32_t>(cp[4 * i + 3])},
-          static_cast<uint32_t>(kp[2 * i]), static_cast<uint32_t>(kp[2 * i + 1]));
-      op[4 * i] = r.x;
-      op[4 * i + 1] = r.y;
-      op[4 * i + 2] = r.z;
-      op[4 * i + 3] = r.w;
-    }
+    for (int64_t i = begin; i < end; ++i) philox_table_row(i, cp, kp, op);
   });
   return out;
 }

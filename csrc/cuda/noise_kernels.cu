@@ -61,15 +61,7 @@ at::Tensor random_bits_cuda(c10::SymIntArrayRef size, int64_t seed, int64_t step
 
 __global__ void philox_kernel(const int64_t* counter, const int64_t* key, int64_t* out, int64_t rows) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i >= rows) return;
-  const Uint4 r = philox4x32_10(
-      Uint4{static_cast<uint32_t>(counter[4 * i]), static_cast<uint32_t>(counter[4 * i + 1]),
-            static_cast<uint32_t>(counter[4 * i + 2]), static_cast<uint32_t>(counter[4 * i + 3])},
-      static_cast<uint32_t>(key[2 * i]), static_cast<uint32_t>(key[2 * i + 1]));
-  out[4 * i] = r.x;
-  out[4 * i + 1] = r.y;
-  out[4 * i + 2] = r.z;
-  out[4 * i + 3] = r.w;
+  if (i < rows) philox_table_row(i, counter, key, out);
 }
 
 at::Tensor philox4x32_10_cuda(const at::Tensor& counter, const at::Tensor& key) {

@@ -106,11 +106,11 @@ void normal_blocks(const NoiseKey& key, typename V::I block, typename V::I sampl
   V::store_interleaved4(dst, z0, z1, z2, z3);
 }
 
-// float -> T; half precision goes through the hardware conversion (bitwise equal to c10::Half's).
-template <class V, class T>
-void store_converted(T* dst, const float* values, int64_t count) {
+// S -> T; float -> half goes through the hardware conversion (bitwise equal to c10::Half's).
+template <class V, class T, class S>
+void store_converted(T* dst, const S* values, int64_t count) {
   int64_t k = 0;
-  if constexpr (std::is_same_v<T, c10::Half>) {
+  if constexpr (std::is_same_v<T, c10::Half> && std::is_same_v<S, float>) {
     for (; k + V::kWidth <= count; k += V::kWidth) V::store_half(dst + k, values + k);
   }
   for (; k < count; ++k) dst[k] = static_cast<T>(values[k]);

@@ -77,4 +77,17 @@ DK_INLINE void fill_block(int64_t thread, T* out, const FillShape& shape, const 
   store_pack(out + row * shape.row_size + first, pack, count);
 }
 
+// Row i of the raw philox4x32_10 op: counter[i, 0..3], key[i, 0..1] (low 32 bits of int64 each)
+// -> out[i, 0..3] in [0, 2^32).
+DK_INLINE void philox_table_row(int64_t i, const int64_t* counter, const int64_t* key, int64_t* out) {
+  const Uint4 r = philox4x32_10(
+      Uint4{static_cast<uint32_t>(counter[4 * i]), static_cast<uint32_t>(counter[4 * i + 1]),
+            static_cast<uint32_t>(counter[4 * i + 2]), static_cast<uint32_t>(counter[4 * i + 3])},
+      static_cast<uint32_t>(key[2 * i]), static_cast<uint32_t>(key[2 * i + 1]));
+  out[4 * i] = r.x;
+  out[4 * i + 1] = r.y;
+  out[4 * i + 2] = r.z;
+  out[4 * i + 3] = r.w;
+}
+
 DK_NAMESPACE_END

@@ -1,0 +1,54 @@
+// CUDA kernel of the fused step: a thin __global__ around the shared per-thread body
+// (diffkern/step_body.h), which the CPU tests also run index by index.
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/macros/Macros.h>
+#include <torch/library.h>
+
+#include <tuple>
+
+#include "../ops_common.h"
+#include "diffkern/step_body.h"
+
+namespace diffkern {
+namespace cuda {
+namespace {
+
+constexpr int kThreadsPerBlock = 256;
+
+template <class T, class acc_t>
+__global__ void fused_step_kernel(FusedStepArgs a, int64_t threads) {
+  const int64_t thread = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (thread >= threads) return;
+  const int64_t index = step_row_index(a, thread / ((a.features + 3) / 4));
+  CUDA_KERNEL_ASSERT(index >= 0 && index < a.table_rows);
+  fused_step_block<T, acc_t>(thread, a, step_row_for<acc_t>(a, index));
+}
+
+std::tuple<at::Tensor, at::Tensor> fused_step_cuda(DK_FUSED_STEP_PARAMS) {
+  TORCH_CHECK(x.device().is_cuda(), "diffkern::fused_step: CUDA kernel called for ", x.device());
+  const c10::cuda::CUDAGuard guard(x.device());
+  FusedStep s = prepare_fused_step(DK_FUSED_STEP_ARGS);
+  const int64_t threads = s.args.batch * ((s.args.features + 3) / 4);
+  if (threads > 0) {
+    const int64_t blocks = (threads + kThreadsPerBlock - 1) / kThreadsPerBlock;
+    TORCH_CHECK(blocks <= 0x7fffffff, "diffkern::fused_step: tensor too large for one launch");
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "diffkern::fused_step", [&] {
+      using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+      fused_step_kernel<scalar_t, acc_t>
+          <<<blocks, kThreadsPerBlock, 0, c10::cuda::getCurrentCUDAStream()>>>(s.args, threads);
+    });
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  return {s.out, s.aux};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(diffkern, CUDA, m) { m.impl("fused_step", &fused_step_cuda); }
+
+}  // namespace cuda
+}  // namespace diffkern

@@ -1,0 +1,43 @@
+// The arguments of one fused-step launch as plain data, shared by the CPU (scalar and per-ISA SIMD
+// units) and CUDA paths. Deliberately outside the versioned namespace (see macros.h): it holds no
+// functions, so every instruction-set unit can take it across its entry point.
+#pragma once
+
+#include <cstdint>
+
+namespace diffkern {
+
+// A [batch, features] view: features contiguous, samples row_stride elements apart. data is null
+// when the input is absent.
+struct StepInput {
+  const void* data;
+  int64_t row_stride;
+};
+
+enum class NoiseSource : int { kNone = 0, kTensor = 1, kStream = 2 };
+enum class AuxOutput : int { kNone = 0, kX0 = 1, kNoise = 2 };
+
+struct FusedStepArgs {
+  int dtype;  // c10::ScalarType of every tensor (the CPU entry points switch on it)
+  int64_t batch, features;
+  StepInput x, m, m_uncond, g, v, noise;
+  void* out;  // [batch, features], contiguous
+  void* aux;  // the same, or null
+  AuxOutput aux_kind;
+  // Coefficient rows [table_rows, kStepRowSize] in the compute type (float, or double for double
+  // tensors). Sample n uses row rows[rows_size == 1 ? 0 : n] when rows is set, else row `row`,
+  // or row n when row < 0.
+  const void* table;
+  int64_t table_rows;
+  const int64_t* rows;
+  int64_t rows_size;
+  int64_t row;
+  NoiseSource noise_source;
+  // The noise stream (when noise_source is kStream); seed_step as in diffkern/noise.h.
+  uint64_t seed, step, sample_offset;
+  uint32_t stream;
+  const int64_t* seed_step;
+  bool guided, clip, learned_variance;
+};
+
+}  // namespace diffkern

@@ -1,0 +1,257 @@
+"""Single fused steps: dk.ddpm_step, dk.ddim_step, dk.q_sample, dk.q_sample_with_noise.
+
+Each call is one kernel launch. The coefficients come from a float64 table over all timesteps,
+computed once per (schedule, options, device) and kept on the device, so a loop of steps does no
+host-to-device copy and no host sync; a per-sample t (an int64 tensor [B]) indexes that table
+inside the kernel.
+"""
+from __future__ import annotations
+
+import numbers
+from typing import Optional, Union
+
+import torch
+
+from . import coefficients, ops
+from .noise import make_seed_step, resolve_device
+from .schedules import DDPMSchedule
+
+Timestep = Union[int, torch.Tensor]
+_MAX_CACHED_TABLES = 64
+
+
+def _table_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _cached_table(sched: DDPMSchedule, key: tuple, build, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """rows for every timestep t (built by `build(abar_t, abar_prev)` with prev = t - stride), on device."""
+    full_key = key + (device, dtype)
+    table = sched._tables.get(full_key)
+    if table is None:
+        stride = key[1]
+        t = torch.arange(sched.num_train_timesteps)
+        table = build(sched.alphas_cumprod_at(t), sched.alphas_cumprod_at(t - stride)).to(device=device, dtype=dtype)
+        if len(sched._tables) >= _MAX_CACHED_TABLES:
+            sched._tables.pop(next(iter(sched._tables)))
+        sched._tables[full_key] = table
+    return table
+
+
+def _check_int_timestep(name: str, t, T: int, allow_negative: bool = False) -> int:
+    if isinstance(t, bool) or not isinstance(t, numbers.Integral):
+        raise TypeError(f"{name} must be an int or an int64 tensor, got {type(t).__name__}")
+    t = int(t)
+    if t >= T or (t < 0 and not allow_negative):
+        raise ValueError(f"{name}={t} is outside the schedule's timesteps [0, {T})")
+    return t
+
+
+def _check_tensor_timestep(name: str, t: torch.Tensor, batch: int, T: int, device: torch.device) -> torch.Tensor:
+    if t.dtype not in (torch.int64, torch.int32) or t.dim() > 1 or t.numel() not in (1, batch):
+        raise ValueError(f"{name} as a tensor must be int64 of shape [batch] ({batch}) or one element, got "
+                         f"{t.dtype} {tuple(t.shape)}")
+    if t.device.type == "cpu" and t.numel() and (int(t.min()) < 0 or int(t.max()) >= T):
+        raise ValueError(f"{name} has values outside the schedule's timesteps [0, {T}): "
+                         f"min {int(t.min())}, max {int(t.max())}")
+    return t.to(device=device, dtype=torch.int64).reshape(-1).contiguous()
+
+
+def _clip_range(clip_sample):
+    if clip_sample is None or clip_sample is False:
+        return None
+    if clip_sample is True:
+        return (-1.0, 1.0)
+    if isinstance(clip_sample, numbers.Real):
+        if clip_sample <= 0:
+            raise ValueError(f"clip_sample must be positive, got {clip_sample}")
+        return (-float(clip_sample), float(clip_sample))
+    lo, hi = clip_sample
+    if not lo < hi:
+        raise ValueError(f"clip_sample range must have lo < hi, got {clip_sample}")
+    return (float(lo), float(hi))
+
+
+def _as_x_dtype(name: str, t: Optional[torch.Tensor], x: torch.Tensor) -> Optional[torch.Tensor]:
+    if t is None:
+        return None
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a tensor, got {type(t).__name__}")
+    if t.device != x.device:
+        raise ValueError(f"{name} is on {t.device} but x_t is on {x.device}")
+    return t if t.dtype == x.dtype else t.to(x.dtype)
+
+
+def _noise_source(noise, seed, step, t, needs_noise: bool, x: torch.Tensor):
+    """(stream_noise, seed, step, seed_step) for the kernel; errors when noise is needed but not given."""
+    if noise is not None:
+        if seed is not None:
+            raise ValueError("give either noise= or seed=, not both")
+        return False, 0, 0, None
+    if seed is None:
+        if needs_noise:
+            raise ValueError("this step adds noise: pass seed= (the in-kernel noise stream) or noise=")
+        return False, 0, 0, None
+    if step is None:
+        if isinstance(t, torch.Tensor):
+            raise ValueError("with a per-sample t tensor, pass step= to choose the noise of this call")
+        step = t
+    if isinstance(seed, torch.Tensor) or isinstance(step, torch.Tensor):
+        return True, 0, 0, make_seed_step(seed, step, x.device)
+    return True, seed, step, None
+
+
+def _posterior_step(kind: str, build, options: tuple, model_output, t, prev_t, x_t, sched, noise, seed, step,
+                    sample_offset, stream, model_output_uncond, guidance_scale, classifier_grad, clip, aux,
+                    predicted_variance=None, deterministic=False):
+    if not isinstance(sched, DDPMSchedule):
+        raise TypeError(f"sched must be a diffkern.DDPMSchedule, got {type(sched).__name__}")
+    if not isinstance(x_t, torch.Tensor) or not x_t.is_floating_point():
+        raise ValueError("x_t must be a floating-point tensor")
+    T = sched.num_train_timesteps
+    batch = x_t.shape[0] if x_t.dim() else 1
+    if (model_output_uncond is None) != (guidance_scale is None):
+        raise ValueError("classifier-free guidance needs both model_output_uncond and guidance_scale")
+    model_output = _as_x_dtype("model_output", model_output, x_t)
+    model_output_uncond = _as_x_dtype("model_output_uncond", model_output_uncond, x_t)
+    classifier_grad = _as_x_dtype("classifier_grad", classifier_grad, x_t)
+    predicted_variance = _as_x_dtype("predicted_variance", predicted_variance, x_t)
+    table_dtype = _table_dtype(x_t)
+
+    rows, row = None, 0
+    if isinstance(t, torch.Tensor):
+        t = _check_tensor_timestep("t", t, batch, T, x_t.device)
+        if prev_t is None:
+            table = _cached_table(sched, (kind, 1) + options, build, x_t.device, table_dtype)
+            rows = t
+        else:
+            prev = prev_t if isinstance(prev_t, torch.Tensor) else torch.full_like(t, int(prev_t))
+            prev = prev.to(x_t.device).reshape(-1)
+            abar, abar_prev = sched.alphas_cumprod_at(t), sched.alphas_cumprod_at(prev)
+            table = build(abar, abar_prev).to(table_dtype).reshape(-1, len(coefficients.FIELDS))
+            row = 0 if table.shape[0] == 1 else -1  # one row for all samples, or row n for sample n
+        needs_noise = not deterministic
+    else:
+        t = _check_int_timestep("t", t, T)
+        prev = t - 1 if prev_t is None else _check_int_timestep("prev_t", prev_t, T, allow_negative=True)
+        if prev >= t:
+            raise ValueError(f"prev_t={prev} must be smaller than t={t}")
+        table = _cached_table(sched, (kind, t - prev) + options, build, x_t.device, table_dtype)
+        row = t
+        needs_noise = not deterministic and prev >= 0
+    stream_noise, seed, step, seed_step = _noise_source(noise, seed, step, t, needs_noise, x_t)
+    noise = _as_x_dtype("noise", noise, x_t)
+    out, aux_out = ops.fused_step(
+        x_t, model_output, model_output_uncond, classifier_grad, predicted_variance, noise, coefficients=table,
+        rows=rows, row=row, clip=clip is not None, aux=aux, stream_noise=stream_noise, seed=seed, step=step,
+        sample_offset=sample_offset, stream=stream, seed_step=seed_step)
+    return out if aux == "none" else (out, aux_out)
+
+
+def ddpm_step(model_output: torch.Tensor, t: Timestep, x_t: torch.Tensor, sched: DDPMSchedule,
+              prediction_type: str = "epsilon", variance_type: str = "fixed_small", clip_sample=None,
+              noise: Optional[torch.Tensor] = None, seed=None, *, prev_t: Optional[Timestep] = None, step=None,
+              sample_offset: int = 0, stream: int = 0, model_output_uncond: Optional[torch.Tensor] = None,
+              guidance_scale: Optional[float] = None, classifier_grad: Optional[torch.Tensor] = None,
+              classifier_scale: float = 1.0, return_x0: bool = False):
+    """One ancestral DDPM step x_t -> x_prev in one kernel launch (argument order as diffusers'
+    ``DDPMScheduler.step(model_output, timestep, sample)``).
+
+    - ``prediction_type``: the model predicts ``epsilon``, the clean ``sample`` or ``v_prediction``.
+    - ``variance_type``: ``fixed_small`` (posterior variance; ``fixed_small_log`` is the same),
+      ``fixed_large`` (beta), or ``learned_range`` (model_output has 2C channels: the prediction, then
+      the variance interpolation v in [-1, 1]).
+    - ``clip_sample``: clamp the predicted x0 to [-r, r] (r = 1 for True) or a (lo, hi) range.
+    - ``t``: an int, or an int64 tensor [B] (samples at different timesteps). ``prev_t`` is the
+      timestep stepped to (default t - 1; strided schedules pass the next inference timestep; < 0
+      after the last step, which adds no noise).
+    - noise: ``noise=`` a tensor, or ``seed=`` (and ``step=``, default t) for the in-kernel stream:
+      element (n, j) uses ``dk.randn(x_t.shape, seed, step, sample_offset, stream)[n, j]``.
+    - classifier-free guidance: ``model_output`` is the conditional output and
+      ``model_output_uncond`` the unconditional one; eps = eps_u + guidance_scale (eps_c - eps_u).
+    - classifier guidance: ``classifier_grad`` = grad_x log p(y | x_t) and ``classifier_scale`` gamma:
+      eps_hat = eps - gamma sqrt(1 - abar_t) grad.
+    Model outputs of another dtype are cast to x_t's. Returns x_prev, or (x_prev, x0) with ``return_x0``.
+    """
+    clip = _clip_range(clip_sample)
+    coefficients.check_prediction_type(prediction_type)
+    if variance_type not in coefficients.DDPM_VARIANCE_TYPES:
+        raise ValueError(f"variance_type must be one of {coefficients.DDPM_VARIANCE_TYPES}, got {variance_type!r}")
+    predicted_variance = None
+    if variance_type == "learned_range":
+        channels = x_t.shape[1] if x_t.dim() > 1 else None
+        if channels is None or model_output.dim() < 2 or model_output.shape[1] != 2 * channels:
+            raise ValueError("variance_type='learned_range' needs model_output with twice x_t's channels (dim 1)")
+        model_output, predicted_variance = model_output[:, :channels], model_output[:, channels:]
+    scale = 0.0 if classifier_grad is None else float(classifier_scale)
+    options = (prediction_type, variance_type, clip, guidance_scale, scale)
+
+    def build(abar, abar_prev):
+        return coefficients.ddpm_rows(abar, abar_prev, prediction_type=prediction_type, variance_type=variance_type,
+                                      clip_range=clip, guidance_scale=guidance_scale, classifier_scale=scale)
+
+    return _posterior_step("ddpm", build, options, model_output, t, prev_t, x_t, sched, noise, seed, step,
+                           sample_offset, stream, model_output_uncond, guidance_scale, classifier_grad, clip,
+                           "x0" if return_x0 else "none", predicted_variance=predicted_variance)
+
+
+def ddim_step(model_output: torch.Tensor, t: Timestep, t_prev: Timestep, x_t: torch.Tensor, sched: DDPMSchedule,
+              eta: float = 0.0, prediction_type: str = "epsilon", clip_sample=None,
+              noise: Optional[torch.Tensor] = None, seed=None, *, step=None, sample_offset: int = 0, stream: int = 0,
+              model_output_uncond: Optional[torch.Tensor] = None, guidance_scale: Optional[float] = None,
+              classifier_grad: Optional[torch.Tensor] = None, classifier_scale: float = 1.0,
+              use_clipped_model_output: bool = False, return_x0: bool = False):
+    """One DDIM step x_t -> x_{t_prev} in one kernel launch (t_prev < 0: the final step to x0).
+
+    eta = 0 is deterministic (no noise argument needed); eta = 1 has DDPM's posterior variance.
+    The other arguments are those of ddpm_step.
+    """
+    clip = _clip_range(clip_sample)
+    coefficients.check_prediction_type(prediction_type)
+    if not eta >= 0:
+        raise ValueError(f"eta must be >= 0, got {eta}")
+    scale = 0.0 if classifier_grad is None else float(classifier_scale)
+    options = (prediction_type, float(eta), clip, guidance_scale, scale, bool(use_clipped_model_output))
+
+    def build(abar, abar_prev):
+        return coefficients.ddim_rows(abar, abar_prev, eta=eta, prediction_type=prediction_type, clip_range=clip,
+                                      guidance_scale=guidance_scale, classifier_scale=scale,
+                                      use_clipped_model_output=use_clipped_model_output)
+
+    return _posterior_step("ddim", build, options, model_output, t, t_prev, x_t, sched, noise, seed, step,
+                           sample_offset, stream, model_output_uncond, guidance_scale, classifier_grad, clip,
+                           "x0" if return_x0 else "none", deterministic=eta == 0)
+
+
+def _q_sample(x0, t, sched, noise, seed, step, sample_offset, stream, aux):
+    if not isinstance(sched, DDPMSchedule):
+        raise TypeError(f"sched must be a diffkern.DDPMSchedule, got {type(sched).__name__}")
+    if not isinstance(x0, torch.Tensor) or not x0.is_floating_point():
+        raise ValueError("x0 must be a floating-point tensor")
+    T = sched.num_train_timesteps
+    table = _cached_table(sched, ("q_sample", 0), lambda abar, _: coefficients.q_sample_rows(abar), x0.device,
+                          _table_dtype(x0))
+    if isinstance(t, torch.Tensor):
+        rows, row = _check_tensor_timestep("t", t, x0.shape[0] if x0.dim() else 1, T, x0.device), 0
+    else:
+        rows, row = None, _check_int_timestep("t", t, T)
+    stream_noise, seed, step, seed_step = _noise_source(noise, seed, step, t, True, x0)
+    noise = _as_x_dtype("noise", noise, x0)
+    return ops.fused_step(x0, noise=noise, coefficients=table, rows=rows, row=row, aux=aux, stream_noise=stream_noise,
+                          seed=seed, step=step, sample_offset=sample_offset, stream=stream, seed_step=seed_step)
+
+
+def q_sample(x0: torch.Tensor, t: Timestep, sched: DDPMSchedule, noise: Optional[torch.Tensor] = None, seed=None, *,
+             step=None, sample_offset: int = 0, stream: int = 0) -> torch.Tensor:
+    """The forward process x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, t an int or an int64 tensor [B];
+    eps is ``noise`` or the noise stream (``seed`` and ``step``; step defaults to t for an int t and
+    must be given for a tensor t: a training loop passes its iteration number)."""
+    return _q_sample(x0, t, sched, noise, seed, step, sample_offset, stream, "none")[0]
+
+
+def q_sample_with_noise(x0: torch.Tensor, t: Timestep, sched: DDPMSchedule, *, seed, step,
+                        sample_offset: int = 0, stream: int = 0):
+    """(x_t, eps) in one pass, for the DDPM training loss L_simple = ||eps - eps_theta(x_t, t)||^2.
+    seed and step are required: a training loop passes its iteration number as step, so every
+    iteration draws new noise."""
+    return _q_sample(x0, t, sched, None, seed, step, sample_offset, stream, "noise")
