@@ -99,6 +99,13 @@ TORCH_LIBRARY(diffkern, m) {
       "Tensor? predicted_variance, Tensor? noise, Tensor coefficients, Tensor? rows, int row, bool clip, "
       "int aux, bool stream_noise, int seed, int step, int sample_offset, int stream, Tensor? seed_step) "
       "-> (Tensor, Tensor)");
+  // The same writing into given buffers (contiguous, x's shape, not overlapping any input), so
+  // sampling loops run without allocating.
+  m.def(
+      "fused_step.out(Tensor x, Tensor? model_output, Tensor? model_output_uncond, Tensor? guidance_grad, "
+      "Tensor? predicted_variance, Tensor? noise, Tensor coefficients, Tensor? rows, int row, bool clip, "
+      "int aux, bool stream_noise, int seed, int step, int sample_offset, int stream, Tensor? seed_step, *, "
+      "Tensor(a!) out, Tensor(b!)? aux_out) -> ()");
   m.def(
       "_fused_step_cpu_isa(Tensor x, Tensor? model_output, Tensor? model_output_uncond, Tensor? guidance_grad, "
       "Tensor? predicted_variance, Tensor? noise, Tensor coefficients, Tensor? rows, int row, bool clip, "

@@ -2,6 +2,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/MemoryOverlap.h>
 #include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
 
@@ -107,7 +108,21 @@ struct FusedStep {
   x, model_output, model_output_uncond, guidance_grad, predicted_variance, noise, coefficients, rows, row, clip, \
       aux, stream_noise, seed, step, sample_offset, stream, seed_step
 
-inline FusedStep prepare_fused_step(DK_FUSED_STEP_PARAMS) {
+// The out= overload writes into given buffers: contiguous, x's shape, dtype and device, and not
+// overlapping any input (the CPU kernel reads and writes through restrict pointers).
+inline void check_step_output(const at::Tensor& out, const at::Tensor& x, const char* name,
+                              std::initializer_list<const std::optional<at::Tensor>*> inputs) {
+  TORCH_CHECK(out.sizes() == x.sizes() && out.scalar_type() == x.scalar_type() && out.device() == x.device() &&
+                  out.is_contiguous(),
+              "diffkern::fused_step: ", name, " must be a contiguous ", x.scalar_type(), " tensor of shape ",
+              x.sizes(), " on ", x.device());
+  at::assert_no_overlap(out, x);
+  for (const std::optional<at::Tensor>* t : inputs)
+    if (t->has_value()) at::assert_no_overlap(out, **t);
+}
+
+inline FusedStep prepare_fused_step(DK_FUSED_STEP_PARAMS, const at::Tensor* out = nullptr,
+                                    const at::Tensor* aux_out = nullptr) {
   const at::ScalarType dtype = x.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16,
               "diffkern::fused_step: x must be float16, bfloat16, float32 or float64, got ", dtype);
@@ -182,8 +197,21 @@ inline FusedStep prepare_fused_step(DK_FUSED_STEP_PARAMS) {
   a.sample_offset = params.sample_offset;
   a.seed_step = params.seed_step;
 
-  FusedStep result{a, at::empty(x.sizes(), x.options()),
-                   aux != 0 ? at::empty(x.sizes(), x.options()) : at::empty({0}, x.options())};
+  FusedStep result{a, {}, {}};
+  if (out != nullptr) {
+    check_step_output(*out, x, "out", {&model_output, &model_output_uncond, &guidance_grad, &predicted_variance, &noise});
+    result.out = *out;
+    TORCH_CHECK(aux == 0 || aux_out != nullptr, "diffkern::fused_step.out: aux needs aux_out");
+    if (aux != 0) {
+      check_step_output(*aux_out, x, "aux_out",
+                        {&model_output, &model_output_uncond, &guidance_grad, &predicted_variance, &noise});
+      at::assert_no_overlap(*aux_out, *out);
+      result.aux = *aux_out;
+    }
+  } else {
+    result.out = at::empty(x.sizes(), x.options());
+    result.aux = aux != 0 ? at::empty(x.sizes(), x.options()) : at::empty({0}, x.options());
+  }
   result.args.out = result.out.mutable_data_ptr();
   result.args.aux = aux != 0 ? result.aux.mutable_data_ptr() : nullptr;
   return result;

@@ -8,14 +8,23 @@ from ._version import __version__
 from .ops import BUILD as _BUILD, cuda_kernels_available
 from .noise import randn, random_bits
 from .schedules import DDPMSchedule
-from .steps import ddim_step, ddpm_step, q_sample, q_sample_with_noise
-from .samplers import classifier_grad, sample_ddim, sample_ddpm
+from .sde import (SDE, VESDE, VPSDE, SubVPSDE, denoiser_from_score, epsilon_from_score, karras_sigmas,
+                  score_from_denoiser, score_from_epsilon)
+from .steps import (ddim_step, ddpm_step, euler_ancestral_step, euler_maruyama_step, euler_step, heun_correct,
+                    heun_step, langevin_step, q_sample, q_sample_with_noise)
+from .samplers import (classifier_grad, sample_ddim, sample_ddpm, sample_euler, sample_euler_ancestral,
+                       sample_euler_maruyama, sample_heun, sample_langevin, sample_ode, sample_pc)
 from . import coefficients, reference
 
 __all__ = [
     "__version__", "randn", "random_bits", "cuda_kernels_available", "build_info", "reference", "coefficients",
     "DDPMSchedule", "ddpm_step", "ddim_step", "q_sample", "q_sample_with_noise",
     "sample_ddpm", "sample_ddim", "classifier_grad",
+    "SDE", "VPSDE", "SubVPSDE", "VESDE", "karras_sigmas", "score_from_epsilon", "epsilon_from_score",
+    "score_from_denoiser", "denoiser_from_score",
+    "euler_maruyama_step", "euler_step", "heun_correct", "heun_step", "euler_ancestral_step", "langevin_step",
+    "sample_euler_maruyama", "sample_ode", "sample_euler", "sample_heun", "sample_euler_ancestral",
+    "sample_langevin", "sample_pc",
 ]
 
 

@@ -147,3 +147,96 @@ def q_sample_rows(abar) -> torch.Tensor:
     """The forward process x_t = sqrt(abar) x0 + sqrt(1 - abar) eps: the kernel's x is x0 (a = 1)."""
     abar = _f64(abar)
     return rows(abar.shape, device=abar.device, a=1.0, c=abar.sqrt(), sigma=(1 - abar).sqrt())
+
+
+# ---- score SDEs and EDM (Karras et al. 2022) ----
+# m is the model output; score_scale turns it into a score (1 for a score model, -1 / std(t) for a
+# noise prediction). f is the SDE's linear drift coefficient f(t), g its diffusion g(t), dt < 0 in
+# reverse time. Heun's corrector takes the first model output as the kernel's third input (g):
+# being linear in x and both model outputs, it reads each once and needs no stored slope.
+
+def euler_maruyama_rows(f, g, dt, score_scale=1.0, noise=True) -> torch.Tensor:
+    """Reverse-SDE Euler-Maruyama: x + [f x - g^2 s] dt + g sqrt(|dt|) z (noise=False: no z term)."""
+    f, g, dt = _f64(f), _f64(g), _f64(dt)
+    sigma = g * dt.abs().sqrt() if noise else torch.zeros_like(g)
+    return rows(torch.broadcast_shapes(f.shape, g.shape, dt.shape), device=f.device,
+                d=1 + f * dt, f=-(g ** 2) * dt * score_scale, sigma=sigma)
+
+
+def ode_euler_rows(f, g, dt, score_scale=1.0) -> torch.Tensor:
+    """Probability-flow ODE Euler step: x + [f x - g^2 s / 2] dt."""
+    f, g, dt = _f64(f), _f64(g), _f64(dt)
+    return rows(torch.broadcast_shapes(f.shape, g.shape, dt.shape), device=f.device,
+                d=1 + f * dt, f=-0.5 * g ** 2 * dt * score_scale)
+
+
+def ode_heun_corrector_rows(f, g, f_next, g_next, dt, score_scale=1.0, score_scale_next=1.0) -> torch.Tensor:
+    """Heun's method on the probability-flow ODE, as one launch after the Euler predictor (the
+    ode_euler_rows step to x_pred): x + dt (k1 + k2) / 2 with k1 = f x + b m1, x_pred = x + dt k1,
+    k2 = f' x_pred + b' m2, b = -g^2 / 2 (times the score scale). In x, the first model output m1 (the
+    kernel's g input) and the second m2, each read once:
+    x (1 + dt (f + f' (1 + dt f)) / 2) + m1 dt b (1 + dt f') / 2 + m2 dt b' / 2."""
+    f, g, f2, g2, dt = (_f64(v) for v in (f, g, f_next, g_next, dt))
+    b, b2 = -0.5 * g ** 2 * score_scale, -0.5 * g2 ** 2 * score_scale_next
+    return rows(torch.broadcast_shapes(f.shape, f2.shape, dt.shape), device=f.device,
+                d=1 + 0.5 * dt * (f + f2 * (1 + dt * f)), h=0.5 * dt * b * (1 + dt * f2), f=0.5 * dt * b2)
+
+
+def edm_euler_rows(sigma, sigma_next) -> torch.Tensor:
+    """EDM Euler step on the denoiser D = m: slope d = (x - D) / sigma (the x0 output),
+    x_next = x + (sigma_next - sigma) d."""
+    sigma, sigma_next = _f64(sigma), _f64(sigma_next)
+    return rows(torch.broadcast_shapes(sigma.shape, sigma_next.shape), device=sigma.device,
+                a=1 / sigma, b=-1 / sigma, c=sigma_next - sigma, d=torch.ones_like(sigma))
+
+
+def edm_heun_corrector_rows(sigma, sigma_next) -> torch.Tensor:
+    """EDM Heun step (Karras et al. Alg. 2, lines 5-8) as one launch after the Euler predictor:
+    x + h (d + d') / 2 with h = sigma_next - sigma, d = (x - D) / sigma, x_pred = x + h d and
+    d' = (x_pred - D') / sigma_next. In x, the first denoiser output D (the kernel's g input) and the
+    second D' = m, each read once: with u = h / (2 sigma), v = h / (2 sigma_next),
+    x (1 + u + v + 2 u v) - D (u + 2 u v) - D' v. sigma_next > 0."""
+    sigma, sigma_next = _f64(sigma), _f64(sigma_next)
+    h = sigma_next - sigma
+    u, v = h / (2 * sigma), h / (2 * sigma_next)
+    return rows(torch.broadcast_shapes(sigma.shape, sigma_next.shape), device=sigma.device,
+                d=1 + u + v + 2 * u * v, h=-(u + 2 * u * v), f=-v)
+
+
+def churn_rows(sigma, sigma_hat, s_noise=1.0) -> torch.Tensor:
+    """EDM's stochastic churn: x_hat = x + s_noise sqrt(sigma_hat^2 - sigma^2) z."""
+    sigma, sigma_hat = _f64(sigma), _f64(sigma_hat)
+    return rows(torch.broadcast_shapes(sigma.shape, sigma_hat.shape), device=sigma.device,
+                d=torch.ones_like(sigma), sigma=s_noise * (sigma_hat ** 2 - sigma ** 2).clamp(min=0).sqrt())
+
+
+def ancestral_step(sigma, sigma_next, eta=1.0):
+    """(sigma_down, sigma_up) of an ancestral step (k-diffusion's get_ancestral_step):
+    sigma_up = min(sigma_next, eta sqrt(sigma_next^2 (sigma^2 - sigma_next^2) / sigma^2)),
+    sigma_down = sqrt(sigma_next^2 - sigma_up^2)."""
+    sigma, sigma_next = _f64(sigma), _f64(sigma_next)
+    sigma_up = torch.minimum(sigma_next, eta * (sigma_next ** 2 * (sigma ** 2 - sigma_next ** 2) / sigma ** 2).clamp(min=0).sqrt())
+    return (sigma_next ** 2 - sigma_up ** 2).clamp(min=0).sqrt(), sigma_up
+
+
+def euler_ancestral_rows(sigma, sigma_next, eta=1.0, s_noise=1.0) -> torch.Tensor:
+    """Euler-ancestral: x + (sigma_down - sigma) (x - D) / sigma + s_noise sigma_up z."""
+    sigma, sigma_next = _f64(sigma), _f64(sigma_next)
+    sigma_down, sigma_up = ancestral_step(sigma, sigma_next, eta)
+    return rows(torch.broadcast_shapes(sigma.shape, sigma_next.shape), device=sigma.device,
+                d=sigma_down / sigma, f=(sigma - sigma_down) / sigma, sigma=s_noise * sigma_up)
+
+
+def langevin_rows(step_size, score_scale=1.0, noise=True) -> torch.Tensor:
+    """Langevin dynamics x + (eta / 2) s + sqrt(eta) z with step size eta."""
+    step_size = _f64(step_size)
+    return rows(step_size.shape, device=step_size.device, d=torch.ones_like(step_size),
+                f=0.5 * step_size * score_scale, sigma=step_size.sqrt() if noise else torch.zeros_like(step_size))
+
+
+def reverse_diffusion_rows(f_discrete, g_discrete, score_scale=1.0, noise=True) -> torch.Tensor:
+    """score_sde's reverse-diffusion predictor on a discretised SDE x_{i+1} = x_i + f_i x_i + G_i z:
+    x - f_i x + G_i^2 s + G_i z."""
+    f, g = _f64(f_discrete), _f64(g_discrete)
+    return rows(torch.broadcast_shapes(f.shape, g.shape), device=f.device, d=1 - f, f=g ** 2 * score_scale,
+                sigma=g if noise else torch.zeros_like(g))

@@ -145,12 +145,15 @@ def fused_step(x: torch.Tensor, model_output: Optional[torch.Tensor] = None,
                predicted_variance: Optional[torch.Tensor] = None, noise: Optional[torch.Tensor] = None, *,
                coefficients: torch.Tensor, rows: Optional[torch.Tensor] = None, row: int = 0, clip: bool = False,
                aux: str = "none", stream_noise: bool = False, seed: int = 0, step: int = 0, sample_offset: int = 0,
-               stream: int = 0, seed_step: Optional[torch.Tensor] = None):
+               stream: int = 0, seed_step: Optional[torch.Tensor] = None, out: Optional[torch.Tensor] = None,
+               aux_out: Optional[torch.Tensor] = None):
     """The fused step of csrc/include/diffkern/step_math.h (see diffkern.coefficients for the rows).
 
     Inputs are [batch, ...] tensors of x's shape, dtype and device; any layout works (samples that are
     not contiguous runs, e.g. channels_last, are copied) and the outputs keep x's memory format.
     Returns (out, aux_out) where aux_out is x0, the noise used, or None (aux = "x0" | "noise" | "none").
+    With ``out`` (and ``aux_out``): writes there instead of allocating (contiguous buffers of x's
+    shape and dtype that overlap no input) and returns them.
     """
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         raise ValueError(f"x must be a floating-point tensor, got {type(x).__name__}")
@@ -188,9 +191,18 @@ def fused_step(x: torch.Tensor, model_output: Optional[torch.Tensor] = None,
     def prepare(t):
         return t if t is None or samples_contiguous(t) else t.contiguous()
 
-    out, aux_out = torch.ops.diffkern.fused_step(
-        prepare(x), *(prepare(t) for t in named.values()), coefficients.contiguous(), rows, int(row), bool(clip),
-        _AUX[aux], bool(stream_noise), seed, step, sample_offset, stream, seed_step)
+    args = (prepare(x), *(prepare(t) for t in named.values()), coefficients.contiguous(), rows, int(row), bool(clip),
+            _AUX[aux], bool(stream_noise), seed, step, sample_offset, stream, seed_step)
+    if out is not None:
+        if aux != "none" and aux_out is None:
+            raise ValueError(f"aux={aux!r} with out= needs aux_out=")
+        for name, buffer in (("out", out), ("aux_out", aux_out if aux != "none" else None)):
+            if buffer is not None and (buffer.shape != x.shape or buffer.dtype != x.dtype or buffer.device != x.device
+                                       or not buffer.is_contiguous()):
+                raise ValueError(f"{name} must be a contiguous {x.dtype} tensor of shape {tuple(x.shape)} on {x.device}")
+        torch.ops.diffkern.fused_step.out(*args, out=out, aux_out=aux_out if aux != "none" else None)
+        return out, (aux_out if aux != "none" else None)
+    out, aux_out = torch.ops.diffkern.fused_step(*args)
     if channels_last:
         out = out.contiguous(memory_format=torch.channels_last)
         aux_out = aux_out.contiguous(memory_format=torch.channels_last) if aux != "none" else aux_out
@@ -221,6 +233,13 @@ def _fused_step_fake(x, model_output, model_output_uncond, guidance_grad, predic
 
 
 torch.library.register_fake("diffkern::fused_step")(_fused_step_fake)
+
+
+@torch.library.register_fake("diffkern::fused_step.out")
+def _fused_step_out_fake(x, model_output, model_output_uncond, guidance_grad, predicted_variance, noise, coefficients,
+                         rows, row, clip, aux, stream_noise, seed, step, sample_offset, stream, seed_step, *, out,
+                         aux_out):
+    return None
 torch.library.register_fake("diffkern::_fused_step_cpu_isa")(_fused_step_fake)
 
 

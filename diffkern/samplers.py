@@ -73,7 +73,6 @@ def _sample_posterior(kind: str, table_fn, model, shape, sched, num_inference_st
     if not isinstance(sched, DDPMSchedule):
         raise TypeError(f"sched must be a diffkern.DDPMSchedule, got {type(sched).__name__}")
     coefficients.check_prediction_type(prediction_type)
-    device = resolve_device(device)
     if guidance_scale is not None and (cond is None or null_cond is None):
         raise ValueError("guidance_scale needs cond and null_cond (the condition of the unconditional half)")
     if classifier is not None and classifier_grad_fn is not None:
@@ -86,25 +85,16 @@ def _sample_posterior(kind: str, table_fn, model, shape, sched, num_inference_st
     timesteps = sched.timesteps(num_inference_steps, timestep_spacing)
     t_steps = torch.tensor(timesteps, dtype=torch.int64)
     t_prev = torch.tensor(timesteps[1:] + [-1], dtype=torch.int64)
-    table_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-    table = table_fn(sched.alphas_cumprod_at(t_steps), sched.alphas_cumprod_at(t_prev), scale)
-    table = table.to(device=device, dtype=table_dtype)  # one copy per run
-    t_device = t_steps.to(device)
-
-    shape = tuple(ops.check_shape(shape))
-    batch = shape[0] if shape else 1
-    if x_T is None:
-        x = randn(shape, seed=seed, step=0, sample_offset=sample_offset, device=device, dtype=dtype)
-    else:
-        if tuple(x_T.shape) != shape:
-            raise ValueError(f"x_T has shape {tuple(x_T.shape)}, expected {shape}")
-        x = x_T.to(device=device, dtype=dtype)
+    run = _Run(shape, seed, device, dtype, sample_offset, reuse_buffers=callback is None)
+    table = run.table(table_fn(sched.alphas_cumprod_at(t_steps), sched.alphas_cumprod_at(t_prev), scale))
+    t_device = t_steps.to(run.device)
+    batch = run.batch
+    x = run.initial(x_T, 1.0)
     doubled_cond = None if guidance_scale is None else torch.cat([null_cond, cond])
     for i in _progress(range(len(timesteps)), progress, kind):
         if guidance_scale is None:
             t = t_device[i].expand(batch)
-            out = call_model(model, x, t, cond, cond_key)
-            m, m_uncond = out, None
+            m, m_uncond = call_model(model, x, t, cond, cond_key), None
         else:
             t = t_device[i].expand(2 * batch)
             out = call_model(model, torch.cat([x, x]), t, doubled_cond, cond_key)
@@ -112,25 +102,24 @@ def _sample_posterior(kind: str, table_fn, model, shape, sched, num_inference_st
             t = t[:batch]
         v = None
         if learned_variance:
-            channels = shape[1]
+            channels = run.shape[1]
             if m.shape[1] != 2 * channels:
                 raise ValueError("variance_type='learned_range' needs model outputs with 2 x channels")
             m, v = m[:, :channels], m[:, channels:]
             m_uncond = None if m_uncond is None else m_uncond[:, :channels]
-        if m.shape != x.shape:
-            raise ValueError(f"the model returned shape {tuple(m.shape)} for x of shape {tuple(x.shape)}")
         g = None
         if classifier is not None:
             g = classifier_grad(classifier, x, t, y)
         elif classifier_grad_fn is not None:
             g = classifier_grad_fn(x, t, y)
-        cast = (lambda a: None if a is None else a.to(x.dtype))
-        x, x0 = ops.fused_step(
-            x, cast(m), cast(m_uncond), cast(g), cast(v), coefficients=table, row=i, clip=clip_range is not None,
-            aux="x0" if callback is not None else "none", stream_noise=noisy, seed=seed, step=i + 1,
-            sample_offset=sample_offset)
+        # each noisy step advances the noise counter once: step i draws noise step i + 1
+        result = run.step(x, table, i, m, third=g, noisy=noisy, model_output_uncond=m_uncond, predicted_variance=v,
+                          clip=clip_range is not None, return_x0=callback is not None)
         if callback is not None:
+            x, x0 = result
             callback(i, timesteps[i], x, x0)
+        else:
+            x = result
     return x
 
 
@@ -182,3 +171,321 @@ def sample_ddim(model, shape, sched: Optional[DDPMSchedule] = None, *, num_infer
                              device, dtype, prediction_type, clip_range, guidance_scale, cond, null_cond, cond_key,
                              classifier, classifier_grad_fn, y, classifier_scale, sample_offset, x_T, progress,
                              callback, noisy=eta > 0)
+
+
+# ---- score SDEs, EDM and Langevin samplers ----
+# Conventions: score_fn(x, t) takes t as a float tensor [batch] (float32, or float64 for float64
+# states) and returns the score, or the noise prediction with parameterization="epsilon";
+# denoiser(x, sigma) takes sigma as a float tensor [batch] and returns D(x, sigma), the estimate of
+# x0 from x = x0 + sigma z (k-diffusion / EDM); Langevin's score_fn(x, sigma) takes the noise level.
+# Every noisy launch draws dk.randn(shape, seed, step=k, sample_offset) with its own k (x_T is
+# step 0), so runs are reproducible across devices and batch splits.
+
+
+class _Run:
+    """State shared by one sampling run: device, dtypes, the noise counter, the fused step and its
+    output buffers. Unless a callback may keep references to the states, the loop writes into two
+    buffers in turn (and one for Heun's predicted point) instead of allocating every step."""
+
+    def __init__(self, shape, seed, device, dtype, sample_offset, reuse_buffers=True):
+        self.shape = tuple(ops.check_shape(shape))
+        self.batch = self.shape[0] if self.shape else 1
+        self.seed, self.device, self.dtype, self.sample_offset = seed, resolve_device(device), dtype, sample_offset
+        self.table_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        self.time_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        self.noise_step = 0
+        self.reuse_buffers = reuse_buffers
+        self._buffers = {}
+
+    def _buffer(self, name):
+        if name not in self._buffers:
+            self._buffers[name] = torch.empty(self.shape, device=self.device, dtype=self.dtype)
+        return self._buffers[name]
+
+    def output_for(self, x, name=None):
+        """Where the step from x writes: a named buffer, or the state buffer x is not."""
+        if not self.reuse_buffers:
+            return None
+        if name is not None:
+            return self._buffer(name)
+        first = self._buffer("state0")
+        return self._buffer("state1") if first.data_ptr() == x.data_ptr() else first
+
+    def initial(self, x_T, scale):
+        if x_T is not None:
+            if tuple(x_T.shape) != self.shape:
+                raise ValueError(f"x_T has shape {tuple(x_T.shape)}, expected {self.shape}")
+            return x_T.to(device=self.device, dtype=self.dtype)
+        return randn(self.shape, seed=self.seed, step=0, sample_offset=self.sample_offset, device=self.device,
+                     dtype=self.dtype) * scale
+
+    def table(self, rows64):
+        return rows64.reshape(-1, len(coefficients.FIELDS)).to(device=self.device, dtype=self.table_dtype)
+
+    def times(self, values):
+        return torch.as_tensor(values, dtype=torch.float64).to(device=self.device, dtype=self.time_dtype)
+
+    def next_noise_step(self):
+        self.noise_step += 1
+        return self.noise_step
+
+    def step(self, x, table, row, model_output=None, third=None, noisy=False, noise=None, into=None,
+             model_output_uncond=None, predicted_variance=None, clip=False, return_x0=False):
+        """One fused step from x; ``third`` is the kernel's third input (a classifier gradient, or
+        Heun's first model output). Returns the new state (and x0 with return_x0)."""
+        if model_output is not None and model_output.shape != x.shape:
+            raise ValueError(f"the model returned shape {tuple(model_output.shape)} for x of shape {tuple(x.shape)}")
+        cast = (lambda a: None if a is None else a.to(x.dtype))
+        out = self.output_for(x, into)
+        new, x0 = ops.fused_step(
+            x, cast(model_output), cast(model_output_uncond), cast(third), cast(predicted_variance), cast(noise),
+            coefficients=table, row=row, clip=clip, aux="x0" if return_x0 else "none",
+            stream_noise=noisy and noise is None, seed=self.seed,
+            step=self.next_noise_step() if noisy and noise is None else 0, sample_offset=self.sample_offset,
+            out=out, aux_out=self.output_for(x, "x0") if return_x0 and out is not None else None)
+        return (new, x0) if return_x0 else new
+
+
+def _time_grid(sde, num_steps, eps):
+    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
+        raise ValueError(f"num_steps must be an int >= 1, got {num_steps!r}")
+    if not 0 < eps < sde.T:
+        raise ValueError(f"eps must lie in (0, {sde.T}), got {eps}")
+    return torch.linspace(sde.T, eps, num_steps + 1, dtype=torch.float64)
+
+
+def _score_scales(parameterization, sde, t):
+    if parameterization == "score":
+        return torch.ones_like(t)
+    if parameterization == "epsilon":
+        return -1.0 / sde.marginal_std(t)
+    raise ValueError(f"parameterization must be 'score' or 'epsilon', got {parameterization!r}")
+
+
+def sample_euler_maruyama(score_fn, shape, sde, num_steps: int = 1000, *, eps: float = 1e-3,
+                          parameterization: str = "score", seed: int = 0, device=None,
+                          dtype: torch.dtype = torch.float32, sample_offset: int = 0, x_T=None, denoise: bool = True,
+                          progress: bool = False, callback: Optional[Callable] = None) -> torch.Tensor:
+    """Euler-Maruyama on the reverse SDE from t = T to t = eps over num_steps equal steps, starting
+    from the prior. ``denoise`` drops the noise of the last step (score_sde's noise removal)."""
+    run = _Run(shape, seed, device, dtype, sample_offset, reuse_buffers=callback is None)
+    t = _time_grid(sde, num_steps, eps)
+    dt = t[1:] - t[:-1]
+    noisy = torch.ones(num_steps, dtype=torch.bool)
+    noisy[-1] = not denoise
+    table = run.table(coefficients.euler_maruyama_rows(sde.drift_coef(t[:-1]), sde.diffusion(t[:-1]), dt,
+                                                       _score_scales(parameterization, sde, t[:-1])) *
+                      torch.where(torch.arange(len(coefficients.FIELDS)) == coefficients.INDEX["sigma"],
+                                  noisy[:, None].double(), torch.ones(1, dtype=torch.float64)))
+    times = run.times(t)
+    x = run.initial(x_T, sde.prior_std)
+    for i in _progress(range(num_steps), progress, "Euler-Maruyama"):
+        m = model_output_of(score_fn(x, times[i].expand(run.batch)))
+        x = run.step(x, table, i, m, noisy=bool(noisy[i]))
+        if callback is not None:
+            callback(i, float(t[i]), x)
+    return x
+
+
+def sample_ode(score_fn, shape, sde, num_steps: int = 100, *, solver: str = "heun", eps: float = 1e-3,
+               parameterization: str = "score", seed: int = 0, device=None, dtype: torch.dtype = torch.float32,
+               sample_offset: int = 0, x_T=None, progress: bool = False, callback: Optional[Callable] = None):
+    """The probability-flow ODE dx = [f(x, t) - g(t)^2 s(x, t) / 2] dt from T to eps in num_steps
+    fixed steps, with ``solver`` "euler" (one model call per step) or "heun" (two; second order).
+    Deterministic given x_T (drawn from the prior with ``seed``)."""
+    if solver not in ("euler", "heun"):
+        raise ValueError(f"solver must be 'euler' or 'heun', got {solver!r}")
+    run = _Run(shape, seed, device, dtype, sample_offset, reuse_buffers=callback is None)
+    t = _time_grid(sde, num_steps, eps)
+    dt = t[1:] - t[:-1]
+    scale = _score_scales(parameterization, sde, t)
+    f, g = sde.drift_coef(t), sde.diffusion(t)
+    euler = run.table(coefficients.ode_euler_rows(f[:-1], g[:-1], dt, scale[:-1]))
+    heun = run.table(coefficients.ode_heun_corrector_rows(f[:-1], g[:-1], f[1:], g[1:], dt, scale[:-1], scale[1:]))
+    times = run.times(t)
+    x = run.initial(x_T, sde.prior_std)
+    for i in _progress(range(num_steps), progress, f"ODE ({solver})"):
+        m = model_output_of(score_fn(x, times[i].expand(run.batch)))
+        if solver == "euler":
+            x = run.step(x, euler, i, m)
+        else:
+            x_pred = run.step(x, euler, i, m, into="predicted")
+            m_next = model_output_of(score_fn(x_pred, times[i + 1].expand(run.batch)))
+            x = run.step(x, heun, i, m_next, third=m)
+        if callback is not None:
+            callback(i, float(t[i]), x)
+    return x
+
+
+def _edm_sampler(kind, denoiser, shape, sigmas, s_churn, s_tmin, s_tmax, s_noise, seed, device, dtype,
+                 sample_offset, x_T, progress, callback):
+    from .sde import check_sigmas
+
+    sigmas = check_sigmas(sigmas)
+    steps = len(sigmas) - 1
+    run = _Run(shape, seed, device, dtype, sample_offset, reuse_buffers=callback is None)
+    # EDM Alg. 2: raise sigma_i to sigma_hat = sigma_i (1 + gamma_i) by adding noise, then step.
+    gamma = torch.where((sigmas[:-1] >= s_tmin) & (sigmas[:-1] <= s_tmax),
+                        torch.full((steps,), min(s_churn / steps, 2 ** 0.5 - 1), dtype=torch.float64),
+                        torch.zeros(steps, dtype=torch.float64))
+    sigma_hat = sigmas[:-1] * (1 + gamma)
+    churn = run.table(coefficients.churn_rows(sigmas[:-1], sigma_hat, s_noise))
+    euler = run.table(coefficients.edm_euler_rows(sigma_hat, sigmas[1:]))
+    nonzero_next = sigmas[1:].clamp(min=1e-30)  # rows of the last step are unused when sigma_next = 0
+    heun = run.table(coefficients.edm_heun_corrector_rows(sigma_hat, nonzero_next))
+    sigma_hat_dev, sigma_dev = run.times(sigma_hat), run.times(sigmas)
+    x = run.initial(x_T, float(sigmas[0]))
+    for i in _progress(range(steps), progress, kind):
+        if gamma[i] > 0:
+            x = run.step(x, churn, i, noisy=True)
+        denoised = model_output_of(denoiser(x, sigma_hat_dev[i].expand(run.batch)))
+        if kind == "Heun" and sigmas[i + 1] > 0:
+            x_pred = run.step(x, euler, i, denoised, into="predicted")
+            denoised_next = model_output_of(denoiser(x_pred, sigma_dev[i + 1].expand(run.batch)))
+            x = run.step(x, heun, i, denoised_next, third=denoised)
+        else:
+            x = run.step(x, euler, i, denoised)
+        if callback is not None:
+            callback(i, float(sigmas[i]), x)
+    return x
+
+
+def sample_euler(denoiser, shape, sigmas, *, s_churn: float = 0.0, s_tmin: float = 0.0,
+                 s_tmax: float = float("inf"), s_noise: float = 1.0, seed: int = 0, device=None,
+                 dtype: torch.dtype = torch.float32, sample_offset: int = 0, x_T=None, progress: bool = False,
+                 callback: Optional[Callable] = None) -> torch.Tensor:
+    """Euler on the EDM ODE over ``sigmas`` (decreasing, e.g. dk.karras_sigmas(n, ...) ending in 0),
+    with EDM's stochastic churn; k-diffusion's sample_euler. Starts from sigmas[0] * N(0, I)."""
+    return _edm_sampler("Euler", denoiser, shape, sigmas, s_churn, s_tmin, s_tmax, s_noise, seed, device, dtype,
+                        sample_offset, x_T, progress, callback)
+
+
+def sample_heun(denoiser, shape, sigmas, *, s_churn: float = 0.0, s_tmin: float = 0.0,
+                s_tmax: float = float("inf"), s_noise: float = 1.0, seed: int = 0, device=None,
+                dtype: torch.dtype = torch.float32, sample_offset: int = 0, x_T=None, progress: bool = False,
+                callback: Optional[Callable] = None) -> torch.Tensor:
+    """EDM's second-order sampler (Karras et al. 2022, Alg. 2): Heun steps with stochastic churn
+    (S_churn, S_tmin, S_tmax, S_noise), and a plain Euler step when the next sigma is 0. Two denoiser
+    calls per step (one on the last)."""
+    return _edm_sampler("Heun", denoiser, shape, sigmas, s_churn, s_tmin, s_tmax, s_noise, seed, device, dtype,
+                        sample_offset, x_T, progress, callback)
+
+
+def sample_euler_ancestral(denoiser, shape, sigmas, *, eta: float = 1.0, s_noise: float = 1.0, seed: int = 0,
+                           device=None, dtype: torch.dtype = torch.float32, sample_offset: int = 0, x_T=None,
+                           progress: bool = False, callback: Optional[Callable] = None) -> torch.Tensor:
+    """Ancestral sampling with Euler steps (k-diffusion's sample_euler_ancestral): each step goes
+    deterministically to sigma_down and adds s_noise sigma_up z (none when the next sigma is 0)."""
+    from .sde import check_sigmas
+
+    sigmas = check_sigmas(sigmas)
+    run = _Run(shape, seed, device, dtype, sample_offset, reuse_buffers=callback is None)
+    table = run.table(coefficients.euler_ancestral_rows(sigmas[:-1], sigmas[1:], eta, s_noise))
+    sigma_dev = run.times(sigmas)
+    x = run.initial(x_T, float(sigmas[0]))
+    for i in _progress(range(len(sigmas) - 1), progress, "Euler-ancestral"):
+        denoised = model_output_of(denoiser(x, sigma_dev[i].expand(run.batch)))
+        x = run.step(x, table, i, denoised, noisy=bool(sigmas[i + 1] > 0) and eta > 0)
+        if callback is not None:
+            callback(i, float(sigmas[i]), x)
+    return x
+
+
+def _snr_langevin(run, x, score, score_scale, snr, alpha):
+    """score_sde's Langevin corrector: step size eps = 2 alpha (snr ||z|| / ||s||)^2 from the batch-mean
+    norms of the score and the noise, x + eps s + sqrt(2 eps) z. The norms stay on the device."""
+    z = randn(run.shape, seed=run.seed, step=run.next_noise_step(), sample_offset=run.sample_offset,
+              device=run.device, dtype=x.dtype)
+    flat = (lambda a: a.reshape(run.batch, -1).to(torch.float64))
+    grad_norm = torch.linalg.vector_norm(flat(score), dim=1).mean() * abs(score_scale)
+    noise_norm = torch.linalg.vector_norm(flat(z), dim=1).mean()
+    step_size = 2 * alpha * (snr * noise_norm / grad_norm) ** 2
+    table = run.table(coefficients.langevin_rows(2 * step_size, score_scale))
+    return run.step(x, table, 0, score, noise=z)
+
+
+def sample_langevin(score_fn, shape, sigmas, n_steps_each: int = 100, *, step_size: Optional[float] = 2e-5,
+                    snr: Optional[float] = None, denoise: bool = True, seed: int = 0, device=None,
+                    dtype: torch.dtype = torch.float32, sample_offset: int = 0, x_T=None, progress: bool = False,
+                    callback: Optional[Callable] = None) -> torch.Tensor:
+    """Annealed Langevin dynamics (NCSN, Song & Ermon 2019): for each noise level sigma_i of ``sigmas``
+    (decreasing), n_steps_each steps x + (a_i / 2) s(x, sigma_i) + sqrt(a_i) z with a_i = step_size
+    sigma_i^2 / sigma_L^2; or, with ``snr``, score_sde's signal-to-noise step size. Starts from
+    sigmas[0] * N(0, I); ``denoise`` ends with Tweedie's step x + sigma_L^2 s(x, sigma_L)."""
+    from .sde import check_sigmas
+
+    sigmas = check_sigmas(sigmas)
+    if bool((sigmas == 0).any()):
+        raise ValueError("annealed Langevin needs positive noise levels (no final 0)")
+    if isinstance(n_steps_each, bool) or not isinstance(n_steps_each, int) or n_steps_each < 1:
+        raise ValueError(f"n_steps_each must be an int >= 1, got {n_steps_each!r}")
+    if snr is None and not (step_size and step_size > 0):
+        raise ValueError("give a positive step_size or an snr")
+    run = _Run(shape, seed, device, dtype, sample_offset, reuse_buffers=callback is None)
+    table = run.table(coefficients.langevin_rows(step_size * sigmas ** 2 / sigmas[-1] ** 2)) if snr is None else None
+    sigma_dev = run.times(sigmas)
+    x = run.initial(x_T, float(sigmas[0]))
+    for i in _progress(range(len(sigmas)), progress, "annealed Langevin"):
+        sigma = sigma_dev[i].expand(run.batch)
+        for _ in range(n_steps_each):
+            score = model_output_of(score_fn(x, sigma))
+            x = run.step(x, table, i, score, noisy=True) if snr is None else _snr_langevin(run, x, score, 1.0, snr, 1.0)
+        if callback is not None:
+            callback(i, float(sigmas[i]), x)
+    if denoise:
+        tweedie = run.table(coefficients.rows(d=1.0, f=float(sigmas[-1]) ** 2))
+        x = run.step(x, tweedie, 0, model_output_of(score_fn(x, sigma_dev[-1].expand(run.batch))))
+    return x
+
+
+def sample_pc(score_fn, shape, sde, num_steps: int = 1000, *, predictor: str = "reverse_diffusion",
+              corrector: Optional[str] = "langevin", snr: float = 0.16, n_corrector_steps: int = 1, eps: float = 1e-3,
+              parameterization: str = "score", denoise: bool = True, seed: int = 0, device=None,
+              dtype: torch.dtype = torch.float32, sample_offset: int = 0, x_T=None, progress: bool = False,
+              callback: Optional[Callable] = None) -> torch.Tensor:
+    """score_sde's predictor-corrector sampler: at each of num_steps times from T to eps, the
+    corrector (Langevin with signal-to-noise ratio ``snr``, n_corrector_steps times) and then the
+    predictor ("reverse_diffusion": the reverse of the SDE discretised into num_steps steps, for VP
+    the DDPM chain with betas (beta_min + i (beta_max - beta_min) / (N - 1)) / N, N = num_steps, as
+    score_sde does with sde.N = num_steps; or "euler_maruyama"). ``denoise`` drops the noise of the
+    last predictor step."""
+    from .sde import VESDE, VPSDE
+
+    if predictor not in ("reverse_diffusion", "euler_maruyama"):
+        raise ValueError(f"predictor must be 'reverse_diffusion' or 'euler_maruyama', got {predictor!r}")
+    if corrector not in ("langevin", None):
+        raise ValueError(f"corrector must be 'langevin' or None, got {corrector!r}")
+    run = _Run(shape, seed, device, dtype, sample_offset, reuse_buffers=callback is None)
+    t = _time_grid(sde, num_steps, eps)
+    t_now, dt = t[:-1], t[1:] - t[:-1]
+    scale = _score_scales(parameterization, sde, t_now)
+    if predictor == "euler_maruyama":
+        predictor_rows = coefficients.euler_maruyama_rows(sde.drift_coef(t_now), sde.diffusion(t_now), dt, scale)
+    elif isinstance(sde, VESDE):  # x_{i+1} = x_i + sqrt(sigma_i^2 - sigma_{i+1}^2) z, in reverse
+        predictor_rows = coefficients.reverse_diffusion_rows(
+            torch.zeros_like(t_now), (sde.sigma(t_now) ** 2 - sde.sigma(t[1:]) ** 2).sqrt(), scale)
+    elif type(sde) is VPSDE:  # the num_steps-step DDPM chain: f_i = sqrt(1 - beta_i) - 1, G_i = sqrt(beta_i)
+        beta = sde.discrete_beta(t_now, num_steps)
+        predictor_rows = coefficients.reverse_diffusion_rows((1 - beta).sqrt() - 1, beta.sqrt(), scale)
+    else:  # the generic Euler discretisation: f_i = f(t) dt, G_i = g(t) sqrt(|dt|)
+        predictor_rows = coefficients.reverse_diffusion_rows(-sde.drift_coef(t_now) * dt,
+                                                             sde.diffusion(t_now) * dt.abs().sqrt(), scale)
+    sigma_col = coefficients.INDEX["sigma"]
+    if denoise:
+        predictor_rows[-1, sigma_col] = 0.0
+    table = run.table(predictor_rows)
+    # Langevin corrector's alpha: 1 - beta_i for VP and sub-VP (score_sde), 1 for VE.
+    alpha = (1 - sde.discrete_beta(t_now, num_steps)) if isinstance(sde, VPSDE) else torch.ones_like(t_now)
+    times = run.times(t)
+    x = run.initial(x_T, sde.prior_std)
+    for i in _progress(range(num_steps), progress, "predictor-corrector"):
+        t_batch = times[i].expand(run.batch)
+        if corrector is not None:
+            for _ in range(n_corrector_steps):
+                score = model_output_of(score_fn(x, t_batch))
+                x = _snr_langevin(run, x, score, float(scale[i]), snr, float(alpha[i]))
+        m = model_output_of(score_fn(x, t_batch))
+        x = run.step(x, table, i, m, noisy=bool(predictor_rows[i, sigma_col] != 0))
+        if callback is not None:
+            callback(i, float(t[i]), x)
+    return x

@@ -255,3 +255,126 @@ def q_sample_with_noise(x0: torch.Tensor, t: Timestep, sched: DDPMSchedule, *, s
     seed and step are required: a training loop passes its iteration number as step, so every
     iteration draws new noise."""
     return _q_sample(x0, t, sched, None, seed, step, sample_offset, stream, "noise")
+
+
+# ---- score-SDE and EDM single steps ----
+# Their coefficients are per-call scalars (or per-sample tensors of t / sigma, computed on the
+# device). Scalar rows are kept on the device in a small cache so a loop of identical calls does no
+# copy; the samplers in diffkern.samplers precompute the rows of a whole run instead.
+
+_row_cache: dict = {}
+
+
+def _device_rows(table: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    dtype = _table_dtype(x)
+    if table.device == x.device:
+        return table.to(dtype)
+    key = (table.numpy().tobytes(), x.device, dtype)
+    cached = _row_cache.get(key)
+    if cached is None:
+        if len(_row_cache) >= 256:
+            _row_cache.pop(next(iter(_row_cache)))
+        cached = _row_cache[key] = table.to(device=x.device, dtype=dtype)
+    return cached
+
+
+def _explicit_step(noise, seed, step):
+    if seed is not None and step is None:
+        raise ValueError("with seed=, pass step= too (a different step for every call draws new noise)")
+    return step
+
+
+def _apply_rows(table, x, model_output=None, slope=None, noise=None, seed=None, step=None, sample_offset=0,
+                stream=0, needs_noise=True, aux="none"):
+    """One fused step with rows [K] or [B, K] (float64): the shared path of the single steps below."""
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise ValueError("x must be a floating-point tensor")
+    table = table.reshape(-1, len(coefficients.FIELDS))
+    rows_device = _device_rows(table, x)
+    stream_noise, seed, step, seed_step = _noise_source(noise, seed, _explicit_step(noise, seed, step), None,
+                                                        needs_noise, x)
+    out, aux_out = ops.fused_step(
+        x, _as_x_dtype("model_output", model_output, x), guidance_grad=_as_x_dtype("slope", slope, x),
+        noise=_as_x_dtype("noise", noise, x), coefficients=rows_device, row=0 if table.shape[0] == 1 else -1,
+        aux=aux, stream_noise=stream_noise, seed=seed, step=step, sample_offset=sample_offset, stream=stream,
+        seed_step=seed_step)
+    return out if aux == "none" else (out, aux_out)
+
+
+def _score_scale(parameterization: str, sde, t):
+    if parameterization == "score":
+        return 1.0
+    if parameterization == "epsilon":
+        return -1.0 / sde.marginal_std(t)
+    raise ValueError(f"parameterization must be 'score' or 'epsilon', got {parameterization!r}")
+
+
+def _time_on(t, x):
+    return t.to(device=x.device, dtype=torch.float64).reshape(-1) if isinstance(t, torch.Tensor) else float(t)
+
+
+def euler_maruyama_step(model_output: torch.Tensor, x: torch.Tensor, t, dt: float, sde, *,
+                        parameterization: str = "score", noise=None, seed=None, step=None, sample_offset: int = 0,
+                        stream: int = 0, ode: bool = False) -> torch.Tensor:
+    """One reverse-SDE Euler-Maruyama step x + [f(x, t) - g(t)^2 s] dt + g(t) sqrt(|dt|) z (dt < 0 runs
+    backwards in time), or with ``ode=True`` the probability-flow ODE Euler step
+    x + [f(x, t) - g(t)^2 s / 2] dt. ``model_output`` is the score s(x, t), or the noise prediction
+    with ``parameterization="epsilon"`` (s = -eps / std(t)). t is a float or a tensor [B]."""
+    sde.check_time(t)
+    t = _time_on(t, x)
+    scale = _score_scale(parameterization, sde, t)
+    f, g = sde.drift_coef(t), sde.diffusion(t)
+    table = (coefficients.ode_euler_rows(f, g, dt, scale) if ode
+             else coefficients.euler_maruyama_rows(f, g, dt, scale))
+    return _apply_rows(table, x, model_output, noise=noise, seed=seed, step=step, sample_offset=sample_offset,
+                       stream=stream, needs_noise=not ode)
+
+
+def euler_step(denoised: torch.Tensor, x: torch.Tensor, sigma, sigma_next, *, return_slope: bool = False):
+    """The EDM / k-diffusion Euler step x + (sigma_next - sigma) (x - D) / sigma for the denoiser output
+    D = ``denoised``; with ``return_slope`` also the slope (x - D) / sigma."""
+    table = coefficients.edm_euler_rows(_time_on(sigma, x), _time_on(sigma_next, x))
+    return _apply_rows(table, x, denoised, needs_noise=False, aux="x0" if return_slope else "none")
+
+
+def heun_correct(denoised_next: torch.Tensor, x: torch.Tensor, denoised: torch.Tensor, sigma, sigma_next) -> torch.Tensor:
+    """Heun's step of the EDM ODE (Karras et al. 2022, Alg. 1-2) after the Euler predictor went to
+    x_pred = euler_step(denoised, x, sigma, sigma_next): x + (sigma_next - sigma) (d + d') / 2 from x,
+    the denoiser's output at x (``denoised``) and at x_pred (``denoised_next``), each read once.
+    sigma_next must be > 0 (the last step to 0 is a plain Euler step)."""
+    if not isinstance(sigma_next, torch.Tensor) and float(sigma_next) <= 0:
+        raise ValueError("the Heun corrector needs sigma_next > 0 (the last step to 0 is a plain Euler step)")
+    table = coefficients.edm_heun_corrector_rows(_time_on(sigma, x), _time_on(sigma_next, x))
+    return _apply_rows(table, x, denoised_next, slope=denoised, needs_noise=False)
+
+
+def heun_step(denoiser, x: torch.Tensor, sigma: float, sigma_next: float) -> torch.Tensor:
+    """A whole Heun step of the EDM ODE: two denoiser calls (one if sigma_next == 0, Euler to 0)."""
+    batch = x.shape[0]
+    s = torch.full((batch,), float(sigma), dtype=x.dtype if x.dtype == torch.float64 else torch.float32,
+                   device=x.device)
+    denoised = denoiser(x, s)
+    x_pred = euler_step(denoised, x, sigma, sigma_next)
+    if float(sigma_next) == 0:
+        return x_pred
+    return heun_correct(denoiser(x_pred, torch.full_like(s, float(sigma_next))), x, denoised, sigma, sigma_next)
+
+
+def euler_ancestral_step(denoised: torch.Tensor, x: torch.Tensor, sigma, sigma_next, *, eta: float = 1.0,
+                         s_noise: float = 1.0, noise=None, seed=None, step=None, sample_offset: int = 0,
+                         stream: int = 0) -> torch.Tensor:
+    """Euler-ancestral (k-diffusion): step deterministically to sigma_down, then add s_noise sigma_up z."""
+    table = coefficients.euler_ancestral_rows(_time_on(sigma, x), _time_on(sigma_next, x), eta, s_noise)
+    needs_noise = isinstance(sigma_next, torch.Tensor) or (float(sigma_next) > 0 and eta > 0)
+    return _apply_rows(table, x, denoised, noise=noise, seed=seed, step=step, sample_offset=sample_offset,
+                       stream=stream, needs_noise=needs_noise)
+
+
+def langevin_step(score: torch.Tensor, x: torch.Tensor, step_size, *, noise=None, seed=None, step=None,
+                  sample_offset: int = 0, stream: int = 0) -> torch.Tensor:
+    """One Langevin step x + (step_size / 2) score + sqrt(step_size) z (step_size a float or a tensor [B])."""
+    step_size = _time_on(step_size, x)
+    if not isinstance(step_size, torch.Tensor) and step_size <= 0:
+        raise ValueError(f"step_size must be positive, got {step_size}")
+    return _apply_rows(coefficients.langevin_rows(step_size), x, score, noise=noise, seed=seed, step=step,
+                       sample_offset=sample_offset, stream=stream)

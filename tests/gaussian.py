@@ -52,3 +52,38 @@ def ddpm_chain_moments(mu, s, alphas_cumprod, timesteps, variance="fixed_small")
         sigma2 = 0.0 if ab_prev >= 1 else ((1 - ab_prev) / (1 - ab) * beta if variance == "fixed_small" else beta)
         mean, var = A * mean + B, A ** 2 * var + sigma2
     return mean, var.sqrt()
+
+
+class GaussianMixture1d:
+    """A 1-d mixture sum_k w_k N(mu_k, s_k^2) diffused by an SDE with x_t = m(t) x_0 + std(t) z: its
+    marginal is sum_k w_k N(m mu_k, m^2 s_k^2 + std^2), so the exact score is the responsibility-
+    weighted sum of the components' scores. Also for noise levels (VE / EDM: m = 1, std = sigma)."""
+
+    def __init__(self, weights, means, stds):
+        self.w = torch.tensor(weights, dtype=torch.float64)
+        self.mu = torch.tensor(means, dtype=torch.float64)
+        self.s = torch.tensor(stds, dtype=torch.float64)
+
+    def _score(self, x, mean_coef, std):
+        x64 = x.double()
+        m, sd = mean_coef.reshape(-1, 1, 1), std.reshape(-1, 1, 1)
+        var = m ** 2 * self.s ** 2 + sd ** 2
+        log_comp = torch.log(self.w) - 0.5 * torch.log(2 * math.pi * var) - (x64[..., None] - m * self.mu) ** 2 / (2 * var)
+        resp = torch.softmax(log_comp, dim=-1)
+        return (resp * -(x64[..., None] - m * self.mu) / var).sum(-1).to(x.dtype)
+
+    def sde_score(self, sde):
+        def score(x, t):
+            return self._score(x, sde.mean_coef(t.double()), sde.marginal_std(t.double()))
+        return score
+
+    def sigma_score(self, x, sigma):
+        return self._score(x, torch.ones_like(sigma, dtype=torch.float64), sigma.double())
+
+    def denoiser(self, x, sigma):
+        return (x.double() + sigma.double().reshape(-1, 1) ** 2 * self.sigma_score(x, sigma).double()).to(x.dtype)
+
+    def assign(self, samples):
+        """Each sample's most likely component (the split point between well-separated modes)."""
+        log_comp = torch.log(self.w) - torch.log(self.s) - (samples.double()[..., None] - self.mu) ** 2 / (2 * self.s ** 2)
+        return log_comp.argmax(-1)

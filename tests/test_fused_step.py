@@ -239,3 +239,34 @@ def test_cuda_equals_cpu_bitwise(dtype, variant):
         torch.testing.assert_close(cuda[0].cpu(), cpu[0], **TOLERANCES[dtype])
     else:
         assert torch.equal(cuda[0].cpu(), cpu[0]) and torch.equal(cuda[1].cpu(), cpu[1])
+
+
+def test_out_variant_writes_the_same_numbers(device):
+    x, kwargs = make_inputs("all", torch.float32, device)
+    common = dict(coefficients=table_for(torch.float32, device), rows=per_sample_rows(SHAPE[0], device), clip=True,
+                  aux="x0", stream_noise=True, seed=2, step=5)
+    expected, expected_x0 = ops.fused_step(x, **kwargs, **common)
+    out, x0 = torch.empty_like(x), torch.empty_like(x)
+    returned = ops.fused_step(x, **kwargs, **common, out=out, aux_out=x0)
+    assert returned[0] is out and returned[1] is x0
+    assert torch.equal(out, expected) and torch.equal(x0, expected_x0)
+
+
+def test_out_variant_checks_its_buffers():
+    x, kwargs = make_inputs("plain", torch.float32, "cpu")
+    common = dict(coefficients=table_for(torch.float32, "cpu"), row=0)
+    with pytest.raises(RuntimeError, match="single memory location"):  # out may not alias an input
+        ops.fused_step(x, **kwargs, **common, out=x)
+    with pytest.raises(ValueError, match="contiguous"):
+        ops.fused_step(x, **kwargs, **common, out=torch.empty(SHAPE[::-1]).permute(3, 2, 1, 0))
+    with pytest.raises(ValueError, match="aux_out"):
+        ops.fused_step(x, **kwargs, **common, aux="x0", out=torch.empty_like(x))
+
+
+def test_opcheck_out_variant():
+    x, kwargs = make_inputs("all", torch.float32, "cpu", shape=(3, 2, 5))
+    table = table_for(torch.float32, "cpu")
+    torch.library.opcheck(torch.ops.diffkern.fused_step.out,
+                          (x, kwargs["model_output"], None, kwargs["guidance_grad"], None, None, table, None, 2, True,
+                           1, True, 1, 2, 3, 4, None),
+                          {"out": torch.empty_like(x), "aux_out": torch.empty_like(x)})

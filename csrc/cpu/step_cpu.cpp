@@ -67,6 +67,12 @@ std::tuple<at::Tensor, at::Tensor> fused_step_cpu(DK_FUSED_STEP_PARAMS) {
   return fused_step_on(best_isa(), DK_FUSED_STEP_ARGS);
 }
 
+void fused_step_out_cpu(DK_FUSED_STEP_PARAMS, at::Tensor& out, const std::optional<at::Tensor>& aux_out) {
+  TORCH_CHECK(x.device().is_cpu(), "diffkern::fused_step: CPU kernel called for ", x.device());
+  FusedStep s = prepare_fused_step(DK_FUSED_STEP_ARGS, &out, aux_out.has_value() ? &*aux_out : nullptr);
+  run_fused_step(s.args, best_isa());
+}
+
 // Test hook: the same op on a chosen instruction set ("scalar" is the CUDA thread body).
 std::tuple<at::Tensor, at::Tensor> fused_step_cpu_isa(DK_FUSED_STEP_PARAMS, c10::string_view isa) {
   return fused_step_on(isa_from_name(std::string(isa).c_str()), DK_FUSED_STEP_ARGS);
@@ -76,6 +82,7 @@ std::tuple<at::Tensor, at::Tensor> fused_step_cpu_isa(DK_FUSED_STEP_PARAMS, c10:
 
 TORCH_LIBRARY_IMPL(diffkern, CPU, m) {
   m.impl("fused_step", &fused_step_cpu);
+  m.impl("fused_step.out", &fused_step_out_cpu);
   m.impl("_fused_step_cpu_isa", &fused_step_cpu_isa);
 }
 

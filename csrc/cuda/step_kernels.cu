@@ -28,27 +28,39 @@ __global__ void fused_step_kernel(FusedStepArgs a, int64_t threads) {
   fused_step_block<T, acc_t>(thread, a, step_row_for<acc_t>(a, index));
 }
 
+void launch_fused_step(const FusedStepArgs& args, at::ScalarType dtype) {
+  const int64_t threads = args.batch * ((args.features + 3) / 4);
+  if (threads == 0) return;
+  const int64_t blocks = (threads + kThreadsPerBlock - 1) / kThreadsPerBlock;
+  TORCH_CHECK(blocks <= 0x7fffffff, "diffkern::fused_step: tensor too large for one launch");
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "diffkern::fused_step", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    fused_step_kernel<scalar_t, acc_t><<<blocks, kThreadsPerBlock, 0, c10::cuda::getCurrentCUDAStream()>>>(args, threads);
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 std::tuple<at::Tensor, at::Tensor> fused_step_cuda(DK_FUSED_STEP_PARAMS) {
   TORCH_CHECK(x.device().is_cuda(), "diffkern::fused_step: CUDA kernel called for ", x.device());
   const c10::cuda::CUDAGuard guard(x.device());
   FusedStep s = prepare_fused_step(DK_FUSED_STEP_ARGS);
-  const int64_t threads = s.args.batch * ((s.args.features + 3) / 4);
-  if (threads > 0) {
-    const int64_t blocks = (threads + kThreadsPerBlock - 1) / kThreadsPerBlock;
-    TORCH_CHECK(blocks <= 0x7fffffff, "diffkern::fused_step: tensor too large for one launch");
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "diffkern::fused_step", [&] {
-      using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-      fused_step_kernel<scalar_t, acc_t>
-          <<<blocks, kThreadsPerBlock, 0, c10::cuda::getCurrentCUDAStream()>>>(s.args, threads);
-    });
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
+  launch_fused_step(s.args, x.scalar_type());
   return {s.out, s.aux};
+}
+
+void fused_step_out_cuda(DK_FUSED_STEP_PARAMS, at::Tensor& out, const std::optional<at::Tensor>& aux_out) {
+  TORCH_CHECK(x.device().is_cuda(), "diffkern::fused_step: CUDA kernel called for ", x.device());
+  const c10::cuda::CUDAGuard guard(x.device());
+  FusedStep s = prepare_fused_step(DK_FUSED_STEP_ARGS, &out, aux_out.has_value() ? &*aux_out : nullptr);
+  launch_fused_step(s.args, x.scalar_type());
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(diffkern, CUDA, m) { m.impl("fused_step", &fused_step_cuda); }
+TORCH_LIBRARY_IMPL(diffkern, CUDA, m) {
+  m.impl("fused_step", &fused_step_cuda);
+  m.impl("fused_step.out", &fused_step_out_cuda);
+}
 
 }  // namespace cuda
 }  // namespace diffkern

@@ -21,9 +21,13 @@ namespace simd {
 
 constexpr int64_t kStepChunk = cpu::kCpuStepChunk;  // a multiple of 4 W; the buffers stay in L1/L2
 
-template <bool kGuided, bool kClip, bool kLearned>
+// Compile-time flags of a chunk loop: the three of StepFlags, and which optional streams exist.
+// Absent streams are the constant 0 (no load), so the arithmetic, and the result, stays that of
+// the per-thread body, which reads 0 for them.
+template <bool kGuided, bool kClip, bool kLearned, bool kThird, bool kNoise, bool kStoreX0>
 struct FixedStepFlags {
   static constexpr bool guided = kGuided, clip = kClip, learned_variance = kLearned;
+  static constexpr bool third = kThird, noise = kNoise, store_x0 = kStoreX0;
 };
 
 // Normals of features [first, first + count) of one sample; first is a multiple of 4.
@@ -55,32 +59,32 @@ const acc_t* chunk_of(const StepInput& in, int64_t sample, int64_t first, int64_
 }
 
 // __restrict__ and the row by value let the compiler keep the coefficients in registers and drop the
-// run-time alias checks that otherwise send it to its scalar fallback loop. Absent inputs all point
-// at one zero buffer, which is fine for read-only restrict pointers.
+// run-time alias checks that otherwise send it to its scalar fallback loop.
 template <class Flags, class acc_t>
 void step_chunk(const StepRow<acc_t> row, const acc_t* __restrict__ x, const acc_t* __restrict__ m,
                 const acc_t* __restrict__ m_uncond, const acc_t* __restrict__ g, const acc_t* __restrict__ v,
                 const acc_t* __restrict__ z, acc_t* __restrict__ out, acc_t* __restrict__ x0, int64_t count) {
   const Flags flags{};
-  for (int64_t k = 0; k < count; ++k) out[k] = step_element(row, flags, x[k], m[k], m_uncond[k], g[k], v[k], z[k], x0[k]);
+  for (int64_t k = 0; k < count; ++k) {
+    acc_t x0_k;
+    out[k] = step_element(row, flags, x[k], m[k], Flags::guided ? m_uncond[k] : acc_t(0),
+                          Flags::third ? g[k] : acc_t(0), Flags::learned_variance ? v[k] : acc_t(0),
+                          Flags::noise ? z[k] : acc_t(0), x0_k);
+    if (Flags::store_x0) x0[k] = x0_k;
+  }
 }
 
 template <class acc_t>
 using StepChunkFn = void (*)(const StepRow<acc_t>, const acc_t*, const acc_t*, const acc_t*, const acc_t*,
                              const acc_t*, const acc_t*, acc_t*, acc_t*, int64_t);
 
-template <class acc_t>
-StepChunkFn<acc_t> step_chunk_for(bool guided, bool clip, bool learned) {
-  const int which = (guided ? 4 : 0) + (clip ? 2 : 0) + (learned ? 1 : 0);
-  switch (which) {
-    case 0: return step_chunk<FixedStepFlags<false, false, false>, acc_t>;
-    case 1: return step_chunk<FixedStepFlags<false, false, true>, acc_t>;
-    case 2: return step_chunk<FixedStepFlags<false, true, false>, acc_t>;
-    case 3: return step_chunk<FixedStepFlags<false, true, true>, acc_t>;
-    case 4: return step_chunk<FixedStepFlags<true, false, false>, acc_t>;
-    case 5: return step_chunk<FixedStepFlags<true, false, true>, acc_t>;
-    case 6: return step_chunk<FixedStepFlags<true, true, false>, acc_t>;
-    default: return step_chunk<FixedStepFlags<true, true, true>, acc_t>;
+// The chunk loop for run-time flags: picks one of the 64 instantiations, one flag at a time.
+template <class acc_t, bool... kFixed, class... Rest>
+StepChunkFn<acc_t> step_chunk_for(bool flag, Rest... rest) {
+  if constexpr (sizeof...(Rest) == 0) {
+    return flag ? step_chunk<FixedStepFlags<kFixed..., true>, acc_t> : step_chunk<FixedStepFlags<kFixed..., false>, acc_t>;
+  } else {
+    return flag ? step_chunk_for<acc_t, kFixed..., true>(rest...) : step_chunk_for<acc_t, kFixed..., false>(rest...);
   }
 }
 
@@ -88,8 +92,12 @@ StepChunkFn<acc_t> step_chunk_for(bool guided, bool clip, bool learned) {
 template <class V, class T, class acc_t>
 void fused_step_items(const FusedStepArgs& a, int64_t begin, int64_t end) {
   const int64_t chunks_per_sample = (a.features + kStepChunk - 1) / kStepChunk;
-  const StepChunkFn<acc_t> chunk_fn = step_chunk_for<acc_t>(a.guided, a.clip, a.learned_variance);
   const NoiseKey key = resolve_noise_key(step_noise_params(a));
+  const bool any_noise = a.noise_source != NoiseSource::kNone;
+  const StepChunkFn<acc_t> chunk_fn = step_chunk_for<acc_t>(a.guided, a.clip, a.learned_variance, a.g.data != nullptr,
+                                                            any_noise, a.aux_kind == AuxOutput::kX0);
+  const StepChunkFn<acc_t> quiet_fn = step_chunk_for<acc_t>(a.guided, a.clip, a.learned_variance, a.g.data != nullptr,
+                                                            false, a.aux_kind == AuxOutput::kX0);
   alignas(64) acc_t zeros[kStepChunk] = {};
   alignas(64) acc_t bx[kStepChunk], bm[kStepChunk], bmu[kStepChunk], bg[kStepChunk], bv[kStepChunk];
   alignas(64) acc_t bz[kStepChunk], bout[kStepChunk], baux[kStepChunk];
@@ -118,7 +126,9 @@ void fused_step_items(const FusedStepArgs& a, int64_t begin, int64_t end) {
     T* aux_t = a.aux_kind == AuxOutput::kNone ? nullptr : static_cast<T*>(a.aux) + offset;
     acc_t* out = std::is_same_v<T, acc_t> ? reinterpret_cast<acc_t*>(out_t) : bout;
     acc_t* x0 = (std::is_same_v<T, acc_t> && a.aux_kind == AuxOutput::kX0) ? reinterpret_cast<acc_t*>(aux_t) : baux;
-    chunk_fn(row, x, m, m_uncond, g, v, z, out, x0, count);
+    // Stream noise is skipped for rows with sigma = 0 (as in the per-thread body): z is 0 there.
+    const bool quiet = a.noise_source == NoiseSource::kStream && row.sigma == acc_t(0);
+    (quiet ? quiet_fn : chunk_fn)(row, x, m, m_uncond, g, v, z, out, x0, count);
     if constexpr (!std::is_same_v<T, acc_t>) store_converted<V>(out_t, out, count);
     if (a.aux_kind == AuxOutput::kX0 && x0 == baux) store_converted<V>(aux_t, baux, count);
     if (a.aux_kind == AuxOutput::kNoise) store_converted<V>(aux_t, z, count);

@@ -1,0 +1,396 @@
+"""Score SDEs, EDM and Langevin: definitions against calculus, single steps and samplers against
+the published formulas (k-diffusion, score_sde, written out here), and against closed-form laws."""
+import math
+
+import pytest
+import torch
+
+import diffkern as dk
+from common import TOLERANCES
+from gaussian import GaussianMixture1d
+
+SDES = {"vp": dk.VPSDE(), "subvp": dk.SubVPSDE(), "ve": dk.VESDE(0.01, 50.0)}
+
+
+def gaussian_score(sde, mu, s):
+    def score(x, t):
+        m = sde.mean_coef(t).reshape(-1, 1)
+        sd = sde.marginal_std(t).reshape(-1, 1)
+        return (-(x.double() - m * mu) / (m ** 2 * s ** 2 + sd ** 2)).to(x.dtype)
+    return score
+
+
+# ---- definitions ----
+
+@pytest.mark.parametrize("name", list(SDES))
+def test_marginals_solve_the_moment_equations(name):
+    """For dx = f x dt + g dw: dm/dt = f m and d(std^2)/dt = 2 f std^2 + g^2 (finite differences)."""
+    sde = SDES[name]
+    t = torch.tensor([0.05, 0.3, 0.7, 0.95], dtype=torch.float64)
+    h = 1e-6
+    dm = (sde.mean_coef(t + h) - sde.mean_coef(t - h)) / (2 * h)
+    dvar = (sde.marginal_std(t + h) ** 2 - sde.marginal_std(t - h) ** 2) / (2 * h)
+    torch.testing.assert_close(dm, sde.drift_coef(t) * sde.mean_coef(t), rtol=1e-6, atol=1e-8)
+    if name == "ve":  # score_sde's VE marginal is sigma(t) itself, which solves it up to sigma_min^2
+        torch.testing.assert_close(dvar, sde.diffusion(t) ** 2, rtol=1e-6, atol=1e-6)
+    else:
+        torch.testing.assert_close(dvar, 2 * sde.drift_coef(t) * sde.marginal_std(t) ** 2 + sde.diffusion(t) ** 2,
+                                   rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("name", list(SDES))
+def test_prior(name):
+    sde = SDES[name]
+    z = sde.prior_sample((4096, 8), seed=1)
+    assert abs(z.std().item() / sde.prior_std - 1) < 0.02
+    expected = torch.distributions.Normal(0.0, sde.prior_std).log_prob(z.double()).sum(1)
+    torch.testing.assert_close(sde.prior_logp(z), expected)
+
+
+def test_karras_sigmas():
+    sigmas = dk.karras_sigmas(10, 0.002, 80.0, rho=7.0)
+    ramp = torch.linspace(0, 1, 10, dtype=torch.float64)
+    expected = (80.0 ** (1 / 7) + ramp * (0.002 ** (1 / 7) - 80.0 ** (1 / 7))) ** 7
+    torch.testing.assert_close(sigmas[:-1], expected)
+    assert sigmas[-1] == 0 and sigmas[0].item() == pytest.approx(80.0) and sigmas[-2].item() == pytest.approx(0.002)
+
+
+def test_parameterisation_conversions():
+    sde = dk.VPSDE()
+    mix = GaussianMixture1d([0.3, 0.7], [-1.0, 2.0], [0.5, 0.3])
+    score = mix.sde_score(sde)
+    x, t = torch.randn(16, 1, dtype=torch.float64), torch.full((16,), 0.4, dtype=torch.float64)
+    eps = dk.epsilon_from_score(score, sde)
+    torch.testing.assert_close(dk.score_from_epsilon(eps, sde)(x, t), score(x, t))
+    sigma = torch.full((16,), 0.8, dtype=torch.float64)
+    denoiser = dk.denoiser_from_score(mix.sigma_score)
+    torch.testing.assert_close(denoiser(x, sigma), mix.denoiser(x, sigma))
+    torch.testing.assert_close(dk.score_from_denoiser(denoiser)(x, sigma), mix.sigma_score(x, sigma))
+
+
+# ---- single steps against the formulas ----
+
+@pytest.mark.parametrize("dtype", list(TOLERANCES))
+@pytest.mark.parametrize("name", list(SDES))
+def test_euler_maruyama_and_ode_steps(device, dtype, name):
+    sde = SDES[name]
+    gen = torch.Generator().manual_seed(0)
+    x, s, z = (torch.randn(5, 3, 7, generator=gen, dtype=torch.float64) for _ in range(3))
+    t, dt = 0.6, -0.01
+    f, g = float(sde.drift_coef(t)), float(sde.diffusion(t))
+    cast = (lambda a: a.to(device=device, dtype=dtype))
+    em = dk.euler_maruyama_step(cast(s), cast(x), t, dt, sde, noise=cast(z))
+    ode = dk.euler_maruyama_step(cast(s), cast(x), t, dt, sde, ode=True)
+    xd, sd, zd = (cast(a).double() for a in (x, s, z))  # the inputs as the kernel sees them
+    torch.testing.assert_close(em, cast(xd + (f * xd - g ** 2 * sd) * dt + g * math.sqrt(-dt) * zd), **TOLERANCES[dtype])
+    torch.testing.assert_close(ode, cast(xd + (f * xd - 0.5 * g ** 2 * sd) * dt), **TOLERANCES[dtype])
+    # the epsilon parameterisation: s = -eps / std(t)
+    eps = cast(-s * float(sde.marginal_std(t)))
+    torch.testing.assert_close(dk.euler_maruyama_step(eps, cast(x), t, dt, sde, parameterization="epsilon",
+                                                      noise=cast(z)), em, **TOLERANCES[dtype])
+
+
+def test_euler_maruyama_per_sample_time():
+    sde = dk.VPSDE()
+    x, s = torch.randn(4, 6), torch.randn(4, 6)
+    t = torch.tensor([0.9, 0.5, 0.2, 0.01])
+    batched = dk.euler_maruyama_step(s, x, t, -0.001, sde, seed=3, step=2)
+    for n in range(4):
+        single = dk.euler_maruyama_step(s[n:n + 1], x[n:n + 1], float(t[n]), -0.001, sde, seed=3, step=2,
+                                        sample_offset=n)
+        torch.testing.assert_close(batched[n:n + 1], single, **TOLERANCES[torch.float32])
+
+
+def test_edm_steps():
+    mix = GaussianMixture1d([0.5, 0.5], [-1.0, 1.0], [0.3, 0.3])
+    x = torch.randn(64, 1, dtype=torch.float64) * 2
+    sigma, sigma_next = 2.0, 1.2
+    s = torch.full((64,), sigma, dtype=torch.float64)
+    denoised = mix.denoiser(x, s)
+    d = (x - denoised) / sigma  # k-diffusion's to_d
+    euler, slope = dk.euler_step(denoised, x, sigma, sigma_next, return_slope=True)
+    torch.testing.assert_close(slope, d)
+    torch.testing.assert_close(euler, x + d * (sigma_next - sigma))
+    d2 = (euler - mix.denoiser(euler, torch.full((64,), sigma_next, dtype=torch.float64))) / sigma_next
+    heun = x + (d + d2) / 2 * (sigma_next - sigma)
+    torch.testing.assert_close(dk.heun_step(mix.denoiser, x, sigma, sigma_next), heun)
+    torch.testing.assert_close(dk.heun_step(mix.denoiser, x, sigma, 0.0), x + d * (0 - sigma))
+    z = torch.randn(64, 1, dtype=torch.float64)
+    sigma_up = min(sigma_next, math.sqrt(sigma_next ** 2 * (sigma ** 2 - sigma_next ** 2) / sigma ** 2))
+    sigma_down = math.sqrt(sigma_next ** 2 - sigma_up ** 2)
+    torch.testing.assert_close(dk.euler_ancestral_step(denoised, x, sigma, sigma_next, noise=z),
+                               x + d * (sigma_down - sigma) + z * sigma_up)
+
+
+def test_langevin_step():
+    x, s, z = torch.randn(3, 9), torch.randn(3, 9), torch.randn(3, 9)
+    torch.testing.assert_close(dk.langevin_step(s, x, 0.01, noise=z), x + 0.005 * s + 0.1 * z,
+                               **TOLERANCES[torch.float32])
+    assert torch.equal(dk.langevin_step(s, x, 0.01, seed=4, step=7),
+                       dk.langevin_step(s, x, 0.01, noise=dk.randn(x.shape, seed=4, step=7)))
+
+
+# ---- samplers against the published loops, with the same noise ----
+
+def noise(shape, seed, step):
+    return dk.randn(shape, seed=seed, step=step, dtype=torch.float64)
+
+
+def k_diffusion_sample_euler(model, x, sigmas, s_churn=0.0, s_tmin=0.0, s_tmax=float("inf"), s_noise=1.0,
+                             heun=False, seed=0):
+    """k-diffusion's sample_euler / sample_heun (Karras et al. Alg. 2), written out; churn noise is
+    diffkern's stream with one step per draw, as in diffkern's samplers."""
+    draws = 0
+    for i in range(len(sigmas) - 1):
+        gamma = min(s_churn / (len(sigmas) - 1), 2 ** 0.5 - 1) if s_tmin <= sigmas[i] <= s_tmax else 0.0
+        sigma_hat = sigmas[i] * (gamma + 1)
+        if gamma > 0:
+            draws += 1
+            x = x + noise(x.shape, seed, draws) * s_noise * (sigma_hat ** 2 - sigmas[i] ** 2) ** 0.5
+        denoised = model(x, torch.full((x.shape[0],), float(sigma_hat), dtype=torch.float64))
+        d = (x - denoised) / sigma_hat
+        dt = sigmas[i + 1] - sigma_hat
+        if not heun or sigmas[i + 1] == 0:
+            x = x + d * dt
+        else:
+            x_2 = x + d * dt
+            denoised_2 = model(x_2, torch.full((x.shape[0],), float(sigmas[i + 1]), dtype=torch.float64))
+            d_2 = (x_2 - denoised_2) / sigmas[i + 1]
+            x = x + (d + d_2) / 2 * dt
+    return x
+
+
+def k_diffusion_sample_euler_ancestral(model, x, sigmas, eta=1.0, s_noise=1.0, seed=0):
+    draws = 0
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, torch.full((x.shape[0],), float(sigmas[i]), dtype=torch.float64))
+        sigma_up = min(sigmas[i + 1], eta * (sigmas[i + 1] ** 2 * (sigmas[i] ** 2 - sigmas[i + 1] ** 2) / sigmas[i] ** 2) ** 0.5)
+        sigma_down = (sigmas[i + 1] ** 2 - sigma_up ** 2) ** 0.5
+        d = (x - denoised) / sigmas[i]
+        x = x + d * (sigma_down - sigmas[i])
+        if sigmas[i + 1] > 0:
+            draws += 1
+            x = x + noise(x.shape, seed, draws) * s_noise * sigma_up
+    return x
+
+
+MIX = GaussianMixture1d([0.3, 0.7], [-2.0, 1.5], [0.4, 0.6])
+
+
+@pytest.mark.parametrize("sampler,kwargs", [
+    ("euler", {}), ("euler", dict(s_churn=20.0, s_tmin=0.05, s_tmax=10.0, s_noise=1.003)),
+    ("heun", {}), ("heun", dict(s_churn=40.0, s_tmin=0.05, s_tmax=50.0, s_noise=1.003)),
+    ("euler_ancestral", {}), ("euler_ancestral", dict(eta=0.5, s_noise=0.9)),
+])
+def test_edm_samplers_match_k_diffusion(sampler, kwargs):
+    sigmas = dk.karras_sigmas(12, 0.002, 80.0)
+    shape = (256, 1)
+    x_T = noise(shape, 7, 0) * sigmas[0]
+    ours = getattr(dk, f"sample_{sampler}")(MIX.denoiser, shape, sigmas, seed=7, dtype=torch.float64, **kwargs)
+    if sampler == "euler_ancestral":
+        expected = k_diffusion_sample_euler_ancestral(MIX.denoiser, x_T, sigmas.tolist(), seed=7, **kwargs)
+    else:
+        expected = k_diffusion_sample_euler(MIX.denoiser, x_T, sigmas.tolist(), heun=sampler == "heun", seed=7, **kwargs)
+    torch.testing.assert_close(ours, expected, rtol=1e-9, atol=1e-9)
+
+
+def score_sde_pc(score_fn, sde, x, num_steps, eps, predictor, snr, n_corrector, seed, denoise=True):
+    """score_sde's pc_sampler with ReverseDiffusionPredictor / EulerMaruyamaPredictor and
+    LangevinCorrector, written out (the time grid: num_steps steps from T to eps)."""
+    t_grid = torch.linspace(sde.T, eps, num_steps + 1, dtype=torch.float64)
+    draws = 0
+    x_mean = x
+    for i in range(num_steps):
+        t, t_next = t_grid[i], t_grid[i + 1]
+        vec_t = torch.full((x.shape[0],), float(t), dtype=torch.float64)
+        for _ in range(n_corrector):  # LangevinCorrector
+            grad = score_fn(x, vec_t)
+            draws += 1
+            z = noise(x.shape, seed, draws)
+            alpha = (1 - sde.discrete_beta(t, num_steps) if isinstance(sde, dk.VPSDE)
+                     else torch.tensor(1.0, dtype=torch.float64))
+            grad_norm = torch.norm(grad.reshape(grad.shape[0], -1), dim=-1).mean()
+            noise_norm = torch.norm(z.reshape(z.shape[0], -1), dim=-1).mean()
+            step_size = (snr * noise_norm / grad_norm) ** 2 * 2 * alpha
+            x_mean = x + step_size * grad
+            x = x_mean + torch.sqrt(step_size * 2) * z
+        score = score_fn(x, vec_t)
+        if predictor == "euler_maruyama":
+            dt = t_next - t
+            drift = sde.drift_coef(t) * x - sde.diffusion(t) ** 2 * score
+            x_mean = x + drift * dt
+            g_noise = sde.diffusion(t) * dt.abs().sqrt()
+        else:  # ReverseDiffusionPredictor on sde.discretize
+            if isinstance(sde, dk.VESDE):
+                f, G = torch.zeros_like(x), (sde.sigma(t) ** 2 - sde.sigma(t_next) ** 2).sqrt()
+            elif type(sde) is dk.VPSDE:
+                beta = sde.discrete_beta(t, num_steps)  # score_sde's VPSDE(N=num_steps)
+                f, G = (1 - beta).sqrt() * x - x, beta.sqrt()
+            else:
+                dt = t_next - t
+                f, G = -sde.drift_coef(t) * dt * x, sde.diffusion(t) * dt.abs().sqrt()
+            x_mean = x - (f - G ** 2 * score)
+            g_noise = G
+        if denoise and i == num_steps - 1:
+            x = x_mean
+        else:
+            draws += 1
+            x = x_mean + g_noise * noise(x.shape, seed, draws)
+    return x
+
+
+@pytest.mark.parametrize("name", list(SDES))
+@pytest.mark.parametrize("predictor", ["reverse_diffusion", "euler_maruyama"])
+@pytest.mark.parametrize("corrector", ["langevin", None])
+def test_pc_sampler_matches_score_sde(name, predictor, corrector):
+    sde = SDES[name]
+    score = MIX.sde_score(sde)
+    shape = (128, 1)
+    x_T = noise(shape, 5, 0) * sde.prior_std
+    ours = dk.sample_pc(score, shape, sde, 40, predictor=predictor, corrector=corrector, snr=0.16, seed=5,
+                        dtype=torch.float64)
+    expected = score_sde_pc(score, sde, x_T, 40, 1e-3, predictor, 0.16, 1 if corrector else 0, seed=5)
+    torch.testing.assert_close(ours, expected, rtol=1e-9, atol=1e-9)
+
+
+def test_euler_maruyama_sampler_is_the_em_predictor():
+    sde = SDES["vp"]
+    score = MIX.sde_score(sde)
+    x_T = noise((64, 1), 2, 0)
+    ours = dk.sample_euler_maruyama(score, (64, 1), sde, 30, seed=2, dtype=torch.float64)
+    expected = score_sde_pc(score, sde, x_T, 30, 1e-3, "euler_maruyama", 0.0, 0, seed=2)
+    torch.testing.assert_close(ours, expected, rtol=1e-9, atol=1e-9)
+
+
+# ---- mathematics ----
+
+def convergence_order(steps, errors):
+    """-slope of log(error) against log(steps), by least squares."""
+    design = torch.stack([torch.log(torch.tensor(steps, dtype=torch.float64)), torch.ones(len(steps), dtype=torch.float64)], 1)
+    fit = torch.linalg.lstsq(design, torch.log(torch.tensor(errors, dtype=torch.float64))[:, None]).solution
+    return -float(fit[0])
+
+
+def test_euler_maruyama_has_weak_order_one():
+    """Gaussian data under VP with the exact score: the errors of the sample mean and variance
+    halve when the step count doubles (2^20 samples: standard error ~5e-4, errors ~1e-2)."""
+    sde = dk.VPSDE()
+    mu, s = 1.0, 0.5
+    eps = 1e-3
+    target_mean = float(sde.mean_coef(eps)) * mu
+    target_var = float(sde.mean_coef(eps) ** 2 * s ** 2 + sde.marginal_std(eps) ** 2)
+    steps = [16, 32, 64]
+    mean_err, var_err = [], []
+    for n in steps:
+        x = dk.sample_euler_maruyama(gaussian_score(sde, mu, s), (1 << 20, 1), sde, n, denoise=False, seed=n,
+                                     dtype=torch.float64)
+        mean_err.append(abs(x.mean().item() - target_mean))
+        var_err.append(abs(x.var().item() - target_var))
+    assert 0.7 < convergence_order(steps, mean_err) < 1.4, mean_err  # measured ~1.05
+    assert 0.7 < convergence_order(steps, var_err) < 1.6, var_err    # measured ~1.25
+
+
+def pf_ode_affine_map(sde, score, solver, steps):
+    """The PF-ODE solve is affine in x_T for Gaussian data: x_0 = A x_T + B, read off two runs."""
+    kwargs = dict(solver=solver, dtype=torch.float64)
+    b = dk.sample_ode(score, (1, 1), sde, steps, x_T=torch.zeros(1, 1, dtype=torch.float64), **kwargs)
+    a = dk.sample_ode(score, (1, 1), sde, steps, x_T=torch.ones(1, 1, dtype=torch.float64), **kwargs) - b
+    return float(a), float(b)
+
+
+@pytest.mark.parametrize("name", ["vp", "ve"])
+def test_heun_is_second_order_and_euler_first_on_the_pf_ode(name):
+    """Exact solution for Gaussian data: x_eps = m(eps) mu + sqrt(v(eps) / v(T)) (x_T - m(T) mu) with
+    v(t) = m(t)^2 s^2 + std(t)^2."""
+    sde = SDES[name]
+    mu, s, eps = 1.0, 0.5, 1e-3
+    score = gaussian_score(sde, mu, s)
+    v = (lambda t: float(sde.mean_coef(t) ** 2 * s ** 2 + sde.marginal_std(t) ** 2))
+    exact_a = math.sqrt(v(eps) / v(1.0))
+    exact_b = float(sde.mean_coef(eps)) * mu - exact_a * float(sde.mean_coef(1.0)) * mu
+    for solver, order in [("euler", 1), ("heun", 2)]:
+        errors = []
+        for steps in (20, 40, 80):
+            a, b = pf_ode_affine_map(sde, score, solver, steps)
+            errors.append(abs(a - exact_a) / exact_a + abs(b - exact_b))
+        rates = [math.log2(errors[0] / errors[1]), math.log2(errors[1] / errors[2])]
+        assert all(order - 0.35 < r < order + 0.5 for r in rates), (solver, errors, rates)
+
+
+def mixture_moments(samples, mix):
+    labels = mix.assign(samples.flatten())
+    x = samples.flatten().double()
+    return [((labels == k).double().mean().item(), x[labels == k].mean().item(), x[labels == k].std().item())
+            for k in range(len(mix.w))]
+
+
+def assert_mixture(samples, mix, allowance):
+    """Weights, means and stds of each mode within 5 standard errors plus an allowance (for the
+    discretisation and for the tails of each mode that cross the split point)."""
+    n = samples.numel()
+    for k, (w, m, s) in enumerate(mixture_moments(samples, mix)):
+        wk, mk, sk = float(mix.w[k]), float(mix.mu[k]), float(mix.s[k])
+        nk = wk * n
+        assert abs(w - wk) < 5 * math.sqrt(wk * (1 - wk) / n) + allowance, (k, w, wk)
+        assert abs(m - mk) < 5 * sk / math.sqrt(nk) + allowance, (k, m, mk)
+        assert abs(s - sk) < 5 * sk / math.sqrt(2 * nk) + allowance, (k, s, sk)
+
+
+MIXTURE = GaussianMixture1d([0.3, 0.7], [-2.0, 2.0], [0.4, 0.6])
+
+
+@pytest.mark.parametrize("name", list(SDES))
+def test_euler_maruyama_samples_a_gaussian_mixture(name):
+    sde = SDES[name]
+    samples = dk.sample_euler_maruyama(MIXTURE.sde_score(sde), (1 << 15, 1), sde, 500, seed=11)
+    assert_mixture(samples, MIXTURE, allowance=0.02)
+
+
+@pytest.mark.parametrize("name", list(SDES))
+def test_pc_samples_a_gaussian_mixture(name):
+    sde = SDES[name]
+    samples = dk.sample_pc(MIXTURE.sde_score(sde), (1 << 15, 1), sde, 250, seed=12)
+    assert_mixture(samples, MIXTURE, allowance=0.03)
+
+
+def test_heun_samples_a_gaussian_mixture():
+    samples = dk.sample_heun(MIXTURE.denoiser, (1 << 15, 1), dk.karras_sigmas(40, 0.002, 80.0), seed=13,
+                             s_churn=10.0, s_tmin=0.05, s_tmax=20.0)
+    assert_mixture(samples, MIXTURE, allowance=0.02)
+
+
+def test_annealed_langevin_samples_a_gaussian_mixture():
+    sigmas = torch.logspace(math.log10(20.0), math.log10(0.01), 10, dtype=torch.float64)
+    samples = dk.sample_langevin(MIXTURE.sigma_score, (1 << 15, 1), sigmas, 100, step_size=2e-5, seed=14)
+    assert_mixture(samples, MIXTURE, allowance=0.03)
+
+
+# ---- bad inputs ----
+
+def test_bad_inputs():
+    sde = dk.VPSDE()
+    x = torch.zeros(3, 4)
+    with pytest.raises(ValueError, match=r"\(0, 1"):
+        dk.euler_maruyama_step(x, x, 1.5, -0.01, sde, seed=0, step=0)
+    with pytest.raises(ValueError, match=r"\(0, 1"):
+        dk.euler_maruyama_step(x, x, torch.tensor([0.5, 0.0, 0.2]), -0.01, sde, seed=0, step=0)
+    with pytest.raises(ValueError, match="step="):
+        dk.euler_maruyama_step(x, x, 0.5, -0.01, sde, seed=0)
+    with pytest.raises(ValueError, match="shape"):
+        dk.euler_maruyama_step(torch.zeros(3, 5), x, 0.5, -0.01, sde, seed=0, step=0)
+    with pytest.raises(ValueError, match="decreasing"):
+        dk.sample_heun(MIX.denoiser, (4, 1), [1.0, 2.0, 0.0])
+    with pytest.raises(ValueError, match="non-negative"):
+        dk.sample_euler(MIX.denoiser, (4, 1), [1.0, -0.5])
+    with pytest.raises(ValueError, match="positive noise levels"):
+        dk.sample_langevin(MIX.sigma_score, (4, 1), [1.0, 0.0])
+    with pytest.raises(ValueError, match="solver"):
+        dk.sample_ode(lambda x, t: x, (4, 1), sde, 10, solver="rk4")
+    with pytest.raises(ValueError, match="parameterization"):
+        dk.sample_euler_maruyama(lambda x, t: x, (4, 1), sde, 10, parameterization="v")
+    with pytest.raises(ValueError, match="shape"):
+        dk.sample_euler_maruyama(lambda x, t: torch.zeros(2, 2), (4, 1), sde, 10)
+    with pytest.raises(ValueError, match="beta_min"):
+        dk.VPSDE(beta_min=5.0, beta_max=1.0)
+    with pytest.raises(ValueError, match="sigma_min"):
+        dk.karras_sigmas(10, 1.0, 0.5)
