@@ -48,6 +48,14 @@ at::Tensor randn_select(c10::SymIntArrayRef size, int64_t seed, int64_t step, in
                        dtype, device);
 }
 
+at::Tensor rademacher_select(c10::SymIntArrayRef size, int64_t seed, int64_t step, int64_t sample_offset,
+                             int64_t stream, const std::optional<at::Tensor>& seed_step, at::ScalarType dtype,
+                             at::Device device) {
+  static const auto op = typed_op<decltype(rademacher_select)>("diffkern::rademacher");
+  return op.redispatch(backend_keys(dtype, device), size, seed, step, sample_offset, stream, seed_step, dtype,
+                       device);
+}
+
 at::Tensor random_bits_select(c10::SymIntArrayRef size, int64_t seed, int64_t step, int64_t sample_offset,
                               int64_t stream, const std::optional<at::Tensor>& seed_step,
                               at::Device device) {
@@ -81,6 +89,10 @@ TORCH_LIBRARY(diffkern, m) {
   m.def(
       "randn(SymInt[] size, int seed, int step, int sample_offset, int stream, Tensor? seed_step, "
       "ScalarType dtype, Device device) -> Tensor");
+  // The same stream as Rademacher signs: the sign bit of each word, -1 or +1 (Hutchinson probes).
+  m.def(
+      "rademacher(SymInt[] size, int seed, int step, int sample_offset, int stream, Tensor? seed_step, "
+      "ScalarType dtype, Device device) -> Tensor");
   m.def(
       "random_bits(SymInt[] size, int seed, int step, int sample_offset, int stream, Tensor? seed_step, "
       "Device device) -> Tensor");
@@ -112,15 +124,32 @@ TORCH_LIBRARY(diffkern, m) {
       "int aux, bool stream_noise, int seed, int step, int sample_offset, int stream, Tensor? seed_step, "
       "str isa) -> (Tensor, Tensor)");
 
-  // Test hook: CPU randn on a given instruction set ("auto", "scalar", "avx2", "avx512").
+  // Hutchinson's estimator (diffkern/trace_math.h): probes and Jacobian-vector products [K, B, ...]
+  // (features contiguous, leading dims may be strided) -> float64 [B],
+  // scale * sum_k sum_j probes * products, summed in one fixed order (bitwise equal on CPU and CUDA).
+  m.def("probe_trace(Tensor probes, Tensor products, float scale) -> Tensor");
+  // The same fused with a likelihood-ODE step: x_next = (c_x x + c_model m) + c_prev m_prev,
+  // trace as probe_trace, delta_next = delta + l0 + l_prev trace_prev + l_trace trace.
+  // Returns (x_next, delta_next, trace).
+  m.def(
+      "likelihood_step(Tensor x, Tensor model_output, Tensor? model_output_prev, Tensor probes, Tensor products, "
+      "Tensor delta_logp, Tensor? trace_prev, float c_x, float c_model, float c_prev, float l0, float l_prev, "
+      "float l_trace, float trace_scale) -> (Tensor, Tensor, Tensor)");
+
+  // Test hooks: CPU randn (or Rademacher signs) on a given instruction set ("auto", "scalar", "avx2",
+  // "avx512").
   m.def(
       "_randn_cpu_isa(SymInt[] size, int seed, int step, int sample_offset, int stream, "
       "ScalarType dtype, str isa) -> Tensor");
+  m.def(
+      "_noise_cpu_isa(SymInt[] size, int seed, int step, int sample_offset, int stream, "
+      "ScalarType dtype, str isa, bool rademacher) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(diffkern, CompositeExplicitAutograd, m) {
   m.impl("randn", &randn_select);
   m.impl("random_bits", &random_bits_select);
+  m.impl("rademacher", &rademacher_select);
 }
 
 }  // namespace diffkern

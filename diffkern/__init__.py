@@ -6,7 +6,7 @@
 """
 from ._version import __version__
 from .ops import BUILD as _BUILD, cuda_kernels_available
-from .noise import randn, random_bits
+from .noise import rademacher, randn, random_bits
 from .schedules import DDPMSchedule
 from .sde import (SDE, VESDE, VPSDE, SubVPSDE, denoiser_from_score, epsilon_from_score, karras_sigmas,
                   score_from_denoiser, score_from_epsilon)
@@ -14,10 +14,11 @@ from .steps import (ddim_step, ddpm_step, euler_ancestral_step, euler_maruyama_s
                     heun_step, langevin_step, q_sample, q_sample_with_noise)
 from .samplers import (classifier_grad, sample_ddim, sample_ddpm, sample_euler, sample_euler_ancestral,
                        sample_euler_maruyama, sample_heun, sample_langevin, sample_ode, sample_pc)
+from .likelihood import LogLikelihood, cnf_log_likelihood, exact_trace, hutchinson_trace, log_likelihood
 from . import coefficients, reference
 
 __all__ = [
-    "__version__", "randn", "random_bits", "cuda_kernels_available", "build_info", "reference", "coefficients",
+    "__version__", "randn", "rademacher", "random_bits", "cuda_kernels_available", "build_info", "reference", "coefficients",
     "DDPMSchedule", "ddpm_step", "ddim_step", "q_sample", "q_sample_with_noise",
     "sample_ddpm", "sample_ddim", "classifier_grad",
     "SDE", "VPSDE", "SubVPSDE", "VESDE", "karras_sigmas", "score_from_epsilon", "epsilon_from_score",
@@ -25,6 +26,7 @@ __all__ = [
     "euler_maruyama_step", "euler_step", "heun_correct", "heun_step", "euler_ancestral_step", "langevin_step",
     "sample_euler_maruyama", "sample_ode", "sample_euler", "sample_heun", "sample_euler_ancestral",
     "sample_langevin", "sample_pc",
+    "hutchinson_trace", "exact_trace", "log_likelihood", "cnf_log_likelihood", "LogLikelihood",
 ]
 
 

@@ -76,6 +76,16 @@ def randn(shape: Union[int, Sequence[int]], seed: IntOrTensor = 0, step: IntOrTe
     return _draw("randn", shape, seed, step, sample_offset, stream, device, dtype)
 
 
+def rademacher(shape: Union[int, Sequence[int]], seed: IntOrTensor = 0, step: IntOrTensor = 0,
+               sample_offset: int = 0, stream: int = 0, device=None,
+               dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """Rademacher signs (-1 or +1, each with probability 1/2) from the noise stream: element (n, j) is
+    the sign bit of the word behind ``randn``'s element (n, j) (-1 when set). Same contract as
+    ``randn``: device- and batch-split invariant."""
+    dtype = dtype if dtype is not None else torch.get_default_dtype()
+    return _draw("rademacher", shape, seed, step, sample_offset, stream, device, dtype)
+
+
 def random_bits(shape: Union[int, Sequence[int]], seed: IntOrTensor = 0, step: IntOrTensor = 0,
                 sample_offset: int = 0, stream: int = 0, device=None) -> torch.Tensor:
     """The raw 32-bit Philox words behind ``randn`` (element (n, j) is word j % 4 of its block), as

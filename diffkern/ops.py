@@ -105,6 +105,15 @@ def randn(shape: Sequence[int], *, seed: int, step: int, sample_offset: int, str
     return torch.ops.diffkern.randn(*args, dtype, device)
 
 
+def rademacher(shape: Sequence[int], *, seed: int, step: int, sample_offset: int, stream: int,
+               seed_step: Optional[torch.Tensor], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Rademacher signs (-1 or +1) of the noise stream: the sign bit of each word."""
+    if dtype not in NOISE_DTYPES:
+        raise ValueError(f"dtype must be one of {NOISE_DTYPES}, got {dtype}")
+    args = _noise_args(shape, seed, step, sample_offset, stream, seed_step, device)
+    return torch.ops.diffkern.rademacher(*args, dtype, device)
+
+
 def random_bits(shape: Sequence[int], *, seed: int, step: int, sample_offset: int, stream: int,
                 seed_step: Optional[torch.Tensor], device: torch.device) -> torch.Tensor:
     """The raw 32-bit Philox words of the noise stream, as int32."""
@@ -209,11 +218,76 @@ def fused_step(x: torch.Tensor, model_output: Optional[torch.Tensor] = None,
     return out, (aux_out if aux != "none" else None)
 
 
+def _check_probe_tensors(probes: torch.Tensor, products: torch.Tensor) -> None:
+    for name, t in (("probes", probes), ("products", products)):
+        if not isinstance(t, torch.Tensor) or t.dim() < 2 or t.dtype not in NOISE_DTYPES:
+            raise ValueError(f"{name} must be a floating-point tensor [num_probes, batch, ...]")
+    if probes.shape != products.shape:
+        raise ValueError(f"probes {tuple(probes.shape)} and products {tuple(products.shape)} differ in shape")
+    if probes.dtype != products.dtype or probes.device != products.device:
+        raise ValueError("probes and products must share dtype and device")
+    check_device(probes.device)
+
+
+def _features_contiguous(t: torch.Tensor) -> torch.Tensor:
+    """t with each [k, n] row contiguous (a copy only when it is not)."""
+    expected = 1
+    for size, stride in zip(reversed(t.shape[2:]), reversed(t.stride()[2:])):
+        if size != 1 and stride != expected:
+            return t.contiguous()
+        expected *= size
+    return t
+
+
+def probe_trace(probes: torch.Tensor, products: torch.Tensor, scale: float) -> torch.Tensor:
+    """scale * sum over probes and features of probes * products, per sample: float64 [batch]."""
+    _check_probe_tensors(probes, products)
+    return torch.ops.diffkern.probe_trace(_features_contiguous(probes), _features_contiguous(products), float(scale))
+
+
+def likelihood_step(x: torch.Tensor, model_output: torch.Tensor, model_output_prev: Optional[torch.Tensor],
+                    probes: torch.Tensor, products: torch.Tensor, delta_logp: torch.Tensor,
+                    trace_prev: Optional[torch.Tensor], *, c_x: float, c_model: float, c_prev: float = 0.0,
+                    l0: float = 0.0, l_prev: float = 0.0, l_trace: float = 0.0, trace_scale: float = 1.0):
+    """(x_next, delta_next, trace): see csrc/include/diffkern/trace_math.h."""
+    _check_probe_tensors(probes, products)
+    for name, t in (("x", x), ("model_output", model_output), ("model_output_prev", model_output_prev)):
+        if t is not None and (t.shape != x.shape or t.dtype != probes.dtype or t.device != probes.device):
+            raise ValueError(f"{name} must have x's shape and the probes' dtype and device")
+    return torch.ops.diffkern.likelihood_step(
+        x.contiguous(), model_output.contiguous(), None if model_output_prev is None else model_output_prev.contiguous(),
+        _features_contiguous(probes), _features_contiguous(products), delta_logp.contiguous(),
+        None if trace_prev is None else trace_prev.contiguous(), float(c_x), float(c_model), float(c_prev), float(l0),
+        float(l_prev), float(l_trace), float(trace_scale))
+
+
 # ---- fake kernels: shapes and dtypes only, for torch.compile / FakeTensor / meta tensors ----
 
 @torch.library.register_fake("diffkern::randn")
 def _randn_fake(size, seed, step, sample_offset, stream, seed_step, dtype, device):
     return torch.empty(size, dtype=dtype, device=device)
+
+
+@torch.library.register_fake("diffkern::rademacher")
+def _rademacher_fake(size, seed, step, sample_offset, stream, seed_step, dtype, device):
+    return torch.empty(size, dtype=dtype, device=device)
+
+
+@torch.library.register_fake("diffkern::_noise_cpu_isa")
+def _noise_cpu_isa_fake(size, seed, step, sample_offset, stream, dtype, isa, rademacher):
+    return torch.empty(size, dtype=dtype, device="cpu")
+
+
+@torch.library.register_fake("diffkern::probe_trace")
+def _probe_trace_fake(probes, products, scale):
+    return probes.new_empty((probes.shape[1],), dtype=torch.float64)
+
+
+@torch.library.register_fake("diffkern::likelihood_step")
+def _likelihood_step_fake(x, model_output, model_output_prev, probes, products, delta_logp, trace_prev, c_x, c_model,
+                          c_prev, l0, l_prev, l_trace, trace_scale):
+    return (torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(delta_logp),
+            delta_logp.new_empty(delta_logp.shape))
 
 
 @torch.library.register_fake("diffkern::random_bits")

@@ -111,6 +111,32 @@ def randn(shape: Sequence[int], seed=0, step=0, sample_offset: int = 0, stream: 
     return z.to(torch.float32).to(dtype).reshape(shape)
 
 
+def rademacher(shape: Sequence[int], seed=0, step=0, sample_offset: int = 0, stream: int = 0,
+               device=None, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """-1 where the word of random_bits has its sign bit set, +1 elsewhere."""
+    dtype = dtype or torch.get_default_dtype()
+    bits = random_bits(shape, seed, step, sample_offset, stream, device)
+    return torch.where(bits < 0, -1.0, 1.0).to(dtype)
+
+
+def probe_trace(probes: torch.Tensor, products: torch.Tensor, scale: float) -> torch.Tensor:
+    """scale * sum over probes and features of probes * products per sample, in float64."""
+    return (probes.double() * products.double()).reshape(probes.shape[0], probes.shape[1], -1).sum((0, 2)) * scale
+
+
+def likelihood_step(x, model_output, model_output_prev, probes, products, delta_logp, trace_prev, *, c_x, c_model,
+                    c_prev=0.0, l0=0.0, l_prev=0.0, l_trace=0.0, trace_scale=1.0):
+    """diffkern.ops.likelihood_step in float64: (x_next, delta_next, trace)."""
+    trace = probe_trace(probes, products, trace_scale)
+    x_next = c_x * x.double() + c_model * model_output.double()
+    if model_output_prev is not None:
+        x_next = x_next + c_prev * model_output_prev.double()
+    delta_next = delta_logp + l0 + l_trace * trace
+    if trace_prev is not None:
+        delta_next = delta_next + l_prev * trace_prev
+    return x_next.to(x.dtype), delta_next, trace
+
+
 def fused_step(x: torch.Tensor, model_output: Optional[torch.Tensor] = None,
                model_output_uncond: Optional[torch.Tensor] = None, guidance_grad: Optional[torch.Tensor] = None,
                predicted_variance: Optional[torch.Tensor] = None, noise: Optional[torch.Tensor] = None, *,

@@ -21,19 +21,22 @@ const char* isa_name(Isa isa);
 // Parses "auto", "scalar", "avx2", "avx512"; throws for unknown names or ISAs this CPU lacks.
 Isa isa_from_name(const char* name);
 
-// Standard normals of the noise stream for blocks [begin, end) of a contiguous [rows, row_size]
-// output (see diffkern/noise_fill.h for the index space).
-struct NormalFillArgs {
+enum class Distribution { kNormal, kRademacher };
+
+// Values of the noise stream (standard normals or Rademacher signs) for blocks [begin, end) of a
+// contiguous [rows, row_size] output (see diffkern/noise_fill.h for the index space).
+struct NoiseFillArgs {
   void* out;
   c10::ScalarType dtype;  // float, double, half or bfloat16
+  Distribution distribution;
   int64_t rows, row_size;
   uint32_t key0, key1, step, stream;
   uint64_t sample_offset;
   int64_t begin, end;
 };
 
-void fill_normal_avx2(const NormalFillArgs& args);
-void fill_normal_avx512(const NormalFillArgs& args);
+void fill_noise_avx2(const NoiseFillArgs& args);
+void fill_noise_avx512(const NoiseFillArgs& args);
 
 // The fused step (diffkern/step_math.h) for work items [begin, end): item i is chunk
 // i % chunks of sample i / chunks, a chunk being kCpuStepChunk features (simd/step_simd.h).

@@ -26,26 +26,30 @@ void fill_scalar(T* out, const FillShape& shape, const NoiseParams& params, Gene
 }
 
 template <typename T>
-void fill_normal(T* out, at::ScalarType dtype, const FillShape& shape, const NoiseParams& params, Isa isa) {
-  if (isa == Isa::kScalar) return fill_scalar(out, shape, params, NormalGenerator<T>{});
+void fill_noise(T* out, at::ScalarType dtype, const FillShape& shape, const NoiseParams& params, Isa isa,
+                Distribution distribution) {
+  if (isa == Isa::kScalar) {
+    if (distribution == Distribution::kRademacher) return fill_scalar(out, shape, params, RademacherGenerator<T>{});
+    return fill_scalar(out, shape, params, NormalGenerator<T>{});
+  }
   const NoiseKey key = resolve_noise_key(params);
   at::parallel_for(0, shape.num_threads(), kGrainBlocks, [&](int64_t begin, int64_t end) {
-    const NormalFillArgs args{out,        dtype,      shape.rows, shape.row_size,       key.key0, key.key1,
-                              key.step,   key.stream, params.sample_offset, begin, end};
+    const NoiseFillArgs args{out,      dtype,    distribution, shape.rows,           shape.row_size, key.key0,
+                             key.key1, key.step, key.stream,   params.sample_offset, begin,          end};
     if (isa == Isa::kAvx512) {
-      fill_normal_avx512(args);
+      fill_noise_avx512(args);
     } else {
-      fill_normal_avx2(args);
+      fill_noise_avx2(args);
     }
   });
 }
 
-at::Tensor randn_impl(c10::SymIntArrayRef size, int64_t seed, int64_t step, int64_t sample_offset,
-                      int64_t stream, const std::optional<at::Tensor>& seed_step, at::ScalarType dtype,
-                      Isa isa) {
+at::Tensor noise_impl(c10::SymIntArrayRef size, int64_t seed, int64_t step, int64_t sample_offset, int64_t stream,
+                      const std::optional<at::Tensor>& seed_step, at::ScalarType dtype, Isa isa,
+                      Distribution distribution) {
   NoiseFill fill = prepare_noise_fill(size, seed, step, sample_offset, stream, seed_step, dtype, at::kCPU);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "diffkern::randn", [&] {
-    fill_normal(fill.out.mutable_data_ptr<scalar_t>(), dtype, fill.shape, fill.params, isa);
+    fill_noise(fill.out.mutable_data_ptr<scalar_t>(), dtype, fill.shape, fill.params, isa, distribution);
   });
   return fill.out;
 }
@@ -54,14 +58,27 @@ at::Tensor randn_cpu(c10::SymIntArrayRef size, int64_t seed, int64_t step, int64
                      int64_t stream, const std::optional<at::Tensor>& seed_step, at::ScalarType dtype,
                      at::Device device) {
   TORCH_CHECK(device.is_cpu(), "diffkern::randn: CPU kernel called for device ", device);
-  return randn_impl(size, seed, step, sample_offset, stream, seed_step, dtype, best_isa());
+  return noise_impl(size, seed, step, sample_offset, stream, seed_step, dtype, best_isa(), Distribution::kNormal);
 }
 
-// Test hook: randn on a chosen instruction set, to compare the paths bitwise.
+at::Tensor rademacher_cpu(c10::SymIntArrayRef size, int64_t seed, int64_t step, int64_t sample_offset,
+                          int64_t stream, const std::optional<at::Tensor>& seed_step, at::ScalarType dtype,
+                          at::Device device) {
+  TORCH_CHECK(device.is_cpu(), "diffkern::rademacher: CPU kernel called for device ", device);
+  return noise_impl(size, seed, step, sample_offset, stream, seed_step, dtype, best_isa(), Distribution::kRademacher);
+}
+
+// Test hook: randn / rademacher on a chosen instruction set, to compare the paths bitwise.
+at::Tensor noise_cpu_isa(c10::SymIntArrayRef size, int64_t seed, int64_t step, int64_t sample_offset,
+                         int64_t stream, at::ScalarType dtype, c10::string_view isa, bool rademacher) {
+  return noise_impl(size, seed, step, sample_offset, stream, std::nullopt, dtype,
+                    isa_from_name(std::string(isa).c_str()),
+                    rademacher ? Distribution::kRademacher : Distribution::kNormal);
+}
+
 at::Tensor randn_cpu_isa(c10::SymIntArrayRef size, int64_t seed, int64_t step, int64_t sample_offset,
                          int64_t stream, at::ScalarType dtype, c10::string_view isa) {
-  return randn_impl(size, seed, step, sample_offset, stream, std::nullopt, dtype,
-                    isa_from_name(std::string(isa).c_str()));
+  return noise_cpu_isa(size, seed, step, sample_offset, stream, dtype, isa, false);
 }
 
 at::Tensor random_bits_cpu(c10::SymIntArrayRef size, int64_t seed, int64_t step, int64_t sample_offset,
@@ -89,12 +106,16 @@ at::Tensor philox4x32_10_cpu(const at::Tensor& counter, const at::Tensor& key) {
 
 TORCH_LIBRARY_IMPL(diffkern, CPU, m) {
   m.impl("randn", &randn_cpu);
+  m.impl("rademacher", &rademacher_cpu);
   m.impl("random_bits", &random_bits_cpu);
   m.impl("philox4x32_10", &philox4x32_10_cpu);
 }
 
 // No tensor arguments: registered as the catch-all so it is reachable without a device key.
-TORCH_LIBRARY_IMPL(diffkern, CompositeExplicitAutograd, m) { m.impl("_randn_cpu_isa", &randn_cpu_isa); }
+TORCH_LIBRARY_IMPL(diffkern, CompositeExplicitAutograd, m) {
+  m.impl("_randn_cpu_isa", &randn_cpu_isa);
+  m.impl("_noise_cpu_isa", &noise_cpu_isa);
+}
 
 }  // namespace cpu
 }  // namespace diffkern

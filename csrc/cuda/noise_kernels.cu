@@ -50,6 +50,18 @@ at::Tensor randn_cuda(c10::SymIntArrayRef size, int64_t seed, int64_t step, int6
   return fill.out;
 }
 
+at::Tensor rademacher_cuda(c10::SymIntArrayRef size, int64_t seed, int64_t step, int64_t sample_offset,
+                           int64_t stream, const std::optional<at::Tensor>& seed_step, at::ScalarType dtype,
+                           at::Device device) {
+  TORCH_CHECK(device.is_cuda(), "diffkern::rademacher: CUDA kernel called for device ", device);
+  const c10::cuda::CUDAGuard guard(device);
+  NoiseFill fill = prepare_noise_fill(size, seed, step, sample_offset, stream, seed_step, dtype, device);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "diffkern::rademacher", [&] {
+    launch_fill(fill.out.mutable_data_ptr<scalar_t>(), fill.shape, fill.params, RademacherGenerator<scalar_t>{});
+  });
+  return fill.out;
+}
+
 at::Tensor random_bits_cuda(c10::SymIntArrayRef size, int64_t seed, int64_t step, int64_t sample_offset,
                             int64_t stream, const std::optional<at::Tensor>& seed_step, at::Device device) {
   TORCH_CHECK(device.is_cuda(), "diffkern::random_bits: CUDA kernel called for device ", device);
@@ -82,6 +94,7 @@ at::Tensor philox4x32_10_cuda(const at::Tensor& counter, const at::Tensor& key) 
 
 TORCH_LIBRARY_IMPL(diffkern, CUDA, m) {
   m.impl("randn", &randn_cuda);
+  m.impl("rademacher", &rademacher_cuda);
   m.impl("random_bits", &random_bits_cuda);
   m.impl("philox4x32_10", &philox4x32_10_cuda);
 }

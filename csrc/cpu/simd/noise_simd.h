@@ -96,14 +96,37 @@ void box_muller(typename V::I radius_word, typename V::I angle_word, typename V:
   z1 = V::mul(radius, s);
 }
 
-// The 4 W normals of W blocks, lane after lane: dst[4 l + e] is element e of lane l's block.
+// What a fill draws from the words of W Philox blocks: out[e] holds element e of every lane's
+// block, for the first `count` elements (the scalar twins are NormalGenerator and
+// RademacherGenerator in diffkern/noise_fill.h).
+struct NormalDraw {  // Box-Muller on word pairs (x, y) and (z, w), as normal4
+  template <class V>
+  static void values(const Words<V>& bits, int count, typename V::F out[4]) {
+    box_muller<V>(bits.x, bits.y, out[0], out[1]);
+    if (count > 2) box_muller<V>(bits.z, bits.w, out[2], out[3]);
+  }
+};
+
+struct RademacherDraw {  // the sign bit of each word: -1 or +1
+  template <class V>
+  static void values(const Words<V>& bits, int, typename V::F out[4]) {
+    const typename V::I sign = V::splat(0x80000000u), one = V::bits(V::splat(1.0f));
+    const typename V::I words[4] = {bits.x, bits.y, bits.z, bits.w};
+    for (int e = 0; e < 4; ++e) out[e] = V::from_bits(V::bit_xor(one, V::bit_and(words[e], sign)));
+  }
+};
+
+// The 4 W values of W blocks, lane after lane: dst[4 l + e] is element e of lane l's block.
+template <class V, class Draw>
+void draw_blocks(const NoiseKey& key, typename V::I block, typename V::I sample, float* dst) {
+  typename V::F z[4];
+  Draw::template values<V>(noise_bits<V>(key, block, sample), 4, z);
+  V::store_interleaved4(dst, z[0], z[1], z[2], z[3]);
+}
+
 template <class V>
 void normal_blocks(const NoiseKey& key, typename V::I block, typename V::I sample, float* dst) {
-  const Words<V> bits = noise_bits<V>(key, block, sample);
-  typename V::F z0, z1, z2, z3;
-  box_muller<V>(bits.x, bits.y, z0, z1);
-  box_muller<V>(bits.z, bits.w, z2, z3);
-  V::store_interleaved4(dst, z0, z1, z2, z3);
+  draw_blocks<V, NormalDraw>(key, block, sample, dst);
 }
 
 // S -> T; float -> half goes through the hardware conversion (bitwise equal to c10::Half's).
@@ -117,9 +140,9 @@ void store_converted(T* dst, const S* values, int64_t count) {
 }
 
 // Rows of 1 to 3 features hold one block each, of which they use the first features: W
-// consecutive samples per vector, and the second Box-Muller pair only when rows have 3 features.
+// consecutive samples per vector (for normals, the second Box-Muller pair only with 3 features).
 // Returns the first row not written (the caller finishes the last < W rows).
-template <class V, class T>
+template <class V, class Draw, class T>
 int64_t fill_short_rows(T* out, const FillShape& shape, const NoiseKey& key, uint64_t sample_offset,
                         int64_t begin, int64_t end) {
   constexpr int W = V::kWidth;
@@ -128,11 +151,10 @@ int64_t fill_short_rows(T* out, const FillShape& shape, const NoiseKey& key, uin
   alignas(64) float by_element[3][W];
   int64_t row = begin;
   for (; row + W <= end; row += W) {
-    const Words<V> bits = noise_bits<V>(
-        key, V::splat(0u), V::add(V::splat(static_cast<uint32_t>(row + sample_offset)), V::iota()));
-    typename V::F z[3], unused;
-    box_muller<V>(bits.x, bits.y, z[0], z[1]);
-    if (features == 3) box_muller<V>(bits.z, bits.w, z[2], unused);
+    typename V::F z[4];
+    Draw::template values<V>(noise_bits<V>(key, V::splat(0u),
+                                           V::add(V::splat(static_cast<uint32_t>(row + sample_offset)), V::iota())),
+                             features, z);
     if (features == 1) {
       V::store(values, z[0]);
     } else if (features == 2) {
@@ -148,11 +170,10 @@ int64_t fill_short_rows(T* out, const FillShape& shape, const NoiseKey& key, uin
 }
 
 // Blocks [begin, end) of the (row, block) index space of noise_fill.h, W blocks at a time.
-template <class V, class T>
-void fill_normal(T* out, const FillShape& shape, const NoiseKey& key, uint64_t sample_offset, int64_t begin,
-                 int64_t end) {
+template <class V, class Draw, class T>
+void fill(T* out, const FillShape& shape, const NoiseKey& key, uint64_t sample_offset, int64_t begin, int64_t end) {
   constexpr int W = V::kWidth;
-  if (shape.row_size < 4) begin = fill_short_rows<V>(out, shape, key, sample_offset, begin, end);
+  if (shape.row_size < 4) begin = fill_short_rows<V, Draw>(out, shape, key, sample_offset, begin, end);
   const int64_t full_blocks = shape.row_size / 4;  // blocks holding 4 features
   alignas(64) float values[4 * W];
   int64_t row, block;
@@ -162,8 +183,8 @@ void fill_normal(T* out, const FillShape& shape, const NoiseKey& key, uint64_t s
       // W full blocks of one row: 4 W consecutive features.
       T* dst = out + row * shape.row_size + 4 * block;
       float* target = std::is_same_v<T, float> ? reinterpret_cast<float*>(dst) : values;
-      normal_blocks<V>(key, V::add(V::splat(static_cast<uint32_t>(block)), V::iota()),
-                       V::splat(static_cast<uint32_t>(row + sample_offset)), target);
+      draw_blocks<V, Draw>(key, V::add(V::splat(static_cast<uint32_t>(block)), V::iota()),
+                           V::splat(static_cast<uint32_t>(row + sample_offset)), target);
       if constexpr (!std::is_same_v<T, float>) store_converted<V>(dst, values, 4 * W);
       block += W;
       t += W;
@@ -187,28 +208,34 @@ void fill_normal(T* out, const FillShape& shape, const NoiseKey& key, uint64_t s
         ++row;
       }
     }
-    normal_blocks<V>(key, V::load(lane_block), V::load(lane_sample), values);
+    draw_blocks<V, Draw>(key, V::load(lane_block), V::load(lane_sample), values);
     for (int l = 0; l < lanes; ++l) store_converted<V>(out + lane_offset[l], values + 4 * l, lane_count[l]);
     t += lanes;
   }
 }
 
-template <class V>
-void fill_normal_entry(const cpu::NormalFillArgs& a) {
+template <class V, class Draw>
+void fill_entry(const cpu::NoiseFillArgs& a) {
   const FillShape shape{a.rows, a.row_size, (a.row_size + 3) / 4};
   const NoiseKey key{a.key0, a.key1, a.step, a.stream};
   switch (a.dtype) {
     case c10::ScalarType::Float:
-      return fill_normal<V>(static_cast<float*>(a.out), shape, key, a.sample_offset, a.begin, a.end);
+      return fill<V, Draw>(static_cast<float*>(a.out), shape, key, a.sample_offset, a.begin, a.end);
     case c10::ScalarType::Double:
-      return fill_normal<V>(static_cast<double*>(a.out), shape, key, a.sample_offset, a.begin, a.end);
+      return fill<V, Draw>(static_cast<double*>(a.out), shape, key, a.sample_offset, a.begin, a.end);
     case c10::ScalarType::Half:
-      return fill_normal<V>(static_cast<c10::Half*>(a.out), shape, key, a.sample_offset, a.begin, a.end);
+      return fill<V, Draw>(static_cast<c10::Half*>(a.out), shape, key, a.sample_offset, a.begin, a.end);
     case c10::ScalarType::BFloat16:
-      return fill_normal<V>(static_cast<c10::BFloat16*>(a.out), shape, key, a.sample_offset, a.begin, a.end);
+      return fill<V, Draw>(static_cast<c10::BFloat16*>(a.out), shape, key, a.sample_offset, a.begin, a.end);
     default:
-      TORCH_CHECK(false, "diffkern: unsupported dtype for randn: ", a.dtype);
+      TORCH_CHECK(false, "diffkern: unsupported dtype for the noise fill: ", a.dtype);
   }
+}
+
+template <class V>
+void fill_noise_entry(const cpu::NoiseFillArgs& a) {
+  if (a.distribution == cpu::Distribution::kRademacher) return fill_entry<V, RademacherDraw>(a);
+  return fill_entry<V, NormalDraw>(a);
 }
 
 }  // namespace simd

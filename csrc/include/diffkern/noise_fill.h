@@ -57,6 +57,16 @@ struct NormalGenerator {
   }
 };
 
+template <typename T>
+struct RademacherGenerator {  // the sign bit of each word: -1 or +1
+  DK_INLINE Pack4<T> operator()(Uint4 bits) const {
+    const uint32_t words[4] = {bits.x, bits.y, bits.z, bits.w};
+    Pack4<T> pack;
+    for (int k = 0; k < 4; ++k) pack.v[k] = static_cast<T>(words[k] >> 31 ? -1.0f : 1.0f);
+    return pack;
+  }
+};
+
 struct BitsGenerator {  // raw words, reinterpreted as int32
   DK_INLINE Pack4<int32_t> operator()(Uint4 bits) const {
     return Pack4<int32_t>{{static_cast<int32_t>(bits.x), static_cast<int32_t>(bits.y),
