@@ -96,22 +96,23 @@ def _noise_args(shape, seed, step, sample_offset, stream, seed_step, device) -> 
     return shape, seed, step, sample_offset, stream, seed_step
 
 
+def _float_noise(op, shape, seed, step, sample_offset, stream, seed_step, dtype, device) -> torch.Tensor:
+    if dtype not in NOISE_DTYPES:
+        raise ValueError(f"dtype must be one of {NOISE_DTYPES}, got {dtype}")
+    return op(*_noise_args(shape, seed, step, sample_offset, stream, seed_step, device), dtype, device)
+
+
 def randn(shape: Sequence[int], *, seed: int, step: int, sample_offset: int, stream: int,
           seed_step: Optional[torch.Tensor], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """Standard normals of the noise stream; see diffkern.randn for the contract."""
-    if dtype not in NOISE_DTYPES:
-        raise ValueError(f"dtype must be one of {NOISE_DTYPES}, got {dtype}")
-    args = _noise_args(shape, seed, step, sample_offset, stream, seed_step, device)
-    return torch.ops.diffkern.randn(*args, dtype, device)
+    return _float_noise(torch.ops.diffkern.randn, shape, seed, step, sample_offset, stream, seed_step, dtype, device)
 
 
 def rademacher(shape: Sequence[int], *, seed: int, step: int, sample_offset: int, stream: int,
                seed_step: Optional[torch.Tensor], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """Rademacher signs (-1 or +1) of the noise stream: the sign bit of each word."""
-    if dtype not in NOISE_DTYPES:
-        raise ValueError(f"dtype must be one of {NOISE_DTYPES}, got {dtype}")
-    args = _noise_args(shape, seed, step, sample_offset, stream, seed_step, device)
-    return torch.ops.diffkern.rademacher(*args, dtype, device)
+    return _float_noise(torch.ops.diffkern.rademacher, shape, seed, step, sample_offset, stream, seed_step, dtype,
+                        device)
 
 
 def random_bits(shape: Sequence[int], *, seed: int, step: int, sample_offset: int, stream: int,

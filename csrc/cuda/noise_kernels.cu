@@ -38,26 +38,16 @@ void launch_fill(T* out, const FillShape& shape, const NoiseParams& params, Gene
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-at::Tensor randn_cuda(c10::SymIntArrayRef size, int64_t seed, int64_t step, int64_t sample_offset,
-                      int64_t stream, const std::optional<at::Tensor>& seed_step, at::ScalarType dtype,
-                      at::Device device) {
-  TORCH_CHECK(device.is_cuda(), "diffkern::randn: CUDA kernel called for device ", device);
+// randn and rademacher: floating-point values of the stream, drawn by Generator<scalar_t>.
+template <template <typename> class Generator>
+at::Tensor float_noise_cuda(c10::SymIntArrayRef size, int64_t seed, int64_t step, int64_t sample_offset,
+                            int64_t stream, const std::optional<at::Tensor>& seed_step, at::ScalarType dtype,
+                            at::Device device) {
+  TORCH_CHECK(device.is_cuda(), "diffkern: CUDA noise kernel called for device ", device);
   const c10::cuda::CUDAGuard guard(device);
   NoiseFill fill = prepare_noise_fill(size, seed, step, sample_offset, stream, seed_step, dtype, device);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "diffkern::randn", [&] {
-    launch_fill(fill.out.mutable_data_ptr<scalar_t>(), fill.shape, fill.params, NormalGenerator<scalar_t>{});
-  });
-  return fill.out;
-}
-
-at::Tensor rademacher_cuda(c10::SymIntArrayRef size, int64_t seed, int64_t step, int64_t sample_offset,
-                           int64_t stream, const std::optional<at::Tensor>& seed_step, at::ScalarType dtype,
-                           at::Device device) {
-  TORCH_CHECK(device.is_cuda(), "diffkern::rademacher: CUDA kernel called for device ", device);
-  const c10::cuda::CUDAGuard guard(device);
-  NoiseFill fill = prepare_noise_fill(size, seed, step, sample_offset, stream, seed_step, dtype, device);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "diffkern::rademacher", [&] {
-    launch_fill(fill.out.mutable_data_ptr<scalar_t>(), fill.shape, fill.params, RademacherGenerator<scalar_t>{});
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "diffkern::noise", [&] {
+    launch_fill(fill.out.mutable_data_ptr<scalar_t>(), fill.shape, fill.params, Generator<scalar_t>{});
   });
   return fill.out;
 }
@@ -93,8 +83,8 @@ at::Tensor philox4x32_10_cuda(const at::Tensor& counter, const at::Tensor& key) 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(diffkern, CUDA, m) {
-  m.impl("randn", &randn_cuda);
-  m.impl("rademacher", &rademacher_cuda);
+  m.impl("randn", &float_noise_cuda<NormalGenerator>);
+  m.impl("rademacher", &float_noise_cuda<RademacherGenerator>);
   m.impl("random_bits", &random_bits_cuda);
   m.impl("philox4x32_10", &philox4x32_10_cuda);
 }

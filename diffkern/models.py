@@ -1,0 +1,141 @@
+"""Exact "pretrained models": Gaussian mixtures, whose scores are closed-form at every noise level.
+
+For x_0 ~ sum_k w_k N(mu_k, Sigma_k) and x_t = m x_0 + s z (m, s: a schedule's or SDE's mean
+coefficient and std at t; m = 1, s = sigma for VE / EDM noise levels), x_t ~ sum_k w_k N(m mu_k,
+m^2 Sigma_k + s^2 I). With Sigma_k = U_k diag(lambda_k) U_k^T that covariance is
+U_k diag(m^2 lambda_k + s^2) U_k^T, so densities and scores cost one rotation per component and no
+per-t factorisation. Scores are computed in float64 for float64 inputs and in float32 otherwise (the
+samplers' states; enough for sampling and four times cheaper in 64 dimensions), densities in float64.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+
+from .schedules import DDPMSchedule
+
+
+class GaussianMixture:
+    """sum_k weights[k] N(means[k], covariances[k]); give ``stds`` (per component, scalar or per
+    dimension) or full ``covariances`` [K, d, d]."""
+
+    def __init__(self, means, stds=None, weights=None, covariances=None):
+        means = torch.as_tensor(means, dtype=torch.float64)
+        if means.dim() != 2:
+            raise ValueError("means must be [components, dim]")
+        k, d = means.shape
+        if (stds is None) == (covariances is None):
+            raise ValueError("give either stds or covariances")
+        if covariances is not None:
+            cov = torch.as_tensor(covariances, dtype=torch.float64)
+            if cov.shape != (k, d, d):
+                raise ValueError(f"covariances must be [{k}, {d}, {d}], got {tuple(cov.shape)}")
+            cov = (cov + cov.transpose(1, 2)) / 2
+            eigenvalues, rotations = torch.linalg.eigh(cov)
+        else:
+            stds = torch.as_tensor(stds, dtype=torch.float64)
+            stds = stds.reshape(k, -1).expand(k, d) if stds.numel() in (k, k * d) else stds.expand(k, d)
+            eigenvalues, rotations = stds ** 2, torch.eye(d, dtype=torch.float64).expand(k, d, d)
+        if not bool((eigenvalues > 0).all()):
+            raise ValueError("covariances must be positive definite (stds positive)")
+        weights = torch.full((k,), 1.0 / k, dtype=torch.float64) if weights is None else \
+            torch.as_tensor(weights, dtype=torch.float64)
+        if weights.shape != (k,) or bool((weights <= 0).any()):
+            raise ValueError("weights must be k positive numbers")
+        self.means, self.weights = means, weights / weights.sum()
+        self.eigenvalues, self.rotations = eigenvalues.contiguous(), rotations.contiguous()
+        self.dim, self.num_components = d, k
+
+    # ---- built-in mixtures ----
+
+    @classmethod
+    def ring(cls, modes: int = 8, radius: float = 4.0, std: float = 0.35) -> "GaussianMixture":
+        """The 2-d demo: ``modes`` equal Gaussians on a circle."""
+        angle = torch.arange(modes, dtype=torch.float64) * (2 * math.pi / modes)
+        return cls(torch.stack([radius * angle.cos(), radius * angle.sin()], 1), stds=std)
+
+    @classmethod
+    def high_dimensional(cls, dim: int = 64, modes: int = 8, seed: int = 0) -> "GaussianMixture":
+        """The 64-d timing mixture: random separated means, random full covariances (eigenvalues in
+        [0.2, 1]) and unequal weights, all from a fixed seed."""
+        gen = torch.Generator().manual_seed(seed)
+        means = 4.0 * torch.randn(modes, dim, generator=gen, dtype=torch.float64) / math.sqrt(dim) * math.sqrt(2)
+        rotations = torch.linalg.qr(torch.randn(modes, dim, dim, generator=gen, dtype=torch.float64))[0]
+        eigenvalues = 0.2 + 0.8 * torch.rand(modes, dim, generator=gen, dtype=torch.float64)
+        covariances = rotations @ torch.diag_embed(eigenvalues) @ rotations.transpose(1, 2)
+        weights = 1 + torch.rand(modes, generator=gen, dtype=torch.float64)
+        return cls(means, covariances=covariances, weights=weights)
+
+    # ---- the diffused mixture ----
+
+    def _components(self, x: torch.Tensor, mean_coef, std, dtype=torch.float64):
+        """log N(x; m mu_k, m^2 Sigma_k + s^2 I) [B, K] and the precision times residual [B, K, d]."""
+        xd = x.reshape(x.shape[0], -1).to(dtype)
+        device = xd.device
+        m = torch.as_tensor(mean_coef, dtype=torch.float64, device=device).reshape(-1, 1, 1).to(dtype)
+        s = torch.as_tensor(std, dtype=torch.float64, device=device).reshape(-1, 1, 1).to(dtype)
+        residual = xd[:, None, :] - m * self.means.to(device=device, dtype=dtype)                # [B, K, d]
+        rotated = torch.einsum("bkd,kde->bke", residual, self.rotations.to(device=device, dtype=dtype))  # U_k^T r
+        variance = m ** 2 * self.eigenvalues.to(device=device, dtype=dtype) + s ** 2             # [B, K, d]
+        log_density = -0.5 * ((rotated ** 2 / variance).sum(-1) + variance.log().sum(-1)
+                              + self.dim * math.log(2 * math.pi))
+        precision_residual = torch.einsum("bke,kde->bkd", rotated / variance,
+                                          self.rotations.to(device=device, dtype=dtype))
+        return log_density + self.weights.to(device=device, dtype=dtype).log(), precision_residual
+
+    def log_prob_at(self, x: torch.Tensor, mean_coef, std) -> torch.Tensor:
+        """log density of the diffused mixture at x (float64 [B])."""
+        log_joint, _ = self._components(x, mean_coef, std)
+        return torch.logsumexp(log_joint, dim=1)
+
+    def score_at(self, x: torch.Tensor, mean_coef, std) -> torch.Tensor:
+        """grad_x log p of the diffused mixture: -sum_k r_k(x) (m^2 Sigma_k + s^2 I)^-1 (x - m mu_k)."""
+        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        log_joint, precision_residual = self._components(x, mean_coef, std, dtype)
+        responsibility = torch.softmax(log_joint, dim=1)
+        return (-(responsibility[..., None] * precision_residual).sum(1)).reshape(x.shape).to(x.dtype)
+
+    def log_prob(self, x: torch.Tensor) -> torch.Tensor:
+        """The exact log density of the data (float64 [B])."""
+        return self.log_prob_at(x, 1.0, 0.0)
+
+    def assign(self, x: torch.Tensor) -> torch.Tensor:
+        """The most probable component of each sample."""
+        return self._components(x, 1.0, 0.0)[0].argmax(1)
+
+    def sample(self, n: int, seed: int = 0, dtype=torch.float32, device=None) -> torch.Tensor:
+        """n exact samples (float64 math, a torch.Generator seeded with ``seed``)."""
+        gen = torch.Generator().manual_seed(seed)
+        component = torch.multinomial(self.weights, n, replacement=True, generator=gen)
+        z = torch.randn(n, self.dim, generator=gen, dtype=torch.float64)
+        x = self.means[component] + torch.einsum(
+            "nde,ne->nd", self.rotations[component], z * self.eigenvalues[component].sqrt())
+        return x.to(device=device, dtype=dtype)
+
+    # ---- as the models diffkern's samplers call ----
+
+    def epsilon_model(self, sched: DDPMSchedule):
+        """model(x, t) for DDPM / DDIM: t int64 [B], eps = -sqrt(1 - abar_t) score."""
+        def eps(x, t):
+            abar = sched.alphas_cumprod.to(x.device)[t.long()]
+            return (-(1 - abar).sqrt().reshape(-1, *([1] * (x.dim() - 1))).to(x.dtype)
+                    * self.score_at(x, abar.sqrt(), (1 - abar).sqrt()))
+        return eps
+
+    def score_model(self, sde):
+        """score_fn(x, t) for an SDE: t float [B]."""
+        def score(x, t):
+            t64 = t.double()
+            return self.score_at(x, sde.mean_coef(t64), sde.marginal_std(t64))
+        return score
+
+    def denoiser(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """D(x, sigma) = E[x0 | x0 + sigma z = x] = x + sigma^2 score (EDM, k-diffusion)."""
+        s = torch.as_tensor(sigma, dtype=torch.float64, device=x.device).reshape(-1, *([1] * (x.dim() - 1)))
+        return (x.double() + s ** 2 * self.score_at(x, 1.0, s.flatten()).double()).to(x.dtype)
+
+    def noise_level_score(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """score(x, sigma) of x0 + sigma z, for annealed Langevin."""
+        return self.score_at(x, 1.0, torch.as_tensor(sigma, dtype=torch.float64, device=x.device))
