@@ -97,6 +97,11 @@ def main(argv=None) -> int:
     except ImportError as error:  # the extension is missing or built against another torch
         print(error, file=sys.stderr)
         return 2
+    except BrokenPipeError:  # output piped into e.g. `head`: stop quietly
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":
