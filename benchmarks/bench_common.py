@@ -3,7 +3,6 @@ summary table (median time, GB/s, ratio to the tensor copy and to the peers) aft
 
 Run with `pytest benchmarks --benchmark-only`; add `--benchmark-json=FILE` to keep the raw numbers.
 """
-import pytest
 import torch
 
 import diffkern as dk

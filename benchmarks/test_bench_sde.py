@@ -91,10 +91,14 @@ def test_update(benchmark, device, update, impl):
         device=device)
 
 
-def _diffusers_scheduler(cls):
+def _diffusers_scheduler(cls, device):
+    """A diffusers scheduler over 50 timesteps, its sigmas on device, and the timestep benchmarked."""
+    if cls is None:
+        pytest.skip("diffusers is not installed")
     scheduler = cls(prediction_type="sample")
     scheduler.set_timesteps(50)
-    return scheduler
+    scheduler.sigmas = scheduler.sigmas.to(device)
+    return scheduler, scheduler.timesteps[10]
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -109,11 +113,7 @@ def test_heun_step(benchmark, device, impl):
             dk.euler_step(d1, x, SIGMA, SIGMA_NEXT)  # the predicted point, input of the second model call
             return dk.heun_correct(d2, x, d1, SIGMA, SIGMA_NEXT)
     else:
-        if HeunDiscreteScheduler is None:
-            pytest.skip("diffusers is not installed")
-        scheduler = _diffusers_scheduler(HeunDiscreteScheduler)
-        scheduler.sigmas = scheduler.sigmas.to(device)
-        t = scheduler.timesteps[10]
+        scheduler, t = _diffusers_scheduler(HeunDiscreteScheduler, device)
 
         def fn():
             scheduler._step_index, scheduler.dt, scheduler.prev_derivative, scheduler.sample = 10, None, None, None
@@ -131,11 +131,7 @@ def test_euler_step(benchmark, device, impl):
     if impl == "diffkern":
         fn = lambda: dk.euler_step(denoised, x, SIGMA, SIGMA_NEXT)  # noqa: E731
     else:
-        if EulerDiscreteScheduler is None:
-            pytest.skip("diffusers is not installed")
-        scheduler = _diffusers_scheduler(EulerDiscreteScheduler)
-        scheduler.sigmas = scheduler.sigmas.to(device)
-        t = scheduler.timesteps[10]
+        scheduler, t = _diffusers_scheduler(EulerDiscreteScheduler, device)
 
         def fn():
             scheduler._step_index = 10

@@ -139,9 +139,6 @@ TORCH_LIBRARY(diffkern, m) {
   // Test hooks: CPU randn (or Rademacher signs) on a given instruction set ("auto", "scalar", "avx2",
   // "avx512").
   m.def(
-      "_randn_cpu_isa(SymInt[] size, int seed, int step, int sample_offset, int stream, "
-      "ScalarType dtype, str isa) -> Tensor");
-  m.def(
       "_noise_cpu_isa(SymInt[] size, int seed, int step, int sample_offset, int stream, "
       "ScalarType dtype, str isa, bool rademacher) -> Tensor");
 }

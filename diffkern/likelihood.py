@@ -15,7 +15,7 @@ import torch
 
 from . import ops
 from .noise import rademacher, randn
-from .samplers import _progress
+from .samplers import _progress, model_output_of
 
 PROBE_STREAM = 1  # the probes' stream id: distinct from the sampling noise (stream 0)
 DISTRIBUTIONS = ("rademacher", "gaussian")
@@ -203,7 +203,7 @@ def log_likelihood(score_fn: Callable, x: torch.Tensor, sde, num_steps: int = 10
         return float(sde.drift_coef(t)), -0.5 * float(sde.diffusion(t)) ** 2 * scale
 
     def model_at(t_batch):
-        return lambda y: _model_output(score_fn(y, t_batch))
+        return lambda y: model_output_of(score_fn(y, t_batch))
 
     x_end, delta = _integrate(velocity_terms, model_at, x, t_grid, solver, trace, num_probes, distribution, seed,
                               mode, sample_offset, progress, "log-likelihood")
@@ -229,15 +229,9 @@ def cnf_log_likelihood(f: Callable, x: torch.Tensor, t0: float = 0.0, t1: float 
     t_grid = torch.linspace(t0, t1, num_steps + 1, dtype=torch.float64)
 
     def model_at(t_batch):
-        return lambda y: _model_output(f(y, t_batch))
+        return lambda y: model_output_of(f(y, t_batch))
 
     z, delta = _integrate(lambda t: (0.0, 1.0), model_at, x, t_grid, solver, trace, num_probes, distribution, seed,
                           mode, sample_offset, progress, "CNF log-likelihood")
     base = (base_logp or standard_normal_logp)(z)
     return _result(z, delta, base.double(), x[0].numel(), bits_offset)
-
-
-def _model_output(out):
-    from .samplers import model_output_of
-
-    return model_output_of(out)

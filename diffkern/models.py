@@ -10,8 +10,6 @@ samplers' states; enough for sampling and four times cheaper in 64 dimensions), 
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
-
 import torch
 
 from .schedules import DDPMSchedule

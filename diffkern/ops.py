@@ -316,8 +316,3 @@ def _fused_step_out_fake(x, model_output, model_output_uncond, guidance_grad, pr
                          aux_out):
     return None
 torch.library.register_fake("diffkern::_fused_step_cpu_isa")(_fused_step_fake)
-
-
-@torch.library.register_fake("diffkern::_randn_cpu_isa")
-def _randn_cpu_isa_fake(size, seed, step, sample_offset, stream, dtype, isa):
-    return torch.empty(size, dtype=dtype, device="cpu")

@@ -50,7 +50,7 @@ def philox4x32_10(counter: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
     return torch.stack(c, dim=-1)
 
 
-def _as_int(value, name: str) -> int:
+def _as_int(value) -> int:
     return int(value.item()) if isinstance(value, torch.Tensor) else int(value)
 
 
@@ -61,8 +61,8 @@ def _noise_words(shape: Sequence[int], seed, step, sample_offset: int, stream: i
     rows = shape[0] if shape else 1
     features = math.prod(shape[1:])
     blocks = (features + 3) // 4
-    seed = _as_int(seed, "seed") % (1 << 64)
-    step = _as_int(step, "step") % (1 << 32)
+    seed = _as_int(seed) % (1 << 64)
+    step = _as_int(step) % (1 << 32)
     n = torch.arange(rows, dtype=torch.int64, device=device) + sample_offset
     q = torch.arange(blocks, dtype=torch.int64, device=device)
     counter = torch.stack(torch.broadcast_tensors(q[None, :], n[:, None],

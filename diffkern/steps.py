@@ -13,7 +13,7 @@ from typing import Optional, Union
 import torch
 
 from . import coefficients, ops
-from .noise import make_seed_step, resolve_device
+from .noise import make_seed_step
 from .schedules import DDPMSchedule
 
 Timestep = Union[int, torch.Tensor]
@@ -278,7 +278,7 @@ def _device_rows(table: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return cached
 
 
-def _explicit_step(noise, seed, step):
+def _explicit_step(seed, step):
     if seed is not None and step is None:
         raise ValueError("with seed=, pass step= too (a different step for every call draws new noise)")
     return step
@@ -291,7 +291,7 @@ def _apply_rows(table, x, model_output=None, slope=None, noise=None, seed=None, 
         raise ValueError("x must be a floating-point tensor")
     table = table.reshape(-1, len(coefficients.FIELDS))
     rows_device = _device_rows(table, x)
-    stream_noise, seed, step, seed_step = _noise_source(noise, seed, _explicit_step(noise, seed, step), None,
+    stream_noise, seed, step, seed_step = _noise_source(noise, seed, _explicit_step(seed, step), None,
                                                         needs_noise, x)
     out, aux_out = ops.fused_step(
         x, _as_x_dtype("model_output", model_output, x), guidance_grad=_as_x_dtype("slope", slope, x),

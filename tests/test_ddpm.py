@@ -24,11 +24,10 @@ SCHEDULES = ["linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid"]
 @needs_diffusers
 @pytest.mark.parametrize("beta_schedule", SCHEDULES)
 def test_betas_match_diffusers(beta_schedule):
-    ours = dk.DDPMSchedule(beta_schedule=beta_schedule, beta_start=1e-4 if beta_schedule != "scaled_linear" else 8.5e-4,
-                           beta_end=0.02 if beta_schedule != "scaled_linear" else 0.012)
-    ref = DDPMScheduler(beta_schedule=beta_schedule, beta_start=ours.betas[0].item() if beta_schedule == "linear" else
-                        (1e-4 if beta_schedule != "scaled_linear" else 8.5e-4),
-                        beta_end=0.02 if beta_schedule != "scaled_linear" else 0.012)
+    # scaled_linear is latent diffusion's schedule, with its own range
+    beta_range = dict(beta_start=8.5e-4, beta_end=0.012) if beta_schedule == "scaled_linear" else {}
+    ours = dk.DDPMSchedule(beta_schedule=beta_schedule, **beta_range)
+    ref = DDPMScheduler(beta_schedule=beta_schedule, **beta_range)
     assert ours.betas.dtype == torch.float64 and ours.alphas_cumprod.dtype == torch.float64
     # diffusers keeps float32 tables: agreement to float32 rounding
     torch.testing.assert_close(ours.betas, ref.betas.double(), rtol=2e-6, atol=1e-9)
@@ -308,7 +307,6 @@ def test_classifier_guidance_samples_the_posterior():
 
 def test_classifier_guidance_through_autograd_of_a_classifier():
     """classifier(x, t) -> logits: the sampler's autograd gradient equals the closed form."""
-    sched = dk.DDPMSchedule()
     x = torch.randn(8, 3, dtype=torch.float64)
     t = torch.full((8,), 400)
     weight = torch.randn(5, 3, dtype=torch.float64)

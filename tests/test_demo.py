@@ -1,6 +1,5 @@
 """The built-in models and `python -m diffkern demo`, end to end on the CPU."""
 import json
-import math
 import subprocess
 import sys
 

@@ -59,7 +59,7 @@ def test_dtypes_are_the_float32_normals_cast(device, dtype):
 @pytest.mark.parametrize("shape", ODD_SHAPES + [(1000,), (513, 2), (257, 3), (3, 1000)])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_cpu_instruction_sets_agree_bitwise(shape, dtype):
-    results = {isa: torch.ops.diffkern._randn_cpu_isa(list(shape), 77, 1, 3, 2, dtype, isa) for isa in cpu_isas()}
+    results = {isa: torch.ops.diffkern._noise_cpu_isa(list(shape), 77, 1, 3, 2, dtype, isa, False) for isa in cpu_isas()}
     scalar = results["scalar"]  # the CUDA thread body, run index by index
     for isa, z in results.items():
         assert torch.equal(z, scalar), f"{isa} differs from the scalar path"
@@ -68,7 +68,7 @@ def test_cpu_instruction_sets_agree_bitwise(shape, dtype):
 def test_half_conversion_agrees_bitwise_including_subnormals():
     """The SIMD paths convert to float16 in hardware; 2^20 normals include ~50 below float16's
     smallest normal (6.1e-5), where rounding mistakes would show."""
-    results = [torch.ops.diffkern._randn_cpu_isa([1024, 1024], 5, 0, 0, 0, torch.float16, isa) for isa in cpu_isas()]
+    results = [torch.ops.diffkern._noise_cpu_isa([1024, 1024], 5, 0, 0, 0, torch.float16, isa, False) for isa in cpu_isas()]
     assert (results[0].abs() < 6.1e-5).sum() > 10
     for z in results[1:]:
         assert torch.equal(z, results[0])
@@ -76,7 +76,7 @@ def test_half_conversion_agrees_bitwise_including_subnormals():
 
 def test_default_path_is_the_best_isa():
     shape = (4, 100)
-    assert torch.equal(dk.randn(shape, seed=1), torch.ops.diffkern._randn_cpu_isa(shape, 1, 0, 0, 0, torch.float32, "auto"))
+    assert torch.equal(dk.randn(shape, seed=1), torch.ops.diffkern._noise_cpu_isa(shape, 1, 0, 0, 0, torch.float32, "auto", False))
 
 
 # ---- reproducibility contract ----
@@ -185,7 +185,7 @@ def test_opcheck_randn():
     torch.library.opcheck(torch.ops.diffkern.randn.default, ([3, 5], 1, 2, 3, 4, None, torch.float32, cpu))
     torch.library.opcheck(torch.ops.diffkern.randn.default,
                           ([2, 7], 0, 0, 0, 0, torch.tensor([5, 6]), torch.bfloat16, cpu))
-    torch.library.opcheck(torch.ops.diffkern._randn_cpu_isa.default, ([3, 5], 1, 2, 3, 4, torch.float32, "auto"))
+    torch.library.opcheck(torch.ops.diffkern._noise_cpu_isa.default, ([3, 5], 1, 2, 3, 4, torch.float32, "auto", True))
 
 
 def test_torch_compile_fullgraph():
@@ -228,7 +228,7 @@ def test_bad_inputs_reach_cpp_checks_too():
     with pytest.raises(RuntimeError, match="sample_offset"):
         torch.ops.diffkern.randn([3], 0, 0, 2**32 - 1, 0, None, torch.float32, cpu)
     with pytest.raises(RuntimeError, match="unknown CPU instruction set"):
-        torch.ops.diffkern._randn_cpu_isa([3], 0, 0, 0, 0, torch.float32, "sse9")
+        torch.ops.diffkern._noise_cpu_isa([3], 0, 0, 0, 0, torch.float32, "sse9", False)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error without a GPU")

@@ -76,11 +76,6 @@ at::Tensor noise_cpu_isa(c10::SymIntArrayRef size, int64_t seed, int64_t step, i
                     rademacher ? Distribution::kRademacher : Distribution::kNormal);
 }
 
-at::Tensor randn_cpu_isa(c10::SymIntArrayRef size, int64_t seed, int64_t step, int64_t sample_offset,
-                         int64_t stream, at::ScalarType dtype, c10::string_view isa) {
-  return noise_cpu_isa(size, seed, step, sample_offset, stream, dtype, isa, false);
-}
-
 at::Tensor random_bits_cpu(c10::SymIntArrayRef size, int64_t seed, int64_t step, int64_t sample_offset,
                            int64_t stream, const std::optional<at::Tensor>& seed_step, at::Device device) {
   TORCH_CHECK(device.is_cpu(), "diffkern::random_bits: CPU kernel called for device ", device);
@@ -113,7 +108,6 @@ TORCH_LIBRARY_IMPL(diffkern, CPU, m) {
 
 // No tensor arguments: registered as the catch-all so it is reachable without a device key.
 TORCH_LIBRARY_IMPL(diffkern, CompositeExplicitAutograd, m) {
-  m.impl("_randn_cpu_isa", &randn_cpu_isa);
   m.impl("_noise_cpu_isa", &noise_cpu_isa);
 }
 

@@ -23,10 +23,10 @@ void expect(bool ok, const std::string& what) {
 at::Tensor randn_on(const std::string& isa, std::vector<int64_t> size, int64_t seed, int64_t step,
                     int64_t offset, int64_t stream, at::ScalarType dtype) {
   static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("diffkern::_randn_cpu_isa", "")
+                             .findSchemaOrThrow("diffkern::_noise_cpu_isa", "")
                              .typed<at::Tensor(c10::SymIntArrayRef, int64_t, int64_t, int64_t, int64_t,
-                                               at::ScalarType, c10::string_view)>();
-  return op.call(c10::fromIntArrayRefSlow(size), seed, step, offset, stream, dtype, isa);
+                                               at::ScalarType, c10::string_view, bool)>();
+  return op.call(c10::fromIntArrayRefSlow(size), seed, step, offset, stream, dtype, isa, false);
 }
 
 }  // namespace
