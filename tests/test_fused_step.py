@@ -109,6 +109,60 @@ def test_cpu_instruction_sets_agree_bitwise(dtype, variant, shape):
         assert torch.equal(out, results[0][0]) and torch.equal(aux, results[0][1])
 
 
+def _fused_step_on_every_isa(x, kwargs, table, rows, row, aux, noise=None, stream_noise=True):
+    """(out, aux) of the op on each CPU instruction set ("scalar" is the CUDA thread body)."""
+    return {isa: torch.ops.diffkern._fused_step_cpu_isa(
+        x, kwargs["model_output"], kwargs.get("model_output_uncond"), kwargs.get("guidance_grad"),
+        kwargs.get("predicted_variance"), noise, table, rows, row, True, aux, stream_noise, 5, 6, 7, 2, None, isa)
+        for isa in cpu_isas()}
+
+
+# Small samples are processed many per SIMD group (the CPU vectorises across samples); these sizes
+# take each of its paths: samples of 1-3 features (one Philox block each, part used), multiples of
+# 4 (blocks across samples), others (row tails), around a work item (512 elements) and the lanes.
+FEATURE_COUNTS = [1, 2, 3, 4, 5, 7, 8, 15, 16, 17, 63, 64, 65, 511, 513]
+
+
+@pytest.mark.parametrize("features", FEATURE_COUNTS)
+@pytest.mark.parametrize("batch", [1, 37, 1029])
+@pytest.mark.parametrize("rows_kind", ["one", "per_sample", "runs"])
+def test_cpu_instruction_sets_agree_bitwise_for_every_feature_count(features, batch, rows_kind):
+    """One row for all, a different row per sample (some with sigma = 0: no noise), or runs of
+    samples sharing a row; in-kernel noise and the noise as auxiliary output."""
+    x, kwargs = make_inputs("all", torch.float32, "cpu", shape=(batch, features))
+    table = table_for(torch.float32, "cpu")
+    rows, row = None, 3
+    if rows_kind == "per_sample":
+        rows = per_sample_rows(batch, "cpu")
+    elif rows_kind == "runs":
+        rows = (torch.arange(batch) // 5 % len(ROWS)).contiguous()
+    results = _fused_step_on_every_isa(x, kwargs, table, rows, row, aux=2)
+    for isa, (out, aux) in results.items():
+        assert torch.equal(out, results["scalar"][0]), f"{isa} differs from the scalar path"
+        assert torch.equal(aux, results["scalar"][1]), f"{isa}: noise differs from the scalar path"
+    sigma = table[rows if rows is not None else row, coefficients.INDEX["sigma"]].reshape(-1, 1)
+    expected_noise = dk.randn((batch, features), seed=5, step=6, sample_offset=7, stream=2) * (sigma != 0)
+    assert torch.equal(results["scalar"][1], expected_noise.expand(batch, features))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("features", [1, 3, 8, 17])
+@pytest.mark.parametrize("aux", [1, 2])
+def test_cpu_small_samples_every_dtype_and_strided_samples(dtype, features, aux):
+    """Samples that are views into wider rows (the row stride is not the sample size) are gathered;
+    half types are converted; the results stay bitwise those of the CUDA thread body."""
+    batch = 531
+    wide_x, wide = make_inputs("all", dtype, "cpu", shape=(batch, 2 * features))
+    x = wide_x[:, features:]
+    kwargs = {name: t[:, :features] for name, t in wide.items()}
+    noise = torch.randn(batch, features, generator=torch.Generator().manual_seed(2)).to(dtype)[:, :]
+    for stream_noise, given in ((True, None), (False, noise), (False, None)):
+        results = _fused_step_on_every_isa(x, kwargs, table_for(dtype, "cpu"), per_sample_rows(batch, "cpu"), 0, aux,
+                                           noise=given, stream_noise=stream_noise)
+        for isa, (out, aux_out) in results.items():
+            assert torch.equal(out, results["scalar"][0]) and torch.equal(aux_out, results["scalar"][1]), isa
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_stream_noise_is_the_randn_stream(device, dtype):
     """In-kernel noise is exactly dk.randn(x.shape, seed, step, sample_offset, stream)."""

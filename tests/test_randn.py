@@ -65,6 +65,22 @@ def test_cpu_instruction_sets_agree_bitwise(shape, dtype):
         assert torch.equal(z, scalar), f"{isa} differs from the scalar path"
 
 
+# Feature counts around the SIMD widths (4 words per block, 8 or 16 lanes) and batches that are not
+# multiples of the lane count: each takes another of the fill's paths (short rows, rows of 4 k
+# features across samples, row tails).
+FEATURE_COUNTS = [1, 2, 3, 4, 5, 7, 8, 15, 16, 17, 63, 64, 65]
+
+
+@pytest.mark.parametrize("features", FEATURE_COUNTS)
+@pytest.mark.parametrize("batch", [1, 37, 4099])
+@pytest.mark.parametrize("rademacher", [False, True])
+def test_cpu_instruction_sets_agree_bitwise_for_every_feature_count(features, batch, rademacher):
+    results = {isa: torch.ops.diffkern._noise_cpu_isa([batch, features], 5, 2, 11, 0, torch.float32, isa, rademacher)
+               for isa in cpu_isas()}
+    for isa, z in results.items():
+        assert torch.equal(z, results["scalar"]), f"{isa} differs from the scalar path"
+
+
 def test_half_conversion_agrees_bitwise_including_subnormals():
     """The SIMD paths convert to float16 in hardware; 2^20 normals include ~50 below float16's
     smallest normal (6.1e-5), where rounding mistakes would show."""

@@ -38,9 +38,27 @@ struct NoiseFillArgs {
 void fill_noise_avx2(const NoiseFillArgs& args);
 void fill_noise_avx512(const NoiseFillArgs& args);
 
-// The fused step (diffkern/step_math.h) for work items [begin, end): item i is chunk
-// i % chunks of sample i / chunks, a chunk being kCpuStepChunk features (simd/step_simd.h).
+// The fused step (diffkern/step_math.h) for work items [begin, end). An item is about
+// kCpuStepChunk elements: one chunk of one sample when samples are at least that large, else a
+// group of whole consecutive samples (so a step over many small samples is not a loop over
+// samples: noise, coefficients and the formula run across samples).
 constexpr int64_t kCpuStepChunk = 512;
+
+struct StepItems {
+  int64_t samples_per_item;   // > 1 only when chunks_per_sample == 1
+  int64_t chunks_per_sample;  // chunks of kCpuStepChunk features
+  int64_t count;              // number of items
+
+  static StepItems of(int64_t batch, int64_t features) {
+    if (features >= kCpuStepChunk || features == 0) {
+      const int64_t chunks = (features + kCpuStepChunk - 1) / kCpuStepChunk;
+      return StepItems{1, chunks, batch * chunks};
+    }
+    const int64_t samples = kCpuStepChunk / features;
+    return StepItems{samples, 1, (batch + samples - 1) / samples};
+  }
+};
+
 void fused_step_avx2(const FusedStepArgs& args, int64_t begin, int64_t end);
 void fused_step_avx512(const FusedStepArgs& args, int64_t begin, int64_t end);
 

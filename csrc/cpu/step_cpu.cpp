@@ -4,6 +4,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <string>
 #include <tuple>
 
@@ -17,6 +18,14 @@ namespace {
 
 void check_row_indices(const FusedStepArgs& a) {
   if (a.rows == nullptr) return;
+  // min and max first (a loop the compiler vectorises); the offending index only on failure
+  int64_t lo = 0, hi = 0;
+  if (a.rows_size > 0) lo = hi = a.rows[0];
+  for (int64_t i = 0; i < a.rows_size; ++i) {
+    lo = std::min(lo, a.rows[i]);
+    hi = std::max(hi, a.rows[i]);
+  }
+  if (lo >= 0 && hi < a.table_rows) return;
   for (int64_t i = 0; i < a.rows_size; ++i)
     TORCH_CHECK(a.rows[i] >= 0 && a.rows[i] < a.table_rows, "diffkern::fused_step: rows[", i, "] = ", a.rows[i],
                 " outside the table of ", a.table_rows, " rows");
@@ -44,10 +53,10 @@ void run_fused_step(const FusedStepArgs& a, Isa isa) {
                                     });
     return;
   }
-  const int64_t chunks = (a.features + kCpuStepChunk - 1) / kCpuStepChunk;
+  const StepItems items = StepItems::of(a.batch, a.features);
   // About 32K elements per task, so small steps stay on one thread.
-  const int64_t grain = std::max<int64_t>(1, 32768 / std::min<int64_t>(a.features, kCpuStepChunk));
-  at::parallel_for(0, a.batch * chunks, grain, [&](int64_t begin, int64_t end) {
+  const int64_t grain = std::max<int64_t>(1, 32768 / kCpuStepChunk);
+  at::parallel_for(0, items.count, grain, [&](int64_t begin, int64_t end) {
     if (isa == Isa::kAvx512) {
       fused_step_avx512(a, begin, end);
     } else {

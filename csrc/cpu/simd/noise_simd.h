@@ -141,10 +141,11 @@ void store_converted(T* dst, const S* values, int64_t count) {
 
 // Rows of 1 to 3 features hold one block each, of which they use the first features: W
 // consecutive samples per vector (for normals, the second Box-Muller pair only with 3 features).
-// Returns the first row not written (the caller finishes the last < W rows).
+// out points at element out_offset of the [rows, row_size] output. Returns the first row not
+// written (the caller finishes the last < W rows).
 template <class V, class Draw, class T>
-int64_t fill_short_rows(T* out, const FillShape& shape, const NoiseKey& key, uint64_t sample_offset,
-                        int64_t begin, int64_t end) {
+int64_t fill_short_rows(T* out, int64_t out_offset, const FillShape& shape, const NoiseKey& key,
+                        uint64_t sample_offset, int64_t begin, int64_t end) {
   constexpr int W = V::kWidth;
   const int features = static_cast<int>(shape.row_size);
   alignas(64) float values[3 * W];
@@ -155,38 +156,58 @@ int64_t fill_short_rows(T* out, const FillShape& shape, const NoiseKey& key, uin
     Draw::template values<V>(noise_bits<V>(key, V::splat(0u),
                                            V::add(V::splat(static_cast<uint32_t>(row + sample_offset)), V::iota())),
                              features, z);
+    T* dst = out + (row * features - out_offset);
+    float* target = std::is_same_v<T, float> ? reinterpret_cast<float*>(dst) : values;
     if (features == 1) {
-      V::store(values, z[0]);
+      V::store(target, z[0]);
     } else if (features == 2) {
-      V::store_interleaved2(values, z[0], z[1]);
+      V::store_interleaved2(target, z[0], z[1]);
     } else {
       for (int e = 0; e < 3; ++e) V::store(by_element[e], z[e]);
       for (int l = 0; l < W; ++l)
-        for (int e = 0; e < 3; ++e) values[3 * l + e] = by_element[e][l];
+        for (int e = 0; e < 3; ++e) target[3 * l + e] = by_element[e][l];
     }
-    store_converted<V>(out + row * features, values, W * features);
+    if constexpr (!std::is_same_v<T, float>) store_converted<V>(dst, values, W * features);
   }
   return row;
 }
 
-// Blocks [begin, end) of the (row, block) index space of noise_fill.h, W blocks at a time.
+// Blocks [begin, end) of the (row, block) index space of noise_fill.h, W blocks at a time, written
+// to out, which points at element out_offset of the contiguous [rows, row_size] output (a caller
+// that wants a slice passes a buffer and the slice's first element).
 template <class V, class Draw, class T>
-void fill(T* out, const FillShape& shape, const NoiseKey& key, uint64_t sample_offset, int64_t begin, int64_t end) {
+void fill(T* out, int64_t out_offset, const FillShape& shape, const NoiseKey& key, uint64_t sample_offset,
+          int64_t begin, int64_t end) {
   constexpr int W = V::kWidth;
-  if (shape.row_size < 4) begin = fill_short_rows<V, Draw>(out, shape, key, sample_offset, begin, end);
+  if (shape.row_size < 4) begin = fill_short_rows<V, Draw>(out, out_offset, shape, key, sample_offset, begin, end);
   const int64_t full_blocks = shape.row_size / 4;  // blocks holding 4 features
+  // Rows of a multiple of 4 features: block t of the index space holds elements 4t .. 4t + 3, so
+  // any W consecutive blocks are 4 W consecutive elements, whichever rows they belong to.
+  const bool dense = shape.row_size % 4 == 0;
   alignas(64) float values[4 * W];
   int64_t row, block;
   split_thread_index(begin, shape.blocks_per_row, row, block);
   for (int64_t t = begin; t < end;) {
-    if (block + W <= full_blocks && t + W <= end) {
-      // W full blocks of one row: 4 W consecutive features.
-      T* dst = out + row * shape.row_size + 4 * block;
+    T* dst = out + (row * shape.row_size + 4 * block - out_offset);
+    if (t + W <= end && (block + W <= full_blocks || dense)) {
       float* target = std::is_same_v<T, float> ? reinterpret_cast<float*>(dst) : values;
-      draw_blocks<V, Draw>(key, V::add(V::splat(static_cast<uint32_t>(block)), V::iota()),
-                           V::splat(static_cast<uint32_t>(row + sample_offset)), target);
+      if (block + W <= full_blocks) {  // W blocks of one row
+        draw_blocks<V, Draw>(key, V::add(V::splat(static_cast<uint32_t>(block)), V::iota()),
+                             V::splat(static_cast<uint32_t>(row + sample_offset)), target);
+        block += W;
+      } else {  // W blocks across rows
+        alignas(64) int32_t lane_block[W], lane_sample[W];
+        for (int l = 0; l < W; ++l) {
+          lane_block[l] = static_cast<int32_t>(block);
+          lane_sample[l] = static_cast<int32_t>(row + sample_offset);
+          if (++block == shape.blocks_per_row) {
+            block = 0;
+            ++row;
+          }
+        }
+        draw_blocks<V, Draw>(key, V::load(lane_block), V::load(lane_sample), target);
+      }
       if constexpr (!std::is_same_v<T, float>) store_converted<V>(dst, values, 4 * W);
-      block += W;
       t += W;
       if (block == shape.blocks_per_row) {
         block = 0;
@@ -194,14 +215,14 @@ void fill(T* out, const FillShape& shape, const NoiseKey& key, uint64_t sample_o
       }
       continue;
     }
-    // Anything else (row tails, short rows): up to W consecutive blocks, possibly across rows.
+    // Anything else (row tails of other sizes, the last < W blocks): up to W consecutive blocks.
     const int lanes = static_cast<int>(std::min<int64_t>(W, end - t));
-    int32_t lane_block[W] = {0}, lane_sample[W] = {0};
+    alignas(64) int32_t lane_block[W] = {0}, lane_sample[W] = {0};
     int64_t lane_offset[W], lane_count[W];
     for (int l = 0; l < lanes; ++l) {
       lane_block[l] = static_cast<int32_t>(block);
       lane_sample[l] = static_cast<int32_t>(row + sample_offset);
-      lane_offset[l] = row * shape.row_size + 4 * block;
+      lane_offset[l] = row * shape.row_size + 4 * block - out_offset;
       lane_count[l] = std::min<int64_t>(4, shape.row_size - 4 * block);
       if (++block == shape.blocks_per_row) {
         block = 0;
@@ -220,13 +241,13 @@ void fill_entry(const cpu::NoiseFillArgs& a) {
   const NoiseKey key{a.key0, a.key1, a.step, a.stream};
   switch (a.dtype) {
     case c10::ScalarType::Float:
-      return fill<V, Draw>(static_cast<float*>(a.out), shape, key, a.sample_offset, a.begin, a.end);
+      return fill<V, Draw>(static_cast<float*>(a.out), 0, shape, key, a.sample_offset, a.begin, a.end);
     case c10::ScalarType::Double:
-      return fill<V, Draw>(static_cast<double*>(a.out), shape, key, a.sample_offset, a.begin, a.end);
+      return fill<V, Draw>(static_cast<double*>(a.out), 0, shape, key, a.sample_offset, a.begin, a.end);
     case c10::ScalarType::Half:
-      return fill<V, Draw>(static_cast<c10::Half*>(a.out), shape, key, a.sample_offset, a.begin, a.end);
+      return fill<V, Draw>(static_cast<c10::Half*>(a.out), 0, shape, key, a.sample_offset, a.begin, a.end);
     case c10::ScalarType::BFloat16:
-      return fill<V, Draw>(static_cast<c10::BFloat16*>(a.out), shape, key, a.sample_offset, a.begin, a.end);
+      return fill<V, Draw>(static_cast<c10::BFloat16*>(a.out), 0, shape, key, a.sample_offset, a.begin, a.end);
     default:
       TORCH_CHECK(false, "diffkern: unsupported dtype for the noise fill: ", a.dtype);
   }
