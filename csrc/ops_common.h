@@ -7,6 +7,7 @@
 #include <c10/util/Exception.h>
 
 #include <optional>
+#include <vector>
 
 #include "diffkern/noise.h"
 #include "diffkern/noise_fill.h"
@@ -79,21 +80,29 @@ inline void check_philox_inputs(const at::Tensor& counter, const at::Tensor& key
 
 // ---- the fused step ----
 
-// Sample n of t ([batch, ...]) as a contiguous run of `features` elements: returns its row stride.
-inline int64_t step_row_stride(const at::Tensor& t, const char* name) {
+// Whether every sample of t ([batch, ...]) is one contiguous run (dim 0 may have any stride).
+inline bool samples_contiguous(const at::Tensor& t) {
   int64_t expected = 1;
   for (int64_t d = t.dim() - 1; d >= 1; --d) {
-    TORCH_CHECK(t.size(d) == 1 || t.stride(d) == expected, "diffkern::fused_step: ", name,
-                " must have contiguous samples (got strides ", t.strides(), ")");
+    if (t.size(d) != 1 && t.stride(d) != expected) return false;
     expected *= t.size(d);
   }
-  return t.dim() == 0 ? 1 : (t.size(0) == 1 ? expected : t.stride(0));
+  return true;
 }
 
-// The checked launch arguments of a fused step and its outputs.
+// Sample n of t as a contiguous run of `features` elements: its row stride.
+inline int64_t step_row_stride(const at::Tensor& t) {
+  int64_t features = 1;
+  for (int64_t d = 1; d < t.dim(); ++d) features *= t.size(d);
+  return t.dim() == 0 ? 1 : (t.size(0) == 1 ? features : t.stride(0));
+}
+
+// The checked launch arguments of a fused step, its outputs, and the contiguous copies of inputs
+// whose samples were not contiguous runs (e.g. channels_last), which the launch reads.
 struct FusedStep {
   FusedStepArgs args;
   at::Tensor out, aux;
+  std::vector<at::Tensor> copies;
 };
 
 // The parameters of the fused_step op (its schema is in ops.cpp), for the per-device kernels.
@@ -133,7 +142,13 @@ inline FusedStep prepare_fused_step(DK_FUSED_STEP_PARAMS, const at::Tensor* out 
   a.dtype = static_cast<int>(dtype);
   a.batch = batch;
   a.features = shape.row_size;
-  a.x = StepInput{x.const_data_ptr(), step_row_stride(x, "x")};
+  FusedStep result{};
+  const auto input = [&](const at::Tensor& t) {
+    if (samples_contiguous(t)) return StepInput{t.const_data_ptr(), step_row_stride(t)};
+    result.copies.push_back(t.contiguous());
+    return StepInput{result.copies.back().const_data_ptr(), step_row_stride(result.copies.back())};
+  };
+  a.x = input(x);
   const std::pair<const std::optional<at::Tensor>*, StepInput*> inputs[] = {
       {&model_output, &a.m}, {&model_output_uncond, &a.m_uncond}, {&guidance_grad, &a.g},
       {&predicted_variance, &a.v}, {&noise, &a.noise}};
@@ -148,32 +163,41 @@ inline FusedStep prepare_fused_step(DK_FUSED_STEP_PARAMS, const at::Tensor* out 
                 " but x is ", dtype);
     TORCH_CHECK(t->device() == x.device(), "diffkern::fused_step: ", names[i], " is on ", t->device(),
                 " but x is on ", x.device());
-    *inputs[i].second = StepInput{t->const_data_ptr(), step_row_stride(*t, names[i])};
+    *inputs[i].second = input(*t);
   }
   TORCH_CHECK(!(model_output_uncond.has_value() && !model_output.has_value()),
               "diffkern::fused_step: model_output_uncond needs model_output");
 
   const at::ScalarType table_dtype = dtype == at::kDouble ? at::kDouble : at::kFloat;
   TORCH_CHECK(coefficients.scalar_type() == table_dtype && coefficients.dim() == 2 &&
-                  coefficients.size(1) == kStepRowSize && coefficients.is_contiguous(),
+                  coefficients.size(1) == kStepRowSize,
               "diffkern::fused_step: coefficients must be a contiguous ", table_dtype, " tensor [rows, ",
               kStepRowSize, "] for ", dtype, " inputs, got ", coefficients.scalar_type(), " ",
               coefficients.sizes());
   TORCH_CHECK(coefficients.device() == x.device(), "diffkern::fused_step: coefficients are on ",
               coefficients.device(), " but x is on ", x.device());
-  a.table = coefficients.const_data_ptr();
+  if (coefficients.is_contiguous()) {
+    a.table = coefficients.const_data_ptr();
+  } else {
+    result.copies.push_back(coefficients.contiguous());
+    a.table = result.copies.back().const_data_ptr();
+  }
   a.table_rows = coefficients.size(0);
   a.rows = nullptr;
   a.rows_size = 0;
   a.row = row;
   if (rows.has_value()) {
-    TORCH_CHECK(rows->scalar_type() == at::kLong && rows->is_contiguous() &&
-                    (rows->numel() == 1 || rows->numel() == batch),
-                "diffkern::fused_step: rows must be a contiguous int64 tensor of 1 or batch (", batch,
-                ") elements");
+    TORCH_CHECK(rows->scalar_type() == at::kLong && rows->dim() <= 1 && (rows->numel() == 1 || rows->numel() == batch),
+                "diffkern::fused_step: rows must be an int64 tensor of 1 or batch (", batch, ") elements, got ",
+                rows->scalar_type(), " ", rows->sizes());
     TORCH_CHECK(rows->device() == x.device(), "diffkern::fused_step: rows are on ", rows->device(),
                 " but x is on ", x.device());
-    a.rows = rows->const_data_ptr<int64_t>();
+    if (rows->is_contiguous()) {
+      a.rows = rows->const_data_ptr<int64_t>();
+    } else {
+      result.copies.push_back(rows->contiguous());
+      a.rows = result.copies.back().const_data_ptr<int64_t>();
+    }
     a.rows_size = rows->numel();
   } else if (row >= 0) {
     TORCH_CHECK(row < a.table_rows, "diffkern::fused_step: row ", row, " outside the table of ", a.table_rows,
@@ -197,7 +221,7 @@ inline FusedStep prepare_fused_step(DK_FUSED_STEP_PARAMS, const at::Tensor* out 
   a.sample_offset = params.sample_offset;
   a.seed_step = params.seed_step;
 
-  FusedStep result{a, {}, {}};
+  result.args = a;
   if (out != nullptr) {
     check_step_output(*out, x, "out", {&model_output, &model_output_uncond, &guidance_grad, &predicted_variance, &noise});
     result.out = *out;

@@ -140,14 +140,9 @@ def philox4x32_10(counter: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
 _AUX = {"none": 0, "x0": 1, "noise": 2}
 
 
-def samples_contiguous(t: torch.Tensor) -> bool:
-    """True when every sample t[n] is one contiguous run (the kernels' layout; dim 0 may be strided)."""
-    expected = 1
-    for size, stride in zip(reversed(t.shape[1:]), reversed(t.stride()[1:])):
-        if size != 1 and stride != expected:
-            return False
-        expected *= size
-    return True
+_fused_step_op = torch.ops.diffkern.fused_step.default
+_fused_step_out_op = torch.ops.diffkern.fused_step.out
+_INT64_SIGN = 1 << 63
 
 
 def fused_step(x: torch.Tensor, model_output: Optional[torch.Tensor] = None,
@@ -160,11 +155,55 @@ def fused_step(x: torch.Tensor, model_output: Optional[torch.Tensor] = None,
     """The fused step of csrc/include/diffkern/step_math.h (see diffkern.coefficients for the rows).
 
     Inputs are [batch, ...] tensors of x's shape, dtype and device; any layout works (samples that are
-    not contiguous runs, e.g. channels_last, are copied) and the outputs keep x's memory format.
-    Returns (out, aux_out) where aux_out is x0, the noise used, or None (aux = "x0" | "noise" | "none").
-    With ``out`` (and ``aux_out``): writes there instead of allocating (contiguous buffers of x's
-    shape and dtype that overlap no input) and returns them.
+    not contiguous runs, e.g. channels_last, are copied by the op) and the outputs keep x's memory
+    format. Returns (out, aux_out) where aux_out is x0, the noise used, or None (aux = "x0" | "noise" |
+    "none"); the two outputs are views of one allocation. With ``out`` (and ``aux_out``): writes
+    there instead of allocating (contiguous buffers of x's shape and dtype that overlap no input) and
+    returns them.
+
+    This is the hot path of every sampler, so it checks only what the op cannot (the seed's range and
+    ``aux``); when the op rejects its arguments, the full checks below run to name the bad one.
     """
+    aux_code = _AUX.get(aux) if isinstance(aux, str) else None
+    if aux_code is None or type(seed) is not int or not 0 <= seed < _UINT64:
+        _check_fused_step(x, model_output, model_output_uncond, guidance_grad, predicted_variance, noise, coefficients,
+                          rows, aux, seed, step, sample_offset, stream, seed_step, out, aux_out)
+    if seed >= _INT64_SIGN:
+        seed -= _UINT64
+    given_out = out is not None
+    if not given_out and aux_code and isinstance(x, torch.Tensor):
+        # One allocation for both outputs: two large buffers freed together can make glibc return
+        # the heap top to the system, so that every call page-faults both in again (measured: 6x
+        # the time of the step without aux). One buffer behaves as the single-output step.
+        both = torch.empty((2, *x.shape), dtype=x.dtype, device=x.device)
+        out, aux_out = both[0], both[1]
+    try:
+        if out is not None:
+            if aux_code and aux_out is None:
+                raise ValueError(f"aux={aux!r} with out= needs aux_out=")
+            aux_out = aux_out if aux_code else None
+            _fused_step_out_op(x, model_output, model_output_uncond, guidance_grad, predicted_variance, noise,
+                               coefficients, rows, row, clip, aux_code, stream_noise, seed, step, sample_offset, stream,
+                               seed_step, out=out, aux_out=aux_out)
+        else:
+            out, aux_out = _fused_step_op(x, model_output, model_output_uncond, guidance_grad, predicted_variance,
+                                          noise, coefficients, rows, row, clip, aux_code, stream_noise, seed, step,
+                                          sample_offset, stream, seed_step)
+    except (RuntimeError, TypeError, NotImplementedError):
+        _check_fused_step(x, model_output, model_output_uncond, guidance_grad, predicted_variance, noise, coefficients,
+                          rows, aux, seed, step, sample_offset, stream, seed_step, out, aux_out)
+        raise
+    if given_out:
+        return out, aux_out
+    if not x.is_contiguous() and x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        out = out.contiguous(memory_format=torch.channels_last)
+        aux_out = aux_out.contiguous(memory_format=torch.channels_last) if aux_code else aux_out
+    return out, (aux_out if aux_code else None)
+
+
+def _check_fused_step(x, model_output, model_output_uncond, guidance_grad, predicted_variance, noise, coefficients,
+                      rows, aux, seed, step, sample_offset, stream, seed_step, out, aux_out) -> None:
+    """The arguments of fused_step, checked one by one: raises an error that names the first bad one."""
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         raise ValueError(f"x must be a floating-point tensor, got {type(x).__name__}")
     if x.dtype not in NOISE_DTYPES:
@@ -185,38 +224,20 @@ def fused_step(x: torch.Tensor, model_output: Optional[torch.Tensor] = None,
             raise ValueError(f"{name} is {t.dtype} but x is {x.dtype}")
     if model_output_uncond is not None and model_output is None:
         raise ValueError("model_output_uncond (classifier-free guidance) needs model_output")
-    if aux not in _AUX:
+    if not isinstance(aux, str) or aux not in _AUX:
         raise ValueError(f"aux must be one of {tuple(_AUX)}, got {aux!r}")
     table_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    if coefficients.dtype != table_dtype or coefficients.dim() != 2:
+    if not isinstance(coefficients, torch.Tensor) or coefficients.dtype != table_dtype or coefficients.dim() != 2:
         raise ValueError(f"coefficients must be a 2-d {table_dtype} tensor for {x.dtype} inputs, got "
-                         f"{coefficients.dtype} {tuple(coefficients.shape)}")
+                         f"{getattr(coefficients, 'dtype', type(coefficients).__name__)} "
+                         f"{tuple(getattr(coefficients, 'shape', ()))}")
     if coefficients.device != x.device or (rows is not None and rows.device != x.device):
         raise ValueError(f"coefficients and rows must be on x's device ({x.device})")
-    shape = check_shape(x.shape)
-    _, seed, step, sample_offset, stream, seed_step = _noise_args(
-        shape, seed, step, sample_offset, stream, seed_step, x.device)
-
-    channels_last = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
-    def prepare(t):
-        return t if t is None or samples_contiguous(t) else t.contiguous()
-
-    args = (prepare(x), *(prepare(t) for t in named.values()), coefficients.contiguous(), rows, int(row), bool(clip),
-            _AUX[aux], bool(stream_noise), seed, step, sample_offset, stream, seed_step)
-    if out is not None:
-        if aux != "none" and aux_out is None:
-            raise ValueError(f"aux={aux!r} with out= needs aux_out=")
-        for name, buffer in (("out", out), ("aux_out", aux_out if aux != "none" else None)):
-            if buffer is not None and (buffer.shape != x.shape or buffer.dtype != x.dtype or buffer.device != x.device
-                                       or not buffer.is_contiguous()):
-                raise ValueError(f"{name} must be a contiguous {x.dtype} tensor of shape {tuple(x.shape)} on {x.device}")
-        torch.ops.diffkern.fused_step.out(*args, out=out, aux_out=aux_out if aux != "none" else None)
-        return out, (aux_out if aux != "none" else None)
-    out, aux_out = torch.ops.diffkern.fused_step(*args)
-    if channels_last:
-        out = out.contiguous(memory_format=torch.channels_last)
-        aux_out = aux_out.contiguous(memory_format=torch.channels_last) if aux != "none" else aux_out
-    return out, (aux_out if aux != "none" else None)
+    _noise_args(check_shape(x.shape), seed, step, sample_offset, stream, seed_step, x.device)
+    for name, buffer in (("out", out), ("aux_out", aux_out if aux != "none" else None)):
+        if buffer is not None and (buffer.shape != x.shape or buffer.dtype != x.dtype or buffer.device != x.device
+                                   or not buffer.is_contiguous()):
+            raise ValueError(f"{name} must be a contiguous {x.dtype} tensor of shape {tuple(x.shape)} on {x.device}")
 
 
 def _check_probe_tensors(probes: torch.Tensor, products: torch.Tensor) -> None:
@@ -301,8 +322,36 @@ def _philox_fake(counter, key):
     return torch.empty_like(counter, memory_format=torch.contiguous_format)
 
 
+def _check_fused_step_fake(x, inputs, coefficients, rows, aux):
+    """What the kernels check, for FakeTensor / meta tracing: a meta tensor among real ones is refused
+    here instead of producing meta outputs."""
+    names = ("model_output", "model_output_uncond", "guidance_grad", "predicted_variance", "noise")
+    for name, t in zip(names, inputs):
+        if t is None:
+            continue
+        torch._check(t.device == x.device, lambda: f"diffkern::fused_step: {name} is on {t.device} but x is on {x.device}")
+        torch._check(t.shape == x.shape, lambda: f"diffkern::fused_step: {name} has shape {tuple(t.shape)} but x has "
+                                                 f"{tuple(x.shape)}")
+        torch._check(t.dtype == x.dtype, lambda: f"diffkern::fused_step: {name} is {t.dtype} but x is {x.dtype}")
+    table_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    torch._check(coefficients.device == x.device and coefficients.dtype == table_dtype and coefficients.dim() == 2
+                 and coefficients.shape[1] == len(_step_row_fields()),
+                 lambda: f"diffkern::fused_step: coefficients must be a {table_dtype} table [rows, "
+                         f"{len(_step_row_fields())}] on {x.device}, got {coefficients.dtype} "
+                         f"{tuple(coefficients.shape)} on {coefficients.device}")
+    torch._check(rows is None or (rows.device == x.device and rows.dtype == torch.int64),
+                 lambda: f"diffkern::fused_step: rows must be int64 on {x.device}")
+    torch._check(aux in (0, 1, 2), lambda: "diffkern::fused_step: aux must be 0 (none), 1 (x0) or 2 (noise)")
+
+
+def _step_row_fields():
+    return torch.ops.diffkern.step_row_fields().split(",")
+
+
 def _fused_step_fake(x, model_output, model_output_uncond, guidance_grad, predicted_variance, noise, coefficients,
                      rows, row, clip, aux, stream_noise, seed, step, sample_offset, stream, seed_step, *isa):
+    _check_fused_step_fake(x, (model_output, model_output_uncond, guidance_grad, predicted_variance, noise),
+                           coefficients, rows, aux)
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     return out, torch.empty(x.shape if aux else (0,), dtype=x.dtype, device=x.device)
 
@@ -314,5 +363,10 @@ torch.library.register_fake("diffkern::fused_step")(_fused_step_fake)
 def _fused_step_out_fake(x, model_output, model_output_uncond, guidance_grad, predicted_variance, noise, coefficients,
                          rows, row, clip, aux, stream_noise, seed, step, sample_offset, stream, seed_step, *, out,
                          aux_out):
+    _check_fused_step_fake(x, (model_output, model_output_uncond, guidance_grad, predicted_variance, noise),
+                           coefficients, rows, aux)
+    for name, buffer in (("out", out), ("aux_out", aux_out)):
+        torch._check(buffer is None or (buffer.device == x.device and buffer.shape == x.shape),
+                     lambda: f"diffkern::fused_step: {name} must have x's shape and device")
     return None
 torch.library.register_fake("diffkern::_fused_step_cpu_isa")(_fused_step_fake)
