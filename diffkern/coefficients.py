@@ -17,7 +17,8 @@ strided schedule.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+import math
+from typing import Tuple
 
 import torch
 
@@ -33,16 +34,67 @@ _TINY_VARIANCE = 1e-20  # diffusers clamps the posterior variance here before ta
 
 def rows(shape: Tuple[int, ...] = (), device=None, **columns) -> torch.Tensor:
     """A float64 tensor [*shape, len(FIELDS)] of coefficient rows; unnamed columns are 0."""
+    if not shape and not any(isinstance(v, torch.Tensor) for v in columns.values()):
+        values = [0.0] * len(FIELDS)
+        for name, value in columns.items():
+            values[INDEX[name]] = float(value)
+        return torch.tensor(values, dtype=torch.float64, device=device)
     out = torch.zeros(*shape, len(FIELDS), dtype=torch.float64, device=device)
     for name, value in columns.items():
         out[..., INDEX[name]] = value
     return out
 
 
-def _f64(x, like: Optional[torch.Tensor] = None) -> torch.Tensor:
+def _f64(x):
+    """A float64 tensor, or a Python float: with scalar arguments every row function computes in
+    Python floats (as exact as float64, and ~50x cheaper than 0-d tensors for one-off steps)."""
     if isinstance(x, torch.Tensor):
         return x.to(torch.float64)
-    return torch.tensor(float(x), dtype=torch.float64, device=None if like is None else like.device)
+    return float(x)
+
+
+# The few functions the row formulas use, for a float64 tensor or a Python float alike.
+def _sqrt(x):
+    return x.sqrt() if isinstance(x, torch.Tensor) else math.sqrt(x)
+
+
+def _log(x):
+    return x.log() if isinstance(x, torch.Tensor) else math.log(x)
+
+
+def _clamp_min(x, lo):
+    return x.clamp(min=lo) if isinstance(x, torch.Tensor) else max(x, lo)
+
+
+def _minimum(a, b):
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return torch.minimum(torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64))
+    return min(a, b)
+
+
+def _where(condition, a, b):
+    if isinstance(condition, torch.Tensor):
+        return torch.where(condition, a, b)
+    return a if condition else b
+
+
+def _zeros_like(x):
+    return torch.zeros_like(x) if isinstance(x, torch.Tensor) else 0.0
+
+
+def _ones_like(x):
+    return torch.ones_like(x) if isinstance(x, torch.Tensor) else 1.0
+
+
+def _shape(*values) -> Tuple[int, ...]:
+    shapes = [v.shape for v in values if isinstance(v, torch.Tensor)]
+    if len(shapes) <= 1:
+        return tuple(shapes[0]) if shapes else ()
+    return torch.broadcast_shapes(*shapes)
+
+
+def _device(x):
+    return x.device if isinstance(x, torch.Tensor) else None
 
 
 def check_prediction_type(prediction_type: str) -> None:
@@ -60,11 +112,11 @@ def x0_prediction(abar, prediction_type: str, classifier_scale=0.0):
     """
     check_prediction_type(prediction_type)
     abar = _f64(abar)
-    s, q = abar.sqrt(), (1 - abar).sqrt()
+    s, q = _sqrt(abar), _sqrt(1 - abar)
     if prediction_type == "epsilon":
         a, b = 1 / s, -q / s
     elif prediction_type == "sample":
-        a, b = torch.zeros_like(s), torch.ones_like(s)
+        a, b = _zeros_like(s), _ones_like(s)
     else:
         a, b = s, -q
     return a, b, classifier_scale * (1 - abar) / s
@@ -74,9 +126,9 @@ def epsilon_prediction(abar, prediction_type: str, classifier_scale=0.0):
     """(p, r, u) with eps = p x + r m + u g: the model's noise prediction (from its unclipped output)."""
     check_prediction_type(prediction_type)
     abar = _f64(abar)
-    s, q = abar.sqrt(), (1 - abar).sqrt()
+    s, q = _sqrt(abar), _sqrt(1 - abar)
     if prediction_type == "epsilon":
-        p, r = torch.zeros_like(s), torch.ones_like(s)
+        p, r = _zeros_like(s), _ones_like(s)
     elif prediction_type == "sample":
         p, r = 1 / q, -s / q
     else:
@@ -104,21 +156,21 @@ def ddpm_rows(abar, abar_prev, *, prediction_type="epsilon", variance_type="fixe
     abar, abar_prev = _f64(abar), _f64(abar_prev)
     a, b, e = x0_prediction(abar, prediction_type, classifier_scale)
     beta_step = 1 - abar / abar_prev
-    c = abar_prev.sqrt() * beta_step / (1 - abar)
-    d = (abar / abar_prev).sqrt() * (1 - abar_prev) / (1 - abar)
+    c = _sqrt(abar_prev) * beta_step / (1 - abar)
+    d = _sqrt(abar / abar_prev) * (1 - abar_prev) / (1 - abar)
     last = abar_prev >= 1
-    posterior_variance = ((1 - abar_prev) / (1 - abar) * beta_step).clamp(min=_TINY_VARIANCE)
+    posterior_variance = _clamp_min(((1 - abar_prev) / (1 - abar) * beta_step), _TINY_VARIANCE)
     columns = dict(a=a, b=b, e=e, c=c, d=d, **_guidance_columns(guidance_scale, clip_range))
     if variance_type in ("fixed_small", "fixed_small_log"):
-        sigma = posterior_variance.sqrt()
+        sigma = _sqrt(posterior_variance)
     elif variance_type == "fixed_large":
-        sigma = beta_step.sqrt()
+        sigma = _sqrt(beta_step)
     else:
-        min_log, max_log = posterior_variance.log(), beta_step.clamp(min=_TINY_VARIANCE).log()
-        sigma = torch.ones_like(abar)  # a flag: the kernel computes sigma from v
+        min_log, max_log = _log(posterior_variance), _log(_clamp_min(beta_step, _TINY_VARIANCE))
+        sigma = _ones_like(abar)  # a flag: the kernel computes sigma from v
         columns.update(var_alpha=0.25 * (max_log + min_log), var_beta=0.25 * (max_log - min_log))
-    columns["sigma"] = torch.where(last, torch.zeros_like(sigma), sigma)
-    return rows(torch.broadcast_shapes(abar.shape, abar_prev.shape), device=abar.device, **columns)
+    columns["sigma"] = _where(last, _zeros_like(sigma), sigma)
+    return rows(_shape(abar, abar_prev), device=_device(abar), **columns)
 
 
 def ddim_rows(abar, abar_prev, *, eta=0.0, prediction_type="epsilon", clip_range=None, guidance_scale=None,
@@ -129,24 +181,24 @@ def ddim_rows(abar, abar_prev, *, eta=0.0, prediction_type="epsilon", clip_range
     diffusers does, not re-derived from a clipped x0 unless use_clipped_model_output)."""
     abar, abar_prev = _f64(abar), _f64(abar_prev)
     a, b, e = x0_prediction(abar, prediction_type, classifier_scale)
-    sigma = eta * ((1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev)).clamp(min=0).sqrt()
-    direction = (1 - abar_prev - sigma ** 2).clamp(min=0).sqrt()
-    c = abar_prev.sqrt()
+    sigma = eta * _sqrt(_clamp_min(((1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev)), 0))
+    direction = _sqrt(_clamp_min((1 - abar_prev - sigma ** 2), 0))
+    c = _sqrt(abar_prev)
     if use_clipped_model_output:  # eps = (x - sqrt(abar) x0) / sqrt(1 - abar), x0 after clipping
-        q = (1 - abar).sqrt()
-        c = c - direction * abar.sqrt() / q
-        p, r, u = 1 / q, torch.zeros_like(q), torch.zeros_like(q)
+        q = _sqrt(1 - abar)
+        c = c - direction * _sqrt(abar) / q
+        p, r, u = 1 / q, _zeros_like(q), _zeros_like(q)
     else:
         p, r, u = epsilon_prediction(abar, prediction_type, classifier_scale)
     columns = dict(a=a, b=b, e=e, c=c, d=direction * p, f=direction * r, h=direction * u, sigma=sigma,
                    **_guidance_columns(guidance_scale, clip_range))
-    return rows(torch.broadcast_shapes(abar.shape, abar_prev.shape), device=abar.device, **columns)
+    return rows(_shape(abar, abar_prev), device=_device(abar), **columns)
 
 
 def q_sample_rows(abar) -> torch.Tensor:
     """The forward process x_t = sqrt(abar) x0 + sqrt(1 - abar) eps: the kernel's x is x0 (a = 1)."""
     abar = _f64(abar)
-    return rows(abar.shape, device=abar.device, a=1.0, c=abar.sqrt(), sigma=(1 - abar).sqrt())
+    return rows(_shape(abar), device=_device(abar), a=1.0, c=_sqrt(abar), sigma=_sqrt(1 - abar))
 
 
 # ---- score SDEs and EDM (Karras et al. 2022) ----
@@ -158,15 +210,15 @@ def q_sample_rows(abar) -> torch.Tensor:
 def euler_maruyama_rows(f, g, dt, score_scale=1.0, noise=True) -> torch.Tensor:
     """Reverse-SDE Euler-Maruyama: x + [f x - g^2 s] dt + g sqrt(|dt|) z (noise=False: no z term)."""
     f, g, dt = _f64(f), _f64(g), _f64(dt)
-    sigma = g * dt.abs().sqrt() if noise else torch.zeros_like(g)
-    return rows(torch.broadcast_shapes(f.shape, g.shape, dt.shape), device=f.device,
+    sigma = g * _sqrt(abs(dt)) if noise else _zeros_like(g)
+    return rows(_shape(f, g, dt), device=_device(f),
                 d=1 + f * dt, f=-(g ** 2) * dt * score_scale, sigma=sigma)
 
 
 def ode_euler_rows(f, g, dt, score_scale=1.0) -> torch.Tensor:
     """Probability-flow ODE Euler step: x + [f x - g^2 s / 2] dt."""
     f, g, dt = _f64(f), _f64(g), _f64(dt)
-    return rows(torch.broadcast_shapes(f.shape, g.shape, dt.shape), device=f.device,
+    return rows(_shape(f, g, dt), device=_device(f),
                 d=1 + f * dt, f=-0.5 * g ** 2 * dt * score_scale)
 
 
@@ -178,7 +230,7 @@ def ode_heun_corrector_rows(f, g, f_next, g_next, dt, score_scale=1.0, score_sca
     x (1 + dt (f + f' (1 + dt f)) / 2) + m1 dt b (1 + dt f') / 2 + m2 dt b' / 2."""
     f, g, f2, g2, dt = (_f64(v) for v in (f, g, f_next, g_next, dt))
     b, b2 = -0.5 * g ** 2 * score_scale, -0.5 * g2 ** 2 * score_scale_next
-    return rows(torch.broadcast_shapes(f.shape, f2.shape, dt.shape), device=f.device,
+    return rows(_shape(f, f2, dt), device=_device(f),
                 d=1 + 0.5 * dt * (f + f2 * (1 + dt * f)), h=0.5 * dt * b * (1 + dt * f2), f=0.5 * dt * b2)
 
 
@@ -186,8 +238,8 @@ def edm_euler_rows(sigma, sigma_next) -> torch.Tensor:
     """EDM Euler step on the denoiser D = m: slope d = (x - D) / sigma (the x0 output),
     x_next = x + (sigma_next - sigma) d."""
     sigma, sigma_next = _f64(sigma), _f64(sigma_next)
-    return rows(torch.broadcast_shapes(sigma.shape, sigma_next.shape), device=sigma.device,
-                a=1 / sigma, b=-1 / sigma, c=sigma_next - sigma, d=torch.ones_like(sigma))
+    return rows(_shape(sigma, sigma_next), device=_device(sigma),
+                a=1 / sigma, b=-1 / sigma, c=sigma_next - sigma, d=_ones_like(sigma))
 
 
 def edm_heun_corrector_rows(sigma, sigma_next) -> torch.Tensor:
@@ -199,15 +251,15 @@ def edm_heun_corrector_rows(sigma, sigma_next) -> torch.Tensor:
     sigma, sigma_next = _f64(sigma), _f64(sigma_next)
     h = sigma_next - sigma
     u, v = h / (2 * sigma), h / (2 * sigma_next)
-    return rows(torch.broadcast_shapes(sigma.shape, sigma_next.shape), device=sigma.device,
+    return rows(_shape(sigma, sigma_next), device=_device(sigma),
                 d=1 + u + v + 2 * u * v, h=-(u + 2 * u * v), f=-v)
 
 
 def churn_rows(sigma, sigma_hat, s_noise=1.0) -> torch.Tensor:
     """EDM's stochastic churn: x_hat = x + s_noise sqrt(sigma_hat^2 - sigma^2) z."""
     sigma, sigma_hat = _f64(sigma), _f64(sigma_hat)
-    return rows(torch.broadcast_shapes(sigma.shape, sigma_hat.shape), device=sigma.device,
-                d=torch.ones_like(sigma), sigma=s_noise * (sigma_hat ** 2 - sigma ** 2).clamp(min=0).sqrt())
+    return rows(_shape(sigma, sigma_hat), device=_device(sigma),
+                d=_ones_like(sigma), sigma=s_noise * _sqrt(_clamp_min((sigma_hat ** 2 - sigma ** 2), 0)))
 
 
 def ancestral_step(sigma, sigma_next, eta=1.0):
@@ -215,28 +267,28 @@ def ancestral_step(sigma, sigma_next, eta=1.0):
     sigma_up = min(sigma_next, eta sqrt(sigma_next^2 (sigma^2 - sigma_next^2) / sigma^2)),
     sigma_down = sqrt(sigma_next^2 - sigma_up^2)."""
     sigma, sigma_next = _f64(sigma), _f64(sigma_next)
-    sigma_up = torch.minimum(sigma_next, eta * (sigma_next ** 2 * (sigma ** 2 - sigma_next ** 2) / sigma ** 2).clamp(min=0).sqrt())
-    return (sigma_next ** 2 - sigma_up ** 2).clamp(min=0).sqrt(), sigma_up
+    sigma_up = _minimum(sigma_next, eta * _sqrt(_clamp_min((sigma_next ** 2 * (sigma ** 2 - sigma_next ** 2) / sigma ** 2), 0)))
+    return _sqrt(_clamp_min((sigma_next ** 2 - sigma_up ** 2), 0)), sigma_up
 
 
 def euler_ancestral_rows(sigma, sigma_next, eta=1.0, s_noise=1.0) -> torch.Tensor:
     """Euler-ancestral: x + (sigma_down - sigma) (x - D) / sigma + s_noise sigma_up z."""
     sigma, sigma_next = _f64(sigma), _f64(sigma_next)
     sigma_down, sigma_up = ancestral_step(sigma, sigma_next, eta)
-    return rows(torch.broadcast_shapes(sigma.shape, sigma_next.shape), device=sigma.device,
+    return rows(_shape(sigma, sigma_next), device=_device(sigma),
                 d=sigma_down / sigma, f=(sigma - sigma_down) / sigma, sigma=s_noise * sigma_up)
 
 
 def langevin_rows(step_size, score_scale=1.0, noise=True) -> torch.Tensor:
     """Langevin dynamics x + (eta / 2) s + sqrt(eta) z with step size eta."""
     step_size = _f64(step_size)
-    return rows(step_size.shape, device=step_size.device, d=torch.ones_like(step_size),
-                f=0.5 * step_size * score_scale, sigma=step_size.sqrt() if noise else torch.zeros_like(step_size))
+    return rows(_shape(step_size), device=_device(step_size), d=_ones_like(step_size),
+                f=0.5 * step_size * score_scale, sigma=_sqrt(step_size) if noise else _zeros_like(step_size))
 
 
 def reverse_diffusion_rows(f_discrete, g_discrete, score_scale=1.0, noise=True) -> torch.Tensor:
     """score_sde's reverse-diffusion predictor on a discretised SDE x_{i+1} = x_i + f_i x_i + G_i z:
     x - f_i x + G_i^2 s + G_i z."""
     f, g = _f64(f_discrete), _f64(g_discrete)
-    return rows(torch.broadcast_shapes(f.shape, g.shape), device=f.device, d=1 - f, f=g ** 2 * score_scale,
-                sigma=g if noise else torch.zeros_like(g))
+    return rows(_shape(f, g), device=_device(f), d=1 - f, f=g ** 2 * score_scale,
+                sigma=g if noise else _zeros_like(g))

@@ -263,39 +263,52 @@ def q_sample_with_noise(x0: torch.Tensor, t: Timestep, sched: DDPMSchedule, *, s
 # copy; the samplers in diffkern.samplers precompute the rows of a whole run instead.
 
 _row_cache: dict = {}
+_MAX_CACHED_ROWS = 4096
 
 
 def _device_rows(table: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    dtype = _table_dtype(x)
-    if table.device == x.device:
-        return table.to(dtype)
-    key = (table.numpy().tobytes(), x.device, dtype)
-    cached = _row_cache.get(key)
-    if cached is None:
-        if len(_row_cache) >= 256:
+    table = table.reshape(-1, len(coefficients.FIELDS))
+    return table.to(device=x.device, dtype=_table_dtype(x))
+
+
+def _rows_for(spec: tuple, x: torch.Tensor) -> torch.Tensor:
+    """The device table of ``spec`` = (row function, *arguments). Tables of scalar arguments are
+    cached (a loop that repeats its steps, or a step on CUDA, then does no host work and no copy);
+    tensor arguments (per-sample times) are computed on the device."""
+    if any(isinstance(arg, torch.Tensor) for arg in spec):
+        return _device_rows(spec[0](*spec[1:]), x)
+    key = (spec, x.device, x.dtype)
+    table = _row_cache.get(key)
+    if table is None:
+        if len(_row_cache) >= _MAX_CACHED_ROWS:
             _row_cache.pop(next(iter(_row_cache)))
-        cached = _row_cache[key] = table.to(device=x.device, dtype=dtype)
-    return cached
+        table = _row_cache[key] = _device_rows(spec[0](*spec[1:]), x)
+    return table
 
 
-def _explicit_step(seed, step):
-    if seed is not None and step is None:
-        raise ValueError("with seed=, pass step= too (a different step for every call draws new noise)")
-    return step
-
-
-def _apply_rows(table, x, model_output=None, slope=None, noise=None, seed=None, step=None, sample_offset=0,
+def _apply_rows(spec, x, model_output=None, slope=None, noise=None, seed=None, step=None, sample_offset=0,
                 stream=0, needs_noise=True, aux="none"):
-    """One fused step with rows [K] or [B, K] (float64): the shared path of the single steps below."""
+    """One fused step with the rows of ``spec`` (see _rows_for; rows [K] or [B, K]): the shared path
+    of the single steps below."""
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         raise ValueError("x must be a floating-point tensor")
-    table = table.reshape(-1, len(coefficients.FIELDS))
-    rows_device = _device_rows(table, x)
-    stream_noise, seed, step, seed_step = _noise_source(noise, seed, _explicit_step(seed, step), None,
-                                                        needs_noise, x)
+    table = _rows_for(spec, x)
+    if noise is None and seed is None:
+        if needs_noise:
+            raise ValueError("this step adds noise: pass seed= (the in-kernel noise stream) or noise=")
+        stream_noise, seed, step, seed_step = False, 0, 0, None
+    else:
+        if seed is not None and step is None:
+            raise ValueError("with seed=, pass step= too (a different step for every call draws new noise)")
+        stream_noise, seed, step, seed_step = _noise_source(noise, seed, step, None, needs_noise, x)
+    if model_output is not None and model_output.dtype != x.dtype:
+        model_output = _as_x_dtype("model_output", model_output, x)
+    if slope is not None and slope.dtype != x.dtype:
+        slope = _as_x_dtype("slope", slope, x)
+    if noise is not None and noise.dtype != x.dtype:
+        noise = _as_x_dtype("noise", noise, x)
     out, aux_out = ops.fused_step(
-        x, _as_x_dtype("model_output", model_output, x), guidance_grad=_as_x_dtype("slope", slope, x),
-        noise=_as_x_dtype("noise", noise, x), coefficients=rows_device, row=0 if table.shape[0] == 1 else -1,
+        x, model_output, None, slope, None, noise, coefficients=table, row=0 if table.shape[0] == 1 else -1,
         aux=aux, stream_noise=stream_noise, seed=seed, step=step, sample_offset=sample_offset, stream=stream,
         seed_step=seed_step)
     return out if aux == "none" else (out, aux_out)
@@ -313,6 +326,12 @@ def _time_on(t, x):
     return t.to(device=x.device, dtype=torch.float64).reshape(-1) if isinstance(t, torch.Tensor) else float(t)
 
 
+def _euler_maruyama_rows(sde, t, dt, parameterization, ode):
+    scale = _score_scale(parameterization, sde, t)
+    f, g = sde.drift_coef(t), sde.diffusion(t)
+    return coefficients.ode_euler_rows(f, g, dt, scale) if ode else coefficients.euler_maruyama_rows(f, g, dt, scale)
+
+
 def euler_maruyama_step(model_output: torch.Tensor, x: torch.Tensor, t, dt: float, sde, *,
                         parameterization: str = "score", noise=None, seed=None, step=None, sample_offset: int = 0,
                         stream: int = 0, ode: bool = False) -> torch.Tensor:
@@ -321,20 +340,18 @@ def euler_maruyama_step(model_output: torch.Tensor, x: torch.Tensor, t, dt: floa
     x + [f(x, t) - g(t)^2 s / 2] dt. ``model_output`` is the score s(x, t), or the noise prediction
     with ``parameterization="epsilon"`` (s = -eps / std(t)). t is a float or a tensor [B]."""
     sde.check_time(t)
-    t = _time_on(t, x)
-    scale = _score_scale(parameterization, sde, t)
-    f, g = sde.drift_coef(t), sde.diffusion(t)
-    table = (coefficients.ode_euler_rows(f, g, dt, scale) if ode
-             else coefficients.euler_maruyama_rows(f, g, dt, scale))
-    return _apply_rows(table, x, model_output, noise=noise, seed=seed, step=step, sample_offset=sample_offset,
+    if parameterization not in ("score", "epsilon"):
+        raise ValueError(f"parameterization must be 'score' or 'epsilon', got {parameterization!r}")
+    spec = (_euler_maruyama_rows, sde, _time_on(t, x), float(dt), parameterization, bool(ode))
+    return _apply_rows(spec, x, model_output, noise=noise, seed=seed, step=step, sample_offset=sample_offset,
                        stream=stream, needs_noise=not ode)
 
 
 def euler_step(denoised: torch.Tensor, x: torch.Tensor, sigma, sigma_next, *, return_slope: bool = False):
     """The EDM / k-diffusion Euler step x + (sigma_next - sigma) (x - D) / sigma for the denoiser output
     D = ``denoised``; with ``return_slope`` also the slope (x - D) / sigma."""
-    table = coefficients.edm_euler_rows(_time_on(sigma, x), _time_on(sigma_next, x))
-    return _apply_rows(table, x, denoised, needs_noise=False, aux="x0" if return_slope else "none")
+    spec = (coefficients.edm_euler_rows, _time_on(sigma, x), _time_on(sigma_next, x))
+    return _apply_rows(spec, x, denoised, needs_noise=False, aux="x0" if return_slope else "none")
 
 
 def heun_correct(denoised_next: torch.Tensor, x: torch.Tensor, denoised: torch.Tensor, sigma, sigma_next) -> torch.Tensor:
@@ -344,8 +361,8 @@ def heun_correct(denoised_next: torch.Tensor, x: torch.Tensor, denoised: torch.T
     sigma_next must be > 0 (the last step to 0 is a plain Euler step)."""
     if not isinstance(sigma_next, torch.Tensor) and float(sigma_next) <= 0:
         raise ValueError("the Heun corrector needs sigma_next > 0 (the last step to 0 is a plain Euler step)")
-    table = coefficients.edm_heun_corrector_rows(_time_on(sigma, x), _time_on(sigma_next, x))
-    return _apply_rows(table, x, denoised_next, slope=denoised, needs_noise=False)
+    spec = (coefficients.edm_heun_corrector_rows, _time_on(sigma, x), _time_on(sigma_next, x))
+    return _apply_rows(spec, x, denoised_next, slope=denoised, needs_noise=False)
 
 
 def heun_step(denoiser, x: torch.Tensor, sigma: float, sigma_next: float) -> torch.Tensor:
@@ -364,9 +381,9 @@ def euler_ancestral_step(denoised: torch.Tensor, x: torch.Tensor, sigma, sigma_n
                          s_noise: float = 1.0, noise=None, seed=None, step=None, sample_offset: int = 0,
                          stream: int = 0) -> torch.Tensor:
     """Euler-ancestral (k-diffusion): step deterministically to sigma_down, then add s_noise sigma_up z."""
-    table = coefficients.euler_ancestral_rows(_time_on(sigma, x), _time_on(sigma_next, x), eta, s_noise)
+    spec = (coefficients.euler_ancestral_rows, _time_on(sigma, x), _time_on(sigma_next, x), float(eta), float(s_noise))
     needs_noise = isinstance(sigma_next, torch.Tensor) or (float(sigma_next) > 0 and eta > 0)
-    return _apply_rows(table, x, denoised, noise=noise, seed=seed, step=step, sample_offset=sample_offset,
+    return _apply_rows(spec, x, denoised, noise=noise, seed=seed, step=step, sample_offset=sample_offset,
                        stream=stream, needs_noise=needs_noise)
 
 
@@ -376,5 +393,5 @@ def langevin_step(score: torch.Tensor, x: torch.Tensor, step_size, *, noise=None
     step_size = _time_on(step_size, x)
     if not isinstance(step_size, torch.Tensor) and step_size <= 0:
         raise ValueError(f"step_size must be positive, got {step_size}")
-    return _apply_rows(coefficients.langevin_rows(step_size), x, score, noise=noise, seed=seed, step=step,
+    return _apply_rows((coefficients.langevin_rows, step_size), x, score, noise=noise, seed=seed, step=step,
                        sample_offset=sample_offset, stream=stream)
