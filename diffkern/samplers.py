@@ -87,16 +87,16 @@ def _sample_posterior(kind: str, table_fn, model, shape, sched, num_inference_st
     t_prev = torch.tensor(timesteps[1:] + [-1], dtype=torch.int64)
     run = _Run(shape, seed, device, dtype, sample_offset, reuse_buffers=callback is None)
     table = run.table(table_fn(sched.alphas_cumprod_at(t_steps), sched.alphas_cumprod_at(t_prev), scale))
-    t_device = t_steps.to(run.device)
     batch = run.batch
+    t_batches = run.per_step(t_steps, batch if guidance_scale is None else 2 * batch, torch.int64)
     x = run.initial(x_T, 1.0)
     doubled_cond = None if guidance_scale is None else torch.cat([null_cond, cond])
     for i in _progress(range(len(timesteps)), progress, kind):
         if guidance_scale is None:
-            t = t_device[i].expand(batch)
+            t = t_batches[i]
             m, m_uncond = call_model(model, x, t, cond, cond_key), None
         else:
-            t = t_device[i].expand(2 * batch)
+            t = t_batches[i]
             out = call_model(model, torch.cat([x, x]), t, doubled_cond, cond_key)
             m_uncond, m = out[:batch], out[batch:]
             t = t[:batch]
@@ -198,9 +198,10 @@ class _Run:
         self._buffers = {}
 
     def _buffer(self, name):
-        if name not in self._buffers:
-            self._buffers[name] = torch.empty(self.shape, device=self.device, dtype=self.dtype)
-        return self._buffers[name]
+        buffer = self._buffers.get(name)
+        if buffer is None:
+            buffer = self._buffers[name] = torch.empty(self.shape, device=self.device, dtype=self.dtype)
+        return buffer
 
     def output_for(self, x, name=None):
         """Where the step from x writes: a named buffer, or the state buffer x is not."""
@@ -209,7 +210,7 @@ class _Run:
         if name is not None:
             return self._buffer(name)
         first = self._buffer("state0")
-        return self._buffer("state1") if first.data_ptr() == x.data_ptr() else first
+        return self._buffer("state1") if x is first else first
 
     def initial(self, x_T, scale):
         if x_T is not None:
@@ -222,8 +223,11 @@ class _Run:
     def table(self, rows64):
         return rows64.reshape(-1, len(coefficients.FIELDS)).to(device=self.device, dtype=self.table_dtype)
 
-    def times(self, values):
-        return torch.as_tensor(values, dtype=torch.float64).to(device=self.device, dtype=self.time_dtype)
+    def per_step(self, values, batch=None, dtype=None):
+        """values[i] as a [batch] tensor on the device for each i, made once before the loop (the
+        loop then only indexes a list)."""
+        values = torch.as_tensor(values).to(device=self.device, dtype=dtype or self.time_dtype)
+        return list(values.reshape(-1, 1).expand(-1, batch or self.batch).unbind(0))
 
     def next_noise_step(self):
         self.noise_step += 1
@@ -235,13 +239,23 @@ class _Run:
         Heun's first model output). Returns the new state (and x0 with return_x0)."""
         if model_output is not None and model_output.shape != x.shape:
             raise ValueError(f"the model returned shape {tuple(model_output.shape)} for x of shape {tuple(x.shape)}")
-        cast = (lambda a: None if a is None else a.to(x.dtype))
+        dtype = x.dtype
+        if model_output is not None and model_output.dtype != dtype:
+            model_output = model_output.to(dtype)
+        if model_output_uncond is not None and model_output_uncond.dtype != dtype:
+            model_output_uncond = model_output_uncond.to(dtype)
+        if third is not None and third.dtype != dtype:
+            third = third.to(dtype)
+        if predicted_variance is not None and predicted_variance.dtype != dtype:
+            predicted_variance = predicted_variance.to(dtype)
+        if noise is not None and noise.dtype != dtype:
+            noise = noise.to(dtype)
         out = self.output_for(x, into)
+        stream_noise = noisy and noise is None
         new, x0 = ops.fused_step(
-            x, cast(model_output), cast(model_output_uncond), cast(third), cast(predicted_variance), cast(noise),
-            coefficients=table, row=row, clip=clip, aux="x0" if return_x0 else "none",
-            stream_noise=noisy and noise is None, seed=self.seed,
-            step=self.next_noise_step() if noisy and noise is None else 0, sample_offset=self.sample_offset,
+            x, model_output, model_output_uncond, third, predicted_variance, noise, coefficients=table, row=row,
+            clip=clip, aux="x0" if return_x0 else "none", stream_noise=stream_noise, seed=self.seed,
+            step=self.next_noise_step() if stream_noise else 0, sample_offset=self.sample_offset,
             out=out, aux_out=self.output_for(x, "x0") if return_x0 and out is not None else None)
         return (new, x0) if return_x0 else new
 
@@ -277,11 +291,11 @@ def sample_euler_maruyama(score_fn, shape, sde, num_steps: int = 1000, *, eps: f
                                                        _score_scales(parameterization, sde, t[:-1])) *
                       torch.where(torch.arange(len(coefficients.FIELDS)) == coefficients.INDEX["sigma"],
                                   noisy[:, None].double(), torch.ones(1, dtype=torch.float64)))
-    times = run.times(t)
+    times, noisy = run.per_step(t), noisy.tolist()
     x = run.initial(x_T, sde.prior_std)
     for i in _progress(range(num_steps), progress, "Euler-Maruyama"):
-        m = model_output_of(score_fn(x, times[i].expand(run.batch)))
-        x = run.step(x, table, i, m, noisy=bool(noisy[i]))
+        m = model_output_of(score_fn(x, times[i]))
+        x = run.step(x, table, i, m, noisy=noisy[i])
         if callback is not None:
             callback(i, float(t[i]), x)
     return x
@@ -302,15 +316,15 @@ def sample_ode(score_fn, shape, sde, num_steps: int = 100, *, solver: str = "heu
     f, g = sde.drift_coef(t), sde.diffusion(t)
     euler = run.table(coefficients.ode_euler_rows(f[:-1], g[:-1], dt, scale[:-1]))
     heun = run.table(coefficients.ode_heun_corrector_rows(f[:-1], g[:-1], f[1:], g[1:], dt, scale[:-1], scale[1:]))
-    times = run.times(t)
+    times = run.per_step(t)
     x = run.initial(x_T, sde.prior_std)
     for i in _progress(range(num_steps), progress, f"ODE ({solver})"):
-        m = model_output_of(score_fn(x, times[i].expand(run.batch)))
+        m = model_output_of(score_fn(x, times[i]))
         if solver == "euler":
             x = run.step(x, euler, i, m)
         else:
             x_pred = run.step(x, euler, i, m, into="predicted")
-            m_next = model_output_of(score_fn(x_pred, times[i + 1].expand(run.batch)))
+            m_next = model_output_of(score_fn(x_pred, times[i + 1]))
             x = run.step(x, heun, i, m_next, third=m)
         if callback is not None:
             callback(i, float(t[i]), x)
@@ -333,15 +347,16 @@ def _edm_sampler(kind, denoiser, shape, sigmas, s_churn, s_tmin, s_tmax, s_noise
     euler = run.table(coefficients.edm_euler_rows(sigma_hat, sigmas[1:]))
     nonzero_next = sigmas[1:].clamp(min=1e-30)  # rows of the last step are unused when sigma_next = 0
     heun = run.table(coefficients.edm_heun_corrector_rows(sigma_hat, nonzero_next))
-    sigma_hat_dev, sigma_dev = run.times(sigma_hat), run.times(sigmas)
+    sigma_hat_batch, sigma_batch = run.per_step(sigma_hat), run.per_step(sigmas)
+    churned, next_positive = (gamma > 0).tolist(), (sigmas[1:] > 0).tolist()
     x = run.initial(x_T, float(sigmas[0]))
     for i in _progress(range(steps), progress, kind):
-        if gamma[i] > 0:
+        if churned[i]:
             x = run.step(x, churn, i, noisy=True)
-        denoised = model_output_of(denoiser(x, sigma_hat_dev[i].expand(run.batch)))
-        if kind == "Heun" and sigmas[i + 1] > 0:
+        denoised = model_output_of(denoiser(x, sigma_hat_batch[i]))
+        if kind == "Heun" and next_positive[i]:
             x_pred = run.step(x, euler, i, denoised, into="predicted")
-            denoised_next = model_output_of(denoiser(x_pred, sigma_dev[i + 1].expand(run.batch)))
+            denoised_next = model_output_of(denoiser(x_pred, sigma_batch[i + 1]))
             x = run.step(x, heun, i, denoised_next, third=denoised)
         else:
             x = run.step(x, euler, i, denoised)
@@ -381,11 +396,11 @@ def sample_euler_ancestral(denoiser, shape, sigmas, *, eta: float = 1.0, s_noise
     sigmas = check_sigmas(sigmas)
     run = _Run(shape, seed, device, dtype, sample_offset, reuse_buffers=callback is None)
     table = run.table(coefficients.euler_ancestral_rows(sigmas[:-1], sigmas[1:], eta, s_noise))
-    sigma_dev = run.times(sigmas)
+    sigma_batch, next_positive = run.per_step(sigmas), (sigmas[1:] > 0).tolist()
     x = run.initial(x_T, float(sigmas[0]))
     for i in _progress(range(len(sigmas) - 1), progress, "Euler-ancestral"):
-        denoised = model_output_of(denoiser(x, sigma_dev[i].expand(run.batch)))
-        x = run.step(x, table, i, denoised, noisy=bool(sigmas[i + 1] > 0) and eta > 0)
+        denoised = model_output_of(denoiser(x, sigma_batch[i]))
+        x = run.step(x, table, i, denoised, noisy=next_positive[i] and eta > 0)
         if callback is not None:
             callback(i, float(sigmas[i]), x)
     return x
@@ -423,10 +438,10 @@ def sample_langevin(score_fn, shape, sigmas, n_steps_each: int = 100, *, step_si
         raise ValueError("give a positive step_size or an snr")
     run = _Run(shape, seed, device, dtype, sample_offset, reuse_buffers=callback is None)
     table = run.table(coefficients.langevin_rows(step_size * sigmas ** 2 / sigmas[-1] ** 2)) if snr is None else None
-    sigma_dev = run.times(sigmas)
+    sigma_batch = run.per_step(sigmas)
     x = run.initial(x_T, float(sigmas[0]))
     for i in _progress(range(len(sigmas)), progress, "annealed Langevin"):
-        sigma = sigma_dev[i].expand(run.batch)
+        sigma = sigma_batch[i]
         for _ in range(n_steps_each):
             score = model_output_of(score_fn(x, sigma))
             x = run.step(x, table, i, score, noisy=True) if snr is None else _snr_langevin(run, x, score, 1.0, snr, 1.0)
@@ -434,7 +449,7 @@ def sample_langevin(score_fn, shape, sigmas, n_steps_each: int = 100, *, step_si
             callback(i, float(sigmas[i]), x)
     if denoise:
         tweedie = run.table(coefficients.rows(d=1.0, f=float(sigmas[-1]) ** 2))
-        x = run.step(x, tweedie, 0, model_output_of(score_fn(x, sigma_dev[-1].expand(run.batch))))
+        x = run.step(x, tweedie, 0, model_output_of(score_fn(x, sigma_batch[-1])))
     return x
 
 
@@ -476,10 +491,10 @@ def sample_pc(score_fn, shape, sde, num_steps: int = 1000, *, predictor: str = "
     table = run.table(predictor_rows)
     # Langevin corrector's alpha: 1 - beta_i for VP and sub-VP (score_sde), 1 for VE.
     alpha = (1 - sde.discrete_beta(t_now, num_steps)) if isinstance(sde, VPSDE) else torch.ones_like(t_now)
-    times = run.times(t)
+    times = run.per_step(t)
     x = run.initial(x_T, sde.prior_std)
     for i in _progress(range(num_steps), progress, "predictor-corrector"):
-        t_batch = times[i].expand(run.batch)
+        t_batch = times[i]
         if corrector is not None:
             for _ in range(n_corrector_steps):
                 score = model_output_of(score_fn(x, t_batch))
