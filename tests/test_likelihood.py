@@ -154,11 +154,57 @@ def test_rademacher_instruction_sets_agree(shape):
         assert torch.equal(z, results[0])
 
 
+def chunked_tree_order(v, jv, scale):
+    """The summation order of csrc/include/diffkern/trace_math.h in float32 torch ops (elementwise
+    adds round as the kernels' separate adds do): chunks of kTraceChunk features; in each, per probe,
+    128 lanes over strided features, a binary tree over the lanes, probes added in order; chunks
+    added in order. Returns float64 [B]."""
+    lanes, chunk = 128, 32 * 128
+    probes, batch, features = v.shape
+    products = v.float() * jv.float()
+    traces = []
+    for n in range(batch):
+        total = torch.zeros((), dtype=torch.float32)
+        for first in range(0, max(features, 1), chunk):
+            chunk_sum = torch.zeros((), dtype=torch.float32)
+            for k in range(probes):
+                part = products[k, n, first:first + chunk]
+                padded = torch.cat([part, part.new_zeros(-part.numel() % lanes)]).reshape(-1, lanes)
+                partial = torch.zeros(lanes, dtype=torch.float32)
+                for row in padded:  # lane l: features l, l + 128, ... in increasing order
+                    partial = partial + row
+                stride = lanes // 2
+                while stride:
+                    partial = torch.cat([partial[:stride] + partial[stride:2 * stride], partial[stride:]])
+                    stride //= 2
+                chunk_sum = chunk_sum + partial[0]
+            total = total + chunk_sum
+        traces.append(total.double() * scale)
+    return torch.stack(traces)
+
+
+@pytest.mark.parametrize("features", [1, 2, 3, 77, 128, 129, 4096, 4097, 9000])
+def test_trace_sums_in_the_documented_order(features):
+    """The CPU kernel is bitwise the chunked order that the CUDA blocks follow (one block per sample
+    and chunk of 4096 features), for samples within one chunk, across chunk edges and many chunks."""
+    gen = torch.Generator().manual_seed(features)
+    v, jv = torch.randn(3, 4, features, generator=gen), torch.randn(3, 4, features, generator=gen)
+    assert torch.equal(ops.probe_trace(v, jv, 1 / 3), chunked_tree_order(v, jv, 1 / 3))
+
+
 @requires_cuda
 @pytest.mark.cuda
-def test_cuda_trace_equals_cpu_bitwise():
-    v, jv = torch.randn(8, 16, 777), torch.randn(8, 16, 777)
+@pytest.mark.parametrize("features", [2, 777, 3 * 64 * 64 + 5])
+def test_cuda_trace_equals_cpu_bitwise(features):
+    v, jv = torch.randn(8, 16, features), torch.randn(8, 16, features)
     assert torch.equal(ops.probe_trace(v.cuda(), jv.cuda(), 0.125).cpu(), ops.probe_trace(v, jv, 0.125))
+    x, m = torch.randn(16, features), torch.randn(16, features)
+    delta = torch.randn(16, dtype=torch.float64)
+    cpu = ops.likelihood_step(x, m, None, v, jv, delta, None, c_x=0.9, c_model=0.1, l_trace=0.5, trace_scale=0.125)
+    cuda = ops.likelihood_step(x.cuda(), m.cuda(), None, v.cuda(), jv.cuda(), delta.cuda(), None, c_x=0.9,
+                               c_model=0.1, l_trace=0.5, trace_scale=0.125)
+    for a, b in zip(cpu, cuda):
+        assert torch.equal(a, b.cpu())
 
 
 # ---- log-likelihoods against closed forms ----

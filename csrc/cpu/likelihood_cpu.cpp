@@ -1,5 +1,5 @@
 // CPU kernels of the Hutchinson trace and the likelihood step (diffkern/trace_math.h): the sums
-// of a CUDA block, in the same order, one sample per task.
+// of the CUDA blocks, chunk by chunk in the same order, whole samples per task.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -14,26 +14,83 @@ namespace diffkern {
 namespace cpu {
 namespace {
 
+// The tree sum of one probe over features [begin, end) of a chunk, as kTraceLanes CUDA threads
+// compute it. A chunk of fewer than kTraceLanes features leaves the upper lanes at 0, so the tree
+// runs over the smallest power of two that holds the used lanes: the levels above only add zeros.
+template <class T, class acc_t>
+acc_t chunk_tree_sum(const T* v, const T* jv, int64_t begin, int64_t end, acc_t* partial) {
+  int used = kTraceLanes;
+  if (end - begin < kTraceLanes) {
+    used = 1;
+    while (used < end - begin) used *= 2;
+  }
+  for (int lane = 0; lane < used; ++lane) partial[lane] = acc_t(0);
+  // lane l adds features begin + l, begin + l + kTraceLanes, ... in increasing order (as trace_lane), vectorised
+  for (int64_t first = begin; first < end; first += kTraceLanes) {
+    const int lanes = static_cast<int>(std::min<int64_t>(kTraceLanes, end - first));
+    for (int lane = 0; lane < lanes; ++lane)
+      partial[lane] = partial[lane] + static_cast<acc_t>(v[first + lane]) * static_cast<acc_t>(jv[first + lane]);
+  }
+  for (int stride = used / 2; stride > 0; stride /= 2)
+    for (int lane = 0; lane < stride; ++lane) trace_tree_level(partial, lane, stride);
+  return partial[0];
+}
+
+// Samples of at most kTraceLanes features, kGroup at a time: the same sums as chunk_tree_sum, with
+// lane l of every sample in one row of `lanes`, so each tree level is one loop across samples.
+constexpr int64_t kGroup = 64;
+
+template <class T, class acc_t>
+void small_sample_traces(const LikelihoodArgs& a, int64_t begin, int64_t end) {
+  int used = 1;
+  while (used < a.features) used *= 2;
+  alignas(64) acc_t lanes[kTraceLanes][kGroup];
+  alignas(64) acc_t chunk_sum[kGroup];
+  for (int64_t n0 = begin; n0 < end; n0 += kGroup) {
+    const int64_t group = std::min(kGroup, end - n0);
+    for (int64_t s = 0; s < group; ++s) chunk_sum[s] = acc_t(0);
+    for (int64_t k = 0; k < a.num_probes; ++k) {
+      for (int lane = 0; lane < used; ++lane) {
+        if (lane >= a.features) {
+          for (int64_t s = 0; s < group; ++s) lanes[lane][s] = acc_t(0);
+          continue;
+        }
+        for (int64_t s = 0; s < group; ++s)
+          lanes[lane][s] = static_cast<acc_t>(probe_row<T>(a.probes, k, n0 + s)[lane]) *
+                           static_cast<acc_t>(probe_row<T>(a.products, k, n0 + s)[lane]);
+      }
+      for (int stride = used / 2; stride > 0; stride /= 2)
+        for (int lane = 0; lane < stride; ++lane)
+          for (int64_t s = 0; s < group; ++s) lanes[lane][s] = lanes[lane][s] + lanes[lane + stride][s];
+      for (int64_t s = 0; s < group; ++s) chunk_sum[s] = chunk_sum[s] + lanes[0][s];
+    }
+    for (int64_t s = 0; s < group; ++s) likelihood_finish(a, n0 + s, static_cast<double>(acc_t(0) + chunk_sum[s]));
+  }
+}
+
 template <class T, class acc_t>
 void likelihood_rows(const LikelihoodArgs& a, int64_t begin, int64_t end) {
-  alignas(64) acc_t partial[kTraceLanes];
-  for (int64_t n = begin; n < end; ++n) {
-    acc_t probe_sum = acc_t(0);
-    for (int64_t k = 0; k < a.num_probes; ++k) {
-      const T* v = probe_row<T>(a.probes, k, n);
-      const T* jv = probe_row<T>(a.products, k, n);
-      // lane l adds features l, l + kTraceLanes, ... in increasing order (as trace_lane), vectorised
-      for (int lane = 0; lane < kTraceLanes; ++lane) partial[lane] = acc_t(0);
-      for (int64_t first = 0; first < a.features; first += kTraceLanes) {
-        const int lanes = static_cast<int>(std::min<int64_t>(kTraceLanes, a.features - first));
-        for (int lane = 0; lane < lanes; ++lane)
-          partial[lane] = partial[lane] + static_cast<acc_t>(v[first + lane]) * static_cast<acc_t>(jv[first + lane]);
-      }
-      for (int stride = kTraceLanes / 2; stride > 0; stride /= 2)
-        for (int lane = 0; lane < stride; ++lane) trace_tree_level(partial, lane, stride);
-      probe_sum = probe_sum + partial[0];
+  if (a.features > 0 && a.features <= kTraceLanes) {
+    small_sample_traces<T, acc_t>(a, begin, end);
+    if (a.x != nullptr) {
+      T* x_out = static_cast<T*>(a.x_out);
+      for (int64_t i = begin * a.features; i < end * a.features; ++i) x_out[i] = likelihood_x_element<T, acc_t>(a, i);
     }
-    likelihood_finish(a, n, static_cast<double>(probe_sum));
+    return;
+  }
+  alignas(64) acc_t partial[kTraceLanes];
+  const int64_t chunks = trace_chunks(a.features);
+  for (int64_t n = begin; n < end; ++n) {
+    acc_t total = acc_t(0);
+    for (int64_t c = 0; c < chunks; ++c) {
+      const int64_t first = c * kTraceChunk, last = std::min(a.features, first + kTraceChunk);
+      acc_t chunk_sum = acc_t(0);
+      for (int64_t k = 0; k < a.num_probes; ++k)
+        chunk_sum = chunk_sum + chunk_tree_sum<T, acc_t>(probe_row<T>(a.probes, k, n), probe_row<T>(a.products, k, n),
+                                                         first, last, partial);
+      total = total + chunk_sum;
+    }
+    likelihood_finish(a, n, static_cast<double>(total));
     if (a.x != nullptr) {
       T* x_out = static_cast<T*>(a.x_out);
       for (int64_t j = 0; j < a.features; ++j) x_out[n * a.features + j] = likelihood_x_element<T, acc_t>(a, n * a.features + j);

@@ -1,7 +1,9 @@
 // CUDA kernels of the Hutchinson trace and the likelihood step: one block of kTraceLanes threads
-// per sample, summing in the order of diffkern/trace_math.h (the CPU tests run the same sums).
+// per (sample, chunk of features), then one thread per sample adds the chunks, in the order of
+// diffkern/trace_math.h (the CPU runs the same sums).
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -16,40 +18,63 @@ namespace diffkern {
 namespace cuda {
 namespace {
 
+// Block (n, c): sample n's chunk c. Its sum over probes goes to chunk_sums[n * chunks + c], and it
+// writes the likelihood-ODE update of the chunk's features.
 template <class T, class acc_t>
-__global__ void likelihood_kernel(LikelihoodArgs a) {
+__global__ void trace_chunk_kernel(LikelihoodArgs a, acc_t* chunk_sums) {
   __shared__ acc_t partial[kTraceLanes];
-  const int64_t n = blockIdx.x;
+  const int64_t n = blockIdx.x, c = blockIdx.y, chunks = gridDim.y;
   const int lane = threadIdx.x;
-  acc_t probe_sum = acc_t(0);
+  const int64_t first = c * kTraceChunk, last = min(a.features, first + kTraceChunk);
+  acc_t chunk_sum = acc_t(0);
   for (int64_t k = 0; k < a.num_probes; ++k) {
-    partial[lane] = trace_lane<T, acc_t>(probe_row<T>(a.probes, k, n), probe_row<T>(a.products, k, n), a.features, lane);
+    partial[lane] = trace_lane<T, acc_t>(probe_row<T>(a.probes, k, n), probe_row<T>(a.products, k, n), first, last, lane);
     __syncthreads();
     for (int stride = kTraceLanes / 2; stride > 0; stride /= 2) {
       trace_tree_level(partial, lane, stride);
       __syncthreads();
     }
-    if (lane == 0) probe_sum = probe_sum + partial[0];
+    if (lane == 0) chunk_sum = chunk_sum + partial[0];
     __syncthreads();
   }
-  if (lane == 0) likelihood_finish(a, n, static_cast<double>(probe_sum));
+  if (lane == 0) chunk_sums[n * chunks + c] = chunk_sum;
   if (a.x != nullptr) {
     T* x_out = static_cast<T*>(a.x_out);
-    for (int64_t j = lane; j < a.features; j += kTraceLanes)
+    for (int64_t j = first + lane; j < last; j += kTraceLanes)
       x_out[n * a.features + j] = likelihood_x_element<T, acc_t>(a, n * a.features + j);
   }
+}
+
+// Thread n: sample n's chunk sums in increasing order, then the trace and the log-density update.
+template <class acc_t>
+__global__ void trace_finish_kernel(LikelihoodArgs a, const acc_t* chunk_sums, int64_t chunks) {
+  const int64_t n = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (n >= a.batch) return;
+  acc_t total = acc_t(0);
+  for (int64_t c = 0; c < chunks; ++c) total = total + chunk_sums[n * chunks + c];
+  likelihood_finish(a, n, static_cast<double>(total));
 }
 
 void run(const LikelihoodArgs& a, const at::Device& device) {
   if (a.batch == 0) return;
   const c10::cuda::CUDAGuard guard(device);
-  TORCH_CHECK(a.batch <= 0x7fffffff, "diffkern::likelihood_step: batch too large for one launch");
+  const int64_t chunks = trace_chunks(a.features);
+  TORCH_CHECK(a.batch <= 0x7fffffff && chunks <= 65535, "diffkern::likelihood_step: batch or sample too large for one launch");
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, static_cast<at::ScalarType>(a.dtype),
                                   "diffkern::likelihood_step", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    likelihood_kernel<scalar_t, acc_t><<<a.batch, kTraceLanes, 0, c10::cuda::getCurrentCUDAStream()>>>(a);
+    const at::Tensor chunk_sums = at::empty({a.batch * chunks},
+        at::TensorOptions().device(device).dtype(std::is_same_v<acc_t, double> ? at::kDouble : at::kFloat));
+    acc_t* sums = static_cast<acc_t*>(chunk_sums.mutable_data_ptr());
+    trace_chunk_kernel<scalar_t, acc_t><<<dim3(static_cast<unsigned>(a.batch), static_cast<unsigned>(chunks)), kTraceLanes, 0,
+                                          stream>>>(a, sums);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    constexpr int kFinishThreads = 128;
+    trace_finish_kernel<acc_t><<<static_cast<unsigned>((a.batch + kFinishThreads - 1) / kFinishThreads), kFinishThreads, 0,
+                                 stream>>>(a, sums, chunks);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 at::Tensor probe_trace_cuda(const at::Tensor& probes, const at::Tensor& products, double scale) {

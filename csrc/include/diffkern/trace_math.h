@@ -2,13 +2,16 @@
 //
 // For probes v and Jacobian-vector products Jv, both [K, B, features], sample n's estimate is
 //     trace_n = scale * sum_k sum_j v[k, n, j] Jv[k, n, j]          (scale = 1 / K: the mean over probes)
-// summed in one fixed order on every device: for each probe, kTraceLanes lanes each add the
-// features j = lane, lane + kTraceLanes, ... in increasing j, the lanes are combined by a binary tree
-// (stride kTraceLanes / 2, then half of that, ...), and the probes are added in increasing k. A CUDA
-// block of kTraceLanes threads does exactly this in shared memory; the CPU does the same sums in
-// the same order, so the two agree bit for bit. Products and sums are separate roundings (no fma),
-// which the CPU baseline vectorises. Accumulation is float32 for half types and float32, float64
-// for float64.
+// summed in one fixed order on every device, independent of how the work is spread:
+//   - the features are cut into chunks of kTraceChunk (the last one shorter);
+//   - in a chunk, for each probe, kTraceLanes lanes each add the chunk's features j = lane,
+//     lane + kTraceLanes, ... in increasing j, and the lanes are combined by a binary tree (stride
+//     kTraceLanes / 2, then half of that, ...); the probes' tree sums are added in increasing k;
+//   - the chunks' sums are added in increasing chunk order.
+// CUDA gives each (sample, chunk) a block of kTraceLanes threads (so a few large samples still fill
+// the GPU) and adds the chunk sums in a second pass; the CPU does the same sums in the same order,
+// so the two agree bit for bit. Products and sums are separate roundings (no fma), which the CPU
+// baseline vectorises. Accumulation is float32 for half types and float32, float64 for float64.
 //
 // The likelihood step updates, in the same pass, the probability-flow / CNF state
 //     x_next = (c_x x + c_model m) + c_prev m_prev,     delta_next = delta + l0 + l_prev trace_prev + l_trace trace
@@ -45,17 +48,21 @@ struct LikelihoodArgs {
 DK_NAMESPACE_BEGIN
 
 constexpr int kTraceLanes = 128;
+constexpr int64_t kTraceChunk = 32 * kTraceLanes;
+
+DK_INLINE int64_t trace_chunks(int64_t features) { return features == 0 ? 1 : (features + kTraceChunk - 1) / kTraceChunk; }
 
 template <class T>
 DK_INLINE const T* probe_row(const ProbeView& view, int64_t k, int64_t n) {
   return static_cast<const T*>(view.data) + k * view.stride_k + n * view.stride_n;
 }
 
-// One lane's partial sum over features lane, lane + kTraceLanes, ... (the CUDA thread's share).
+// One lane's partial sum over features begin + lane, begin + lane + kTraceLanes, ... < end (the
+// CUDA thread's share of a chunk).
 template <class T, class acc_t>
-DK_INLINE acc_t trace_lane(const T* v, const T* jv, int64_t features, int lane) {
+DK_INLINE acc_t trace_lane(const T* v, const T* jv, int64_t begin, int64_t end, int lane) {
   acc_t acc = acc_t(0);
-  for (int64_t j = lane; j < features; j += kTraceLanes) acc = acc + static_cast<acc_t>(v[j]) * static_cast<acc_t>(jv[j]);
+  for (int64_t j = begin + lane; j < end; j += kTraceLanes) acc = acc + static_cast<acc_t>(v[j]) * static_cast<acc_t>(jv[j]);
   return acc;
 }
 
