@@ -1,5 +1,6 @@
 """One DDPM step: diffkern's fused kernel against the same step in eager PyTorch, under
-torch.compile, and diffusers' DDPMScheduler.step; torch.randn alone and a copy for scale."""
+torch.compile (both with torch.randn), and diffusers' DDPMScheduler.step; torch.randn alone,
+dk.randn plus a copy, and a copy for scale. Shapes from 1 feature per sample to images."""
 import pytest
 import torch
 
@@ -11,10 +12,11 @@ try:
 except ImportError:  # optional peer
     DDPMScheduler = None
 
-SHAPES = [(16, 3, 64, 64), (64, 3, 128, 128)]
+# Few features per sample (2-d toy data, tabular and 1-d models, many-sample runs) as well as images.
+SHAPES = [(4096, 1), (4096, 2), (65536, 2), (1048576, 1), (4096, 16), (16, 3, 32, 32), (64, 3, 128, 128)]
 CASES = [(d, s) for d in DEVICES for s in SHAPES]
 IMPLS = ["diffkern (in-kernel noise)", "diffkern (noise given)", "eager", "torch.compile", "diffusers",
-         "torch.randn alone", "copy"]
+         "torch.randn alone", "dk.randn + copy", "copy"]
 T = 500
 
 
@@ -65,6 +67,9 @@ def test_ddpm_step(benchmark, device, shape, impl):
         fn = lambda: scheduler.step(m, T, x).prev_sample  # noqa: E731
     elif impl == "torch.randn alone":
         fn = lambda: torch.randn(shape, device=device)  # noqa: E731
+    elif impl == "dk.randn + copy":  # the floor of a step that draws its noise: the noise and one pass
+        dst = torch.empty_like(x)
+        fn = lambda: dst.copy_(dk.randn(shape, seed=0, step=1, device=device))  # noqa: E731
     else:
         dst = torch.empty_like(x)
         fn = lambda: dst.copy_(x)  # noqa: E731
