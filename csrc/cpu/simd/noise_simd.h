@@ -124,10 +124,6 @@ void draw_blocks(const NoiseKey& key, typename V::I block, typename V::I sample,
   V::store_interleaved4(dst, z[0], z[1], z[2], z[3]);
 }
 
-template <class V>
-void normal_blocks(const NoiseKey& key, typename V::I block, typename V::I sample, float* dst) {
-  draw_blocks<V, NormalDraw>(key, block, sample, dst);
-}
 
 // S -> T; float -> half goes through the hardware conversion (bitwise equal to c10::Half's).
 template <class V, class T, class S>
