@@ -124,6 +124,24 @@ TORCH_LIBRARY(diffkern, m) {
       "int aux, bool stream_noise, int seed, int step, int sample_offset, int stream, Tensor? seed_step, "
       "str isa) -> (Tensor, Tensor)");
 
+  // The widened fused step of diffkern/linear_step.h, for solvers with history (multistep DPM-Solver++,
+  // UniPC, Heun's stages): x0 = clip(a_z z + sum_i a_i inputs[i]); out_j = c_j x0 + sum_i d_ji inputs[i]
+  // + s_j z, with row `row` of coefficients [R, n + 3 + outputs (n + 2)] (float32; float64 for float64
+  // inputs). inputs (1 to 8, inputs[0] is the sample) share shape, dtype and device; z is `noise` if
+  // given, else the stream (seed, step, sample_offset + n, stream) if stream_noise, else 0.
+  // Returns [out_0, (out_1), (x0 when x0)].
+  m.def(
+      "linear_step(Tensor[] inputs, Tensor? noise, Tensor coefficients, int row, int outputs, bool x0, bool clip, "
+      "bool stream_noise, int seed, int step, int sample_offset, int stream, Tensor? seed_step) -> Tensor[]");
+  m.def(
+      "linear_step.out(Tensor[] inputs, Tensor? noise, Tensor coefficients, int row, int outputs, bool x0, "
+      "bool clip, bool stream_noise, int seed, int step, int sample_offset, int stream, Tensor? seed_step, *, "
+      "Tensor(a!)[] out) -> ()");
+  m.def(
+      "_linear_step_cpu_isa(Tensor[] inputs, Tensor? noise, Tensor coefficients, int row, int outputs, bool x0, "
+      "bool clip, bool stream_noise, int seed, int step, int sample_offset, int stream, Tensor? seed_step, "
+      "str isa) -> Tensor[]");
+
   // Hutchinson's estimator (diffkern/trace_math.h): probes and Jacobian-vector products [K, B, ...]
   // (features contiguous, leading dims may be strided) -> float64 [B],
   // scale * sum_k sum_j probes * products, summed in one fixed order (bitwise equal on CPU and CUDA).

@@ -13,6 +13,7 @@
 #include "diffkern/noise_fill.h"
 #include "diffkern/step_args.h"
 #include "diffkern/step_math.h"
+#include "diffkern/linear_step.h"
 
 namespace diffkern {
 
@@ -238,6 +239,107 @@ inline FusedStep prepare_fused_step(DK_FUSED_STEP_PARAMS, const at::Tensor* out 
   }
   result.args.out = result.out.mutable_data_ptr();
   result.args.aux = aux != 0 ? result.aux.mutable_data_ptr() : nullptr;
+  return result;
+}
+
+// ---- the widened fused step ----
+
+// The parameters of the linear_step op (schema in ops.cpp).
+#define DK_LINEAR_STEP_PARAMS                                                                            \
+  at::TensorList inputs, const std::optional<at::Tensor>&noise, const at::Tensor &coefficients, int64_t row, \
+      int64_t outputs, bool x0, bool clip, bool stream_noise, int64_t seed, int64_t step, int64_t sample_offset, \
+      int64_t stream, const std::optional<at::Tensor>&seed_step
+#define DK_LINEAR_STEP_ARGS \
+  inputs, noise, coefficients, row, outputs, x0, clip, stream_noise, seed, step, sample_offset, stream, seed_step
+
+struct LinearStep {
+  LinearStepArgs args;
+  std::vector<at::Tensor> outputs;  // out_0 [, out_1] [, x0]
+  std::vector<at::Tensor> copies;
+};
+
+// Checks the arguments; allocates the outputs unless `given` holds them (then checks those).
+inline LinearStep prepare_linear_step(DK_LINEAR_STEP_PARAMS, const at::TensorList* given = nullptr) {
+  TORCH_CHECK(!inputs.empty() && static_cast<int64_t>(inputs.size()) <= kLinearMaxInputs,
+              "diffkern::linear_step: takes 1 to ", kLinearMaxInputs, " inputs, got ", inputs.size());
+  TORCH_CHECK(outputs >= 1 && outputs <= kLinearMaxOutputs, "diffkern::linear_step: outputs must be 1 or 2, got ",
+              outputs);
+  const at::Tensor& x = inputs[0];
+  const at::ScalarType dtype = x.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16,
+              "diffkern::linear_step: inputs must be float16, bfloat16, float32 or float64, got ", dtype);
+  const FillShape shape = fill_shape_for(x.sizes(), sample_offset);
+  LinearStepArgs a{};
+  a.dtype = static_cast<int>(dtype);
+  a.batch = shape.rows;
+  a.features = shape.row_size;
+  a.num_inputs = static_cast<int>(inputs.size());
+  a.num_outputs = static_cast<int>(outputs);
+  LinearStep result{};
+  result.copies.reserve(inputs.size() + 2);
+  const auto input = [&](const at::Tensor& t, const char* name, int64_t index) {
+    TORCH_CHECK(t.sizes() == x.sizes(), "diffkern::linear_step: ", name, index, " has shape ", t.sizes(),
+                " but inputs[0] has ", x.sizes());
+    TORCH_CHECK(t.scalar_type() == dtype, "diffkern::linear_step: ", name, index, " is ", t.scalar_type(),
+                " but inputs[0] is ", dtype);
+    TORCH_CHECK(t.device() == x.device(), "diffkern::linear_step: ", name, index, " is on ", t.device(),
+                " but inputs[0] is on ", x.device());
+    if (samples_contiguous(t)) return StepInput{t.const_data_ptr(), step_row_stride(t)};
+    result.copies.push_back(t.contiguous());
+    return StepInput{result.copies.back().const_data_ptr(), step_row_stride(result.copies.back())};
+  };
+  for (size_t i = 0; i < inputs.size(); ++i) a.inputs[i] = input(inputs[i], "inputs", static_cast<int64_t>(i));
+  a.noise = noise.has_value() ? input(*noise, "noise", -1) : StepInput{nullptr, 0};
+
+  const at::ScalarType table_dtype = dtype == at::kDouble ? at::kDouble : at::kFloat;
+  const int64_t row_size = linear_row_size(a.num_inputs, outputs);
+  TORCH_CHECK(coefficients.scalar_type() == table_dtype && coefficients.dim() == 2 && coefficients.size(1) == row_size,
+              "diffkern::linear_step: coefficients must be a ", table_dtype, " tensor [rows, ", row_size, "] for ",
+              inputs.size(), " ", dtype, " inputs and ", outputs, " outputs, got ", coefficients.scalar_type(), " ",
+              coefficients.sizes());
+  TORCH_CHECK(coefficients.device() == x.device(), "diffkern::linear_step: coefficients are on ",
+              coefficients.device(), " but the inputs are on ", x.device());
+  TORCH_CHECK(row >= 0 && row < coefficients.size(0), "diffkern::linear_step: row ", row,
+              " outside the table of ", coefficients.size(0), " rows");
+  if (coefficients.is_contiguous()) {
+    a.table = coefficients.const_data_ptr();
+  } else {
+    result.copies.push_back(coefficients.contiguous());
+    a.table = result.copies.back().const_data_ptr();
+  }
+  a.table_rows = coefficients.size(0);
+  a.row_size = row_size;
+  a.row = row;
+  a.clip = clip;
+  a.noise_source = noise.has_value() ? NoiseSource::kTensor : (stream_noise ? NoiseSource::kStream : NoiseSource::kNone);
+  const NoiseParams params = noise_params_for(seed, step, sample_offset, stream, seed_step, x.device());
+  a.seed = params.seed;
+  a.step = params.step;
+  a.stream = params.stream;
+  a.sample_offset = params.sample_offset;
+  a.seed_step = params.seed_step;
+
+  const size_t count = static_cast<size_t>(outputs) + (x0 ? 1 : 0);
+  if (given != nullptr) {
+    TORCH_CHECK(given->size() == count, "diffkern::linear_step.out: expected ", count, " output buffers, got ",
+                given->size());
+    for (size_t k = 0; k < count; ++k) {
+      const at::Tensor& o = (*given)[k];
+      TORCH_CHECK(o.sizes() == x.sizes() && o.scalar_type() == dtype && o.device() == x.device() && o.is_contiguous(),
+                  "diffkern::linear_step.out: out[", k, "] must be a contiguous ", dtype, " tensor of shape ",
+                  x.sizes(), " on ", x.device());
+      for (const at::Tensor& t : inputs) at::assert_no_overlap(o, t);
+      if (noise.has_value()) at::assert_no_overlap(o, *noise);
+      for (size_t l = 0; l < k; ++l) at::assert_no_overlap(o, (*given)[l]);
+      result.outputs.push_back(o);
+    }
+  } else {
+    for (size_t k = 0; k < count; ++k) result.outputs.push_back(at::empty(x.sizes(), x.options()));
+  }
+  a.x0_out = nullptr;
+  for (int64_t j = 0; j < outputs; ++j) a.out[j] = result.outputs[j].mutable_data_ptr();
+  if (x0) a.x0_out = result.outputs[outputs].mutable_data_ptr();
+  result.args = a;
   return result;
 }
 

@@ -18,7 +18,7 @@ strided schedule.
 from __future__ import annotations
 
 import math
-from typing import Tuple
+from typing import Sequence, Tuple
 
 import torch
 
@@ -292,3 +292,22 @@ def reverse_diffusion_rows(f_discrete, g_discrete, score_scale=1.0, noise=True) 
     f, g = _f64(f_discrete), _f64(g_discrete)
     return rows(_shape(f, g), device=_device(f), d=1 - f, f=g ** 2 * score_scale,
                 sigma=g if noise else _zeros_like(g))
+
+
+# ---- rows of the widened step (ops.linear_step) ----
+
+def linear_row(x0: Sequence[float], outputs: Sequence[tuple], *, x0_noise: float = 0.0,
+               clip: tuple = (-math.inf, math.inf)) -> list[float]:
+    """One row of ops.linear_step for n = len(x0) inputs:
+
+        x0 = clip(x0_noise z + sum_i x0[i] u_i);  out_j = c_j x0 + sum_i d_j[i] u_i + s_j z
+    where outputs[j] = (c_j, d_j, s_j) and d_j has n entries. Layout (csrc/include/diffkern/linear_step.h):
+    [a_0 .. a_{n-1}, a_z, clip_lo, clip_hi, then c_j, d_j0 .. d_j(n-1), s_j for each output].
+    """
+    n = len(x0)
+    row = [float(a) for a in x0] + [float(x0_noise), float(clip[0]), float(clip[1])]
+    for c, d, s in outputs:
+        if len(d) != n:
+            raise ValueError(f"each output needs {n} input coefficients, got {len(d)}")
+        row += [float(c)] + [float(v) for v in d] + [float(s)]
+    return row

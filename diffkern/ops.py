@@ -240,6 +240,66 @@ def _check_fused_step(x, model_output, model_output_uncond, guidance_grad, predi
             raise ValueError(f"{name} must be a contiguous {x.dtype} tensor of shape {tuple(x.shape)} on {x.device}")
 
 
+_linear_step_out_op = torch.ops.diffkern.linear_step.out
+
+
+def linear_step(inputs: Sequence[torch.Tensor], noise: Optional[torch.Tensor] = None, *, coefficients: torch.Tensor,
+                row: int = 0, outputs: int = 1, x0: bool = False, clip: bool = False, stream_noise: bool = False,
+                seed: int = 0, step: int = 0, sample_offset: int = 0, stream: int = 0,
+                seed_step: Optional[torch.Tensor] = None) -> list[torch.Tensor]:
+    """The widened fused step of csrc/include/diffkern/linear_step.h: returns [out_0, (out_1), (x0)].
+
+    inputs (1 to 8 tensors of one shape, dtype and device; inputs[0] is the sample) are combined with
+    row ``row`` of ``coefficients`` (see diffkern.coefficients.linear_row for the layout). The outputs
+    are views of one allocation (so a step costs one allocation whatever it returns).
+    """
+    if type(seed) is not int or not 0 <= seed < _UINT64 or not isinstance(inputs, (list, tuple)) or not inputs:
+        _check_linear_step(inputs, noise, coefficients, row, outputs, seed, step, sample_offset, stream, seed_step)
+    if seed >= _INT64_SIGN:
+        seed -= _UINT64
+    x = inputs[0]
+    count = outputs + (1 if x0 else 0)
+    try:
+        buffer = torch.empty((count, *x.shape), dtype=x.dtype, device=x.device)
+        results = list(buffer.unbind(0))
+        _linear_step_out_op(list(inputs), noise, coefficients, row, outputs, x0, clip, stream_noise, seed, step,
+                            sample_offset, stream, seed_step, out=results)
+    except (RuntimeError, TypeError, NotImplementedError, AttributeError):
+        _check_linear_step(inputs, noise, coefficients, row, outputs, seed, step, sample_offset, stream, seed_step)
+        raise
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        results = [r.contiguous(memory_format=torch.channels_last) for r in results]
+    return results
+
+
+def _check_linear_step(inputs, noise, coefficients, row, outputs, seed, step, sample_offset, stream, seed_step):
+    """The arguments of linear_step, one by one: raises an error that names the first bad one."""
+    if not isinstance(inputs, (list, tuple)) or not 1 <= len(inputs) <= 8:
+        raise ValueError(f"inputs must be a list of 1 to 8 tensors, got {type(inputs).__name__}")
+    x = inputs[0]
+    for i, t in enumerate(list(inputs) + ([noise] if noise is not None else [])):
+        name = f"inputs[{i}]" if i < len(inputs) else "noise"
+        if not isinstance(t, torch.Tensor) or t.dtype not in NOISE_DTYPES:
+            raise ValueError(f"{name} must be a float16, bfloat16, float32 or float64 tensor, got "
+                             f"{getattr(t, 'dtype', type(t).__name__)}")
+        if t.device != x.device or t.shape != x.shape or t.dtype != x.dtype:
+            raise ValueError(f"{name} is {t.dtype} {tuple(t.shape)} on {t.device} but inputs[0] is {x.dtype} "
+                             f"{tuple(x.shape)} on {x.device}")
+    check_device(x.device)
+    if outputs not in (1, 2):
+        raise ValueError(f"outputs must be 1 or 2, got {outputs!r}")
+    table_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    width = len(inputs) + 3 + outputs * (len(inputs) + 2)
+    if (not isinstance(coefficients, torch.Tensor) or coefficients.dtype != table_dtype or coefficients.dim() != 2
+            or coefficients.shape[1] != width or coefficients.device != x.device):
+        raise ValueError(f"coefficients must be a {table_dtype} table [rows, {width}] on {x.device}, got "
+                         f"{getattr(coefficients, 'dtype', type(coefficients).__name__)} "
+                         f"{tuple(getattr(coefficients, 'shape', ()))}")
+    if isinstance(row, bool) or not isinstance(row, int) or not 0 <= row < coefficients.shape[0]:
+        raise ValueError(f"row must be an int in [0, {coefficients.shape[0]}), got {row!r}")
+    _noise_args(check_shape(x.shape), seed, step, sample_offset, stream, seed_step, x.device)
+
+
 def _check_probe_tensors(probes: torch.Tensor, products: torch.Tensor) -> None:
     for name, t in (("probes", probes), ("products", products)):
         if not isinstance(t, torch.Tensor) or t.dim() < 2 or t.dtype not in NOISE_DTYPES:
@@ -370,3 +430,38 @@ def _fused_step_out_fake(x, model_output, model_output_uncond, guidance_grad, pr
                      lambda: f"diffkern::fused_step: {name} must have x's shape and device")
     return None
 torch.library.register_fake("diffkern::_fused_step_cpu_isa")(_fused_step_fake)
+
+
+def _check_linear_step_fake(inputs, noise, coefficients, outputs):
+    torch._check(1 <= len(inputs) <= 8, lambda: f"diffkern::linear_step: takes 1 to 8 inputs, got {len(inputs)}")
+    torch._check(outputs in (1, 2), lambda: f"diffkern::linear_step: outputs must be 1 or 2, got {outputs}")
+    x = inputs[0]
+    for i, t in enumerate(list(inputs[1:]) + ([noise] if noise is not None else [])):
+        torch._check(t.device == x.device and t.shape == x.shape and t.dtype == x.dtype,
+                     lambda: f"diffkern::linear_step: input {i + 1} is {t.dtype} {tuple(t.shape)} on {t.device} but "
+                             f"inputs[0] is {x.dtype} {tuple(x.shape)} on {x.device}")
+    width = len(inputs) + 3 + outputs * (len(inputs) + 2)
+    table_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    torch._check(coefficients.device == x.device and coefficients.dtype == table_dtype and coefficients.dim() == 2
+                 and coefficients.shape[1] == width,
+                 lambda: f"diffkern::linear_step: coefficients must be a {table_dtype} table [rows, {width}] on "
+                         f"{x.device}, got {coefficients.dtype} {tuple(coefficients.shape)} on {coefficients.device}")
+
+
+def _linear_step_fake(inputs, noise, coefficients, row, outputs, x0, clip, stream_noise, seed, step, sample_offset,
+                      stream, seed_step, *isa):
+    _check_linear_step_fake(inputs, noise, coefficients, outputs)
+    x = inputs[0]
+    return [torch.empty(x.shape, dtype=x.dtype, device=x.device) for _ in range(outputs + (1 if x0 else 0))]
+
+
+torch.library.register_fake("diffkern::linear_step")(_linear_step_fake)
+torch.library.register_fake("diffkern::_linear_step_cpu_isa")(_linear_step_fake)
+
+
+@torch.library.register_fake("diffkern::linear_step.out")
+def _linear_step_out_fake(inputs, noise, coefficients, row, outputs, x0, clip, stream_noise, seed, step,
+                          sample_offset, stream, seed_step, *, out):
+    _check_linear_step_fake(inputs, noise, coefficients, outputs)
+    torch._check(len(out) == outputs + (1 if x0 else 0), lambda: "diffkern::linear_step.out: wrong number of outputs")
+    return None

@@ -196,3 +196,40 @@ def fused_step(x: torch.Tensor, model_output: Optional[torch.Tensor] = None,
     aux_out = {"none": None, "x0": x0, "noise": z}[aux]
     out = out.to(x.dtype).reshape(x.shape)
     return out, None if aux_out is None else aux_out.to(x.dtype).reshape(x.shape)
+
+
+def linear_step(inputs, noise: Optional[torch.Tensor] = None, *, coefficients: torch.Tensor, row: int = 0,
+                outputs: int = 1, x0: bool = False, clip: bool = False, stream_noise: bool = False, seed=0, step=0,
+                sample_offset: int = 0, stream: int = 0, seed_step: Optional[torch.Tensor] = None):
+    """diffkern.ops.linear_step in plain PyTorch, in float64, rounded once to the inputs' dtype:
+
+        x0 = clip(a_z z + sum_i a_i u_i);   out_j = c_j x0 + sum_i d_ji u_i + s_j z
+    with the row layout of diffkern.coefficients.linear_row. Stream noise is drawn only when the row
+    has a nonzero noise coefficient (elsewhere z = 0, as in the kernels).
+    """
+    x = inputs[0]
+    n = len(inputs)
+    f64 = torch.float64
+    r = coefficients[row].to(f64).tolist()
+    u = [t.to(f64) for t in inputs]
+    noisy = r[n] != 0 or any(r[n + 3 + j * (n + 2) + n + 1] != 0 for j in range(outputs))
+    if noise is not None:
+        z = noise.to(f64)
+    elif stream_noise and noisy:
+        if seed_step is not None:
+            seed, step = seed_step.tolist()
+        batch = x.shape[0] if x.dim() else 1
+        z = randn((batch, math.prod(x.shape[1:])), seed, step, sample_offset, stream, device=x.device,
+                  dtype=f64).reshape(x.shape)
+    else:
+        z = torch.zeros_like(u[0])
+    value = r[n] * z + sum(r[i] * u[i] for i in range(n))
+    if clip:
+        value = value.clamp(r[n + 1], r[n + 2])
+    results = []
+    for j in range(outputs):
+        c = r[n + 3 + j * (n + 2):n + 3 + (j + 1) * (n + 2)]
+        results.append((c[0] * value + sum(c[1 + i] * u[i] for i in range(n)) + c[n + 1] * z).to(x.dtype))
+    if x0:
+        results.append(value.to(x.dtype))
+    return results

@@ -62,5 +62,9 @@ struct StepItems {
 void fused_step_avx2(const FusedStepArgs& args, int64_t begin, int64_t end);
 void fused_step_avx512(const FusedStepArgs& args, int64_t begin, int64_t end);
 
+// The widened fused step (diffkern/linear_step.h), over the same work items.
+void linear_step_avx2(const LinearStepArgs& args, int64_t begin, int64_t end);
+void linear_step_avx512(const LinearStepArgs& args, int64_t begin, int64_t end);
+
 }  // namespace cpu
 }  // namespace diffkern

@@ -41,3 +41,29 @@ struct FusedStepArgs {
 };
 
 }  // namespace diffkern
+
+namespace diffkern {
+
+// The widened fused step (diffkern/linear_step.h): any number of inputs up to kLinearMaxInputs,
+// one or two linear outputs, the clipped x0 and the noise.
+constexpr int kLinearMaxInputs = 8;
+constexpr int kLinearMaxOutputs = 2;
+
+struct LinearStepArgs {
+  int dtype;  // c10::ScalarType of every tensor
+  int64_t batch, features;
+  int num_inputs, num_outputs;
+  StepInput inputs[kLinearMaxInputs];
+  StepInput noise;                   // data null unless noise_source is kTensor
+  void* out[kLinearMaxOutputs];      // [batch, features], contiguous
+  void* x0_out;                      // the same, or null
+  const void* table;                 // [table_rows, row_size] in the compute type
+  int64_t table_rows, row_size, row;
+  NoiseSource noise_source;
+  uint64_t seed, step, sample_offset;
+  uint32_t stream;
+  const int64_t* seed_step;
+  bool clip;
+};
+
+}  // namespace diffkern
