@@ -268,6 +268,22 @@ class _Fused:
                                stream_noise=plan.noisy and noise is None, seed=self.seed,
                                step=noise_step % (1 << 32))
 
+    def _dk_sigma_step(self, plan, model_output, sample, generator, return_dict, output_class, always_draw=False):
+        """The step of Euler and Euler-ancestral: noise as diffusers draws it (in the model dtype; Euler
+        when the row is noisy, Euler-ancestral at every step, so the generator advances as in diffusers),
+        the prev sample in the model dtype, and x0."""
+        noise = None
+        if generator is not None and (plan.noisy or always_draw):
+            noise = randn_tensor(model_output.shape, dtype=model_output.dtype, device=model_output.device,
+                                 generator=generator)
+        prev_sample, pred_original_sample = self._dk_run(
+            plan, {"sample": sample, "model_output": model_output}, noise, noise_step=self.step_index)
+        self._step_index += 1
+        prev_sample = prev_sample.to(model_output.dtype)
+        if not return_dict:
+            return (prev_sample, pred_original_sample)
+        return output_class(prev_sample=prev_sample, pred_original_sample=pred_original_sample)
+
 
 def _with_diffkern_options(cls):
     """Gives cls.__init__ diffusers' signature plus the keyword-only seed and exact_coefficients
@@ -504,20 +520,8 @@ class EulerDiscreteScheduler(_Fused, _schedulers.EulerDiscreteScheduler):
         if self.step_index is None:
             self._init_step_index(timestep)
         plan = self._dk_plan((self.step_index, float(s_churn), float(s_tmin), float(s_tmax), float(s_noise)))
-        noise = None
-        if plan.noisy and generator is not None:
-            noise = randn_tensor(model_output.shape, dtype=model_output.dtype, device=model_output.device,
-                                 generator=generator)
-        if sample.dtype != model_output.dtype:
-            sample = sample.to(torch.float32)
-        prev_sample, pred_original_sample = self._dk_run(
-            plan, {"sample": sample, "model_output": model_output}, noise, noise_step=self.step_index)
-        self._step_index += 1
-        prev_sample = prev_sample.to(model_output.dtype)
-        if not return_dict:
-            return (prev_sample, pred_original_sample)
-        return _schedulers.scheduling_euler_discrete.EulerDiscreteSchedulerOutput(
-            prev_sample=prev_sample, pred_original_sample=pred_original_sample)
+        return self._dk_sigma_step(plan, model_output, sample, generator, return_dict,
+                                   _schedulers.scheduling_euler_discrete.EulerDiscreteSchedulerOutput)
 
 
 @_drop_in
@@ -545,21 +549,9 @@ class EulerAncestralDiscreteScheduler(_Fused, _schedulers.EulerAncestralDiscrete
         _refuse_integer_timestep("EulerDiscreteScheduler", timestep)
         if self.step_index is None:
             self._init_step_index(timestep)
-        plan = self._dk_plan(self.step_index)
-        noise = None
-        if generator is not None:
-            noise = randn_tensor(model_output.shape, dtype=model_output.dtype, device=model_output.device,
-                                 generator=generator)
-        if sample.dtype != model_output.dtype:
-            sample = sample.to(torch.float32)
-        prev_sample, pred_original_sample = self._dk_run(
-            plan, {"sample": sample, "model_output": model_output}, noise, noise_step=self.step_index)
-        self._step_index += 1
-        prev_sample = prev_sample.to(model_output.dtype)
-        if not return_dict:
-            return (prev_sample, pred_original_sample)
-        return _schedulers.scheduling_euler_ancestral_discrete.EulerAncestralDiscreteSchedulerOutput(
-            prev_sample=prev_sample, pred_original_sample=pred_original_sample)
+        return self._dk_sigma_step(self._dk_plan(self.step_index), model_output, sample, generator, return_dict,
+                                   _schedulers.scheduling_euler_ancestral_discrete.EulerAncestralDiscreteSchedulerOutput,
+                                   always_draw=True)
 
 
 @_drop_in
@@ -650,8 +642,6 @@ class FlowMatchEulerDiscreteScheduler(_Fused, _schedulers.FlowMatchEulerDiscrete
         noise = None
         if self.config.stochastic_sampling and generator is not None:
             noise = randn_tensor(sample.shape, generator=generator, device=sample.device, dtype=torch.float32)
-        if sample.dtype != model_output.dtype:
-            sample = sample.to(torch.float32)
         (prev_sample,) = self._dk_run(plan, {"sample": sample, "model_output": model_output}, noise,
                                       noise_step=self.step_index)
         self._step_index += 1

@@ -98,18 +98,7 @@ void linear_step_items(const LinearStepArgs& a, int64_t begin, int64_t end) {
 
 template <class V>
 void linear_step_entry(const LinearStepArgs& a, int64_t begin, int64_t end) {
-  switch (static_cast<c10::ScalarType>(a.dtype)) {
-    case c10::ScalarType::Float:
-      return linear_step_items<V, float, float>(a, begin, end);
-    case c10::ScalarType::Double:
-      return linear_step_items<V, double, double>(a, begin, end);
-    case c10::ScalarType::Half:
-      return linear_step_items<V, c10::Half, float>(a, begin, end);
-    case c10::ScalarType::BFloat16:
-      return linear_step_items<V, c10::BFloat16, float>(a, begin, end);
-    default:
-      TORCH_CHECK(false, "diffkern: unsupported dtype for the linear step");
-  }
+  dispatch_step_dtype(a.dtype, [&]<class T, class acc_t>() { linear_step_items<V, T, acc_t>(a, begin, end); });
 }
 
 }  // namespace simd

@@ -209,20 +209,26 @@ void fused_step_items(const FusedStepArgs& a, int64_t begin, int64_t end) {
   }
 }
 
-template <class V>
-void fused_step_entry(const FusedStepArgs& a, int64_t begin, int64_t end) {
-  switch (static_cast<c10::ScalarType>(a.dtype)) {
+// Calls f.template operator()<T, acc_t>() for the tensor dtype T of a step and its compute type.
+template <class F>
+void dispatch_step_dtype(int dtype, const F& f) {
+  switch (static_cast<c10::ScalarType>(dtype)) {
     case c10::ScalarType::Float:
-      return fused_step_items<V, float, float>(a, begin, end);
+      return f.template operator()<float, float>();
     case c10::ScalarType::Double:
-      return fused_step_items<V, double, double>(a, begin, end);
+      return f.template operator()<double, double>();
     case c10::ScalarType::Half:
-      return fused_step_items<V, c10::Half, float>(a, begin, end);
+      return f.template operator()<c10::Half, float>();
     case c10::ScalarType::BFloat16:
-      return fused_step_items<V, c10::BFloat16, float>(a, begin, end);
+      return f.template operator()<c10::BFloat16, float>();
     default:
       TORCH_CHECK(false, "diffkern: unsupported dtype for the fused step");
   }
+}
+
+template <class V>
+void fused_step_entry(const FusedStepArgs& a, int64_t begin, int64_t end) {
+  dispatch_step_dtype(a.dtype, [&]<class T, class acc_t>() { fused_step_items<V, T, acc_t>(a, begin, end); });
 }
 
 }  // namespace simd
