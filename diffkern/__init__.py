@@ -14,6 +14,7 @@ from .steps import (ddim_step, ddpm_step, euler_ancestral_step, euler_maruyama_s
                     heun_step, langevin_step, q_sample, q_sample_with_noise)
 from .samplers import (classifier_grad, sample_ddim, sample_ddpm, sample_euler, sample_euler_ancestral,
                        sample_euler_maruyama, sample_heun, sample_langevin, sample_ode, sample_pc)
+from .solvers import sample_dpmpp, sample_flow
 from .likelihood import LogLikelihood, cnf_log_likelihood, exact_trace, hutchinson_trace, log_likelihood
 from . import coefficients, reference
 
@@ -25,7 +26,7 @@ __all__ = [
     "score_from_denoiser", "denoiser_from_score",
     "euler_maruyama_step", "euler_step", "heun_correct", "heun_step", "euler_ancestral_step", "langevin_step",
     "sample_euler_maruyama", "sample_ode", "sample_euler", "sample_heun", "sample_euler_ancestral",
-    "sample_langevin", "sample_pc",
+    "sample_langevin", "sample_pc", "sample_dpmpp", "sample_flow",
     "hutchinson_trace", "exact_trace", "log_likelihood", "cnf_log_likelihood", "LogLikelihood",
 ]
 

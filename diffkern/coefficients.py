@@ -311,3 +311,67 @@ def linear_row(x0: Sequence[float], outputs: Sequence[tuple], *, x0_noise: float
             raise ValueError(f"each output needs {n} input coefficients, got {len(d)}")
         row += [float(c)] + [float(v) for v in d] + [float(s)]
     return row
+
+
+# ---- DPM-Solver++ (multistep, data prediction) ----
+
+def dpmpp_update(order: int, alpha_s: float, sigma_s: float, alpha_t: float, sigma_t: float,
+                 h_prev: Sequence[float] = (), *, eta: float = 0.0, s_noise: float = 1.0,
+                 solver_type: str = "midpoint") -> Tuple[float, list, float]:
+    """One multistep DPM-Solver++ step from (alpha_s, sigma_s) to (alpha_t, sigma_t), in float64.
+
+    With lambda = log(alpha / sigma), h = lambda_t - lambda_s, h_eta = (1 + eta) h and x0 predictions
+    m0 (now), m1, m2 (the two steps before, whose steps had sizes h_prev[0], h_prev[1] in lambda):
+
+        x_t = (sigma_t / sigma_s) e^{-eta h} x_s + alpha_t [phi_1 D0 + w_1 D1 - 2 phi_3 D2]
+              + s_noise sigma_t sqrt(1 - e^{-2 eta h}) z
+    with phi_1 = 1 - e^{-h_eta}, phi_2 = 1 - phi_1 / h_eta, phi_3 = phi_2 / h_eta - 1/2, D0 = m0,
+    and the divided differences (r_k = h_prev[k] / h)
+      order 2: D1 = (m0 - m1) / r0, w_1 = phi_1 / 2 (midpoint) or phi_2 (heun);
+      order 3: d0 = (m0 - m1) / r0, d1 = (m1 - m2) / r1, D1 = d0 + r0 (d0 - d1) / (r0 + r1),
+               D2 = (d0 - d1) / (r0 + r1), w_1 = phi_2.
+    eta = 0 is the probability-flow ODE (Lu et al. 2022, DPM-Solver++(2M) and 3M); eta = 1 the SDE
+    variant (sde-dpmsolver++). Orders 1 and 2 are k-diffusion's sample_dpmpp_2m and
+    sample_dpmpp_2m_sde written for a general (alpha, sigma) and eta.
+
+    The factor 2 on D2: the x0 prediction along the step is m0 + D1 u/h + D2 u^2/h^2 + O(h^3) (D2 is
+    about h^2 x0''/2), and the integral of its quadratic term against the exponential kernel is
+    -2 phi_3(h_eta) D2. The third-order multistep update of the DPM-Solver reference code, copied by
+    diffusers (deterministic) and k-diffusion's sample_dpmpp_3m_sde, weights D2 by -phi_3, which
+    leaves a local error -x0'' h^3 / 12 (at eta = 0) and makes "3M" second order;
+    diffusers' third-order sde-dpmsolver++ weights it by -(phi_3(2h) + 1), which is O(1) and makes
+    it first order. tests/test_solvers.py measures both.
+
+    sigma_t = 0 (the last step of a schedule ending at the data) is the first-order step x_t = m0.
+    Returns (coefficient of x_s, [coefficients of m0 .. m_{order-1}], coefficient of z).
+    """
+    if order not in (1, 2, 3):
+        raise ValueError(f"order must be 1, 2 or 3, got {order!r}")
+    if solver_type not in ("midpoint", "heun"):
+        raise ValueError(f"solver_type must be 'midpoint' or 'heun', got {solver_type!r}")
+    if sigma_t == 0.0:
+        return 0.0, [float(alpha_t)] + [0.0] * (order - 1), 0.0
+    lam_s = math.log(alpha_s) - math.log(sigma_s)
+    h = math.log(alpha_t) - math.log(sigma_t) - lam_s
+    h_eta = (1.0 + eta) * h
+    phi_1 = -math.expm1(-h_eta)
+    phi_2 = 1.0 - phi_1 / h_eta
+    phi_3 = phi_2 / h_eta - 0.5
+    c_x = sigma_t / sigma_s * math.exp(-eta * h)
+    noise = s_noise * sigma_t * math.sqrt(-math.expm1(-2.0 * eta * h)) if eta > 0 else 0.0
+    m = [0.0] * order
+    m[0] = alpha_t * phi_1
+    if order == 2:
+        w1 = alpha_t * (0.5 * phi_1 if solver_type == "midpoint" else phi_2) / (h_prev[0] / h)
+        m[0] += w1
+        m[1] -= w1
+    elif order == 3:
+        r0, r1 = h_prev[0] / h, h_prev[1] / h
+        # d0 = (m0 - m1) / r0 and d1 = (m1 - m2) / r1 as coefficient vectors over (m0, m1, m2)
+        d0 = [1.0 / r0, -1.0 / r0, 0.0]
+        d1 = [0.0, 1.0 / r1, -1.0 / r1]
+        D1 = [a + r0 / (r0 + r1) * (a - b) for a, b in zip(d0, d1)]
+        D2 = [(a - b) / (r0 + r1) for a, b in zip(d0, d1)]
+        for k in range(3):
+            m[k] += alpha_t * (phi_2 * D1[k] - 2.0 * phi_3 * D2[k])
+    return c_x, m, noise

@@ -283,13 +283,15 @@ def gaussian_dpm_error(steps, order, std=0.5):
     return (x - exact).abs().max().item()
 
 
-@pytest.mark.parametrize("order,expected", [(1, 1.0), (2, 2.0), (3, 3.0)])
+@pytest.mark.parametrize("order,expected", [(1, 1.0), (2, 2.0), (3, 2.84)])
 def test_dpm_solver_orders_on_gaussian_data(order, expected):
     steps = [50, 100, 125, 200, 250]  # trailing spacing: whole-number timestep strides
     errors = [gaussian_dpm_error(n, order) for n in steps]
     slope = -np.polyfit(np.log(steps), np.log(errors), 1)[0]
     # sigma runs from 157 to 0.01 on steps uniform in timestep, so the asymptotic order shows only
-    # from about 50 steps on; measured slopes 0.99, 2.06, 2.84
+    # from about 50 steps on; measured slopes 0.99, 2.06, 2.84. Order 3 is pre-asymptotic here:
+    # diffusers' third-order update (which the drop-in reproduces) has a local error h^3 x0''/12 and
+    # is second order in the limit (tests/test_solvers.py; dk.sample_dpmpp is third order)
     assert abs(slope - expected) < 0.25, (errors, slope)
 
 
