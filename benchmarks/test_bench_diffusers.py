@@ -15,10 +15,17 @@ CONFIGS = {
 }
 
 
+STOCHASTIC = ("DDPMScheduler", "EulerAncestralDiscreteScheduler", "LCMScheduler")
+
+
 @pytest.mark.parametrize("shape", SHAPES, ids=["x".join(map(str, s)) for s in SHAPES])
 @pytest.mark.parametrize("name", list(CONFIGS))
-@pytest.mark.parametrize("impl", ["diffusers", "diffkern"])
+@pytest.mark.parametrize("impl", ["diffusers", "diffkern", "diffkern-stream"])
 def test_step(benchmark, impl, name, shape):
+    """diffkern with a generator draws diffusers' noise with torch.randn (the same images);
+    diffkern-stream passes no generator and draws in the kernel (the stochastic schedulers only)."""
+    if impl == "diffkern-stream" and name not in STOCHASTIC:
+        pytest.skip("deterministic scheduler: no noise to draw")
     benchmark.group = f"{name} step {'x'.join(map(str, shape))}"
     module = diffusers if impl == "diffusers" else dkd
     sch = getattr(module, name)(**CONFIGS[name])
@@ -26,7 +33,7 @@ def test_step(benchmark, impl, name, shape):
     x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
     m = torch.randn(shape, generator=torch.Generator().manual_seed(1))
     generator = torch.Generator().manual_seed(2)
-    takes_generator = name in ("DDPMScheduler", "EulerAncestralDiscreteScheduler", "LCMScheduler")
+    takes_generator = name in STOCHASTIC and impl != "diffkern-stream"
     timesteps = sch.timesteps
     middle = len(timesteps) // 2
     # warm up into the middle of the schedule (multistep solvers at full order), then time one step

@@ -46,7 +46,7 @@ __all__ = ["DDPMScheduler", "DDIMScheduler", "EulerDiscreteScheduler", "EulerAnc
            "FlowMatchEulerDiscreteScheduler", "LCMScheduler"]
 
 # The tensors a step can read, in the order they are passed to the kernel.
-_SLOTS = ("sample", "model_output", "last_sample", "h1", "h2", "h3", "orig_sample", "derivative")
+_SLOTS = ("sample", "model_output", "last_sample", "h1", "h2", "h3", "orig_sample", "derivative", "thresholded")
 
 
 class _Lin(dict):
@@ -85,14 +85,15 @@ def _f(value) -> float:
 
 class _Plan:
     """One compiled step: the tensors it reads, its row, its outputs."""
-    __slots__ = ("slots", "key", "row", "outputs", "x0", "clip", "noisy")
+    __slots__ = ("slots", "key", "row", "outputs", "x0", "clip", "noisy", "pre")
 
 
 class _Rows:
     """The coefficient rows of a scheduler, one table per row width, uploaded once per device."""
 
-    def __init__(self, dtype: torch.dtype):
+    def __init__(self, dtype: torch.dtype, threshold: bool = False):
         self.dtype = dtype
+        self.threshold = threshold  # diffusers' dynamic thresholding of x0 (config.thresholding)
         self.rows: dict = {}
         self.tables: dict = {}
 
@@ -113,7 +114,23 @@ class _Rows:
 
 
 def _compile(rows: _Rows, x0: _Lin, outputs: list, clip=None, want_x0: bool = False) -> _Plan:
-    """A step x0 = clip(x0), out_j = outputs[j] as a row of ops.linear_step."""
+    """A step x0 = clip(x0), out_j = outputs[j] as a row of ops.linear_step.
+
+    With dynamic thresholding (a per-sample quantile of |x0|, which no linear row can express) the
+    step is two launches around diffusers' own _threshold_sample: ``plan.pre`` writes x0, and the
+    plan reads the thresholded x0 as an input where the row would have used x0 (thresholding
+    replaces clipping, as in diffusers)."""
+    if rows.threshold and x0:
+        if "z" in x0:
+            raise NotImplementedError("thresholding of an x0 prediction that contains noise")
+        pre = _compile_row(rows, _Lin(), [x0], None, False)
+        plan = _compile_row(rows, _term("thresholded"), outputs, None, want_x0)
+        plan.pre = pre
+        return plan
+    return _compile_row(rows, x0, outputs, clip, want_x0)
+
+
+def _compile_row(rows: _Rows, x0: _Lin, outputs: list, clip, want_x0: bool) -> _Plan:
     used = set(k for k in x0 if k != "z")
     for out in outputs:
         used |= set(k for k in out if k not in ("z", "x0"))
@@ -129,6 +146,7 @@ def _compile(rows: _Rows, x0: _Lin, outputs: list, clip=None, want_x0: bool = Fa
     plan.x0 = want_x0
     plan.clip = clip is not None
     plan.noisy = x0.get("z", 0.0) != 0.0 or any(out.get("z", 0.0) != 0.0 for out in outputs)
+    plan.pre = None
     return plan
 
 
@@ -158,7 +176,7 @@ class _Fused:
     and the call of the fused step. Comes before the diffusers class in the MRO."""
 
     # config options this class refuses: name -> predicate on its value
-    _dk_refuse: dict = {"thresholding": bool}
+    _dk_refuse: dict = {}
     ignore_for_config = ["seed", "exact_coefficients"]
 
     def _dk_setup(self, seed: int, exact_coefficients: bool) -> None:
@@ -210,7 +228,7 @@ class _Fused:
         if getattr(self, "exact_coefficients", False) and isinstance(getattr(self, "sigmas", None), torch.Tensor):
             # the grid keeps the values diffusers chose; the arithmetic on it becomes float64
             self.sigmas = self.sigmas.to(torch.float64)
-        self._dk_rows = _Rows(torch.float64)
+        self._dk_rows = _Rows(torch.float64, threshold=bool(self.config.get("thresholding", False)))
         self._dk_plans: dict = {}
         self._dk_host_timesteps = self.timesteps.detach().to("cpu") if isinstance(self.timesteps, torch.Tensor) \
             else torch.as_tensor(self.timesteps)
@@ -254,6 +272,9 @@ class _Fused:
         return randn_tensor(shape, generator=generator, device=device, dtype=dtype)
 
     def _dk_run(self, plan: _Plan, tensors: dict, noise: Optional[torch.Tensor], noise_step: int):
+        if plan.pre is not None:
+            (x0,) = self._dk_run(plan.pre, tensors, None, noise_step)
+            tensors = dict(tensors, thresholded=self._threshold_sample(x0))
         inputs = [tensors[s] for s in plan.slots]
         dtype = inputs[0].dtype
         if any(t.dtype != dtype for t in inputs) or (noise is not None and noise.dtype != dtype):
@@ -346,8 +367,8 @@ def _x0_from(prediction_type: str, a_sample, a_model) -> _Lin:
 @_drop_in
 class DDPMScheduler(_Fused, _schedulers.DDPMScheduler):
     __doc__ = _schedulers.DDPMScheduler.__doc__
-    _dk_refuse = {"thresholding": bool,
-                  "variance_type": lambda v: v not in ("fixed_small", "fixed_small_log", "fixed_large")}
+    # diffusers treats any other variance_type as fixed_small, and so does this class
+    _dk_refuse = {"variance_type": lambda v: v in ("learned", "learned_range", "fixed_large_log")}
 
     def _dk_schedule_keys(self):
         return self._dk_timestep_list
@@ -575,10 +596,11 @@ class HeunDiscreteScheduler(_Fused, _schedulers.HeunDiscreteScheduler):
         if self.config.clip_sample:
             clip = (-self.config.clip_sample_range, self.config.clip_sample_range)
         if first:
-            derivative = (1 / sigma) * (_term("sample") - _term("x0"))
+            derivative = _div(1.0, sigma) * (_term("sample") - _term("x0"))
             dt = sigma_next - sigma
             return _compile(self._dk_rows, x0, [_term("sample") + dt * derivative, derivative], clip, want_x0=True)
-        derivative = 0.5 * (_term("derivative") + (1 / sigma_next) * (_term("sample") - _term("x0")))
+        # sigma_next = 0 happens only out of order (diffusers then returns inf / nan, and so does this)
+        derivative = 0.5 * (_term("derivative") + _div(1.0, sigma_next) * (_term("sample") - _term("x0")))
         dt = _f(self.sigmas[index]) - sigma  # the first stage's dt, sigma_next - sigma of that stage
         return _compile(self._dk_rows, x0, [_term("orig_sample") + dt * derivative], clip, want_x0=True)
 
@@ -719,6 +741,13 @@ def _lambda(alpha_sigma):
 class DPMSolverMultistepScheduler(_Fused, _schedulers.DPMSolverMultistepScheduler):
     __doc__ = _schedulers.DPMSolverMultistepScheduler.__doc__
 
+    def _dk_setup(self, seed, exact_coefficients):
+        if self.config.thresholding and self.config.algorithm_type in ("dpmsolver", "sde-dpmsolver"):
+            raise NotImplementedError(
+                "diffkern.diffusers.DPMSolverMultistepScheduler supports thresholding only with the dpmsolver++ "
+                f"algorithms, not algorithm_type={self.config.algorithm_type!r}; use diffusers' class for it")
+        super()._dk_setup(seed, exact_coefficients)
+
     def _dk_orders(self, index: int, lower_order_nums: int) -> int:
         n = len(self._dk_timestep_list)
         lower_order_final = (index == n - 1) and (
@@ -851,12 +880,15 @@ class DPMSolverMultistepScheduler(_Fused, _schedulers.DPMSolverMultistepSchedule
 @_drop_in
 class UniPCMultistepScheduler(_Fused, _schedulers.UniPCMultistepScheduler):
     __doc__ = _schedulers.UniPCMultistepScheduler.__doc__
-    _dk_refuse = {"thresholding": bool, "solver_p": lambda v: v is not None}
+    _dk_refuse = {"solver_p": lambda v: v is not None}
 
     def _dk_setup(self, seed, exact_coefficients):
         if getattr(self, "solver_p", None) is not None:
             raise NotImplementedError("diffkern.diffusers.UniPCMultistepScheduler does not support solver_p; "
                                       "use diffusers.UniPCMultistepScheduler for it")
+        if self.config.thresholding and not self.predict_x0:
+            raise NotImplementedError("diffkern.diffusers.UniPCMultistepScheduler supports thresholding only with "
+                                      "predict_x0=True; use diffusers.UniPCMultistepScheduler for it")
         super()._dk_setup(seed, exact_coefficients)
 
     def _dk_this_order(self, index: int, lower_order_nums: int) -> int:

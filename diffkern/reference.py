@@ -204,8 +204,9 @@ def linear_step(inputs, noise: Optional[torch.Tensor] = None, *, coefficients: t
     """diffkern.ops.linear_step in plain PyTorch, in float64, rounded once to the inputs' dtype:
 
         x0 = clip(a_z z + sum_i a_i u_i);   out_j = c_j x0 + sum_i d_ji u_i + s_j z
-    with the row layout of diffkern.coefficients.linear_row. Stream noise is drawn only when the row
-    has a nonzero noise coefficient (elsewhere z = 0, as in the kernels).
+    with the row layout of diffkern.coefficients.linear_row. Terms whose coefficient is 0 are left
+    out (so an inf or nan there does not reach the result), as in the kernels. Stream noise is drawn
+    only when the row has a nonzero noise coefficient (elsewhere z = 0, as in the kernels).
     """
     x = inputs[0]
     n = len(inputs)
@@ -223,13 +224,16 @@ def linear_step(inputs, noise: Optional[torch.Tensor] = None, *, coefficients: t
                   dtype=f64).reshape(x.shape)
     else:
         z = torch.zeros_like(u[0])
-    value = r[n] * z + sum(r[i] * u[i] for i in range(n))
+    def total(pairs):
+        return sum((c * v for c, v in pairs if c != 0), torch.zeros_like(u[0]))
+
+    value = total([(r[n], z)] + [(r[i], u[i]) for i in range(n)])
     if clip:
         value = value.clamp(r[n + 1], r[n + 2])
     results = []
     for j in range(outputs):
         c = r[n + 3 + j * (n + 2):n + 3 + (j + 1) * (n + 2)]
-        results.append((c[0] * value + sum(c[1 + i] * u[i] for i in range(n)) + c[n + 1] * z).to(x.dtype))
+        results.append(total([(c[0], value)] + [(c[1 + i], u[i]) for i in range(n)] + [(c[n + 1], z)]).to(x.dtype))
     if x0:
         results.append(value.to(x.dtype))
     return results

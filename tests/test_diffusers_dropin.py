@@ -75,6 +75,13 @@ CASES = [
     ("FlowMatchEulerDiscreteScheduler", {"stochastic_sampling": True}),
     ("FlowMatchEulerDiscreteScheduler", {"use_dynamic_shifting": True, "_mu": 0.8}),
     ("LCMScheduler", {}), ("LCMScheduler", {"prediction_type": "v_prediction", "clip_sample": True}),
+    # dynamic thresholding: x0 written, diffusers' _threshold_sample, then the step (two launches)
+    ("DDPMScheduler", {"thresholding": True, "sample_max_value": 1.5}),
+    ("DDPMScheduler", {"variance_type": "other"}),  # diffusers: any other variance_type is fixed_small
+    ("DDIMScheduler", {"thresholding": True, "dynamic_thresholding_ratio": 0.9, "sample_max_value": 1.2}),
+    ("DPMSolverMultistepScheduler", {"thresholding": True, "solver_order": 3, "sample_max_value": 1.2}),
+    ("UniPCMultistepScheduler", {"thresholding": True, "sample_max_value": 1.2}),
+    ("LCMScheduler", {"thresholding": True, "sample_max_value": 1.2}),
 ]
 
 
@@ -353,12 +360,15 @@ def test_mismatched_shapes_name_the_argument():
         s.step(torch.zeros(2, 3), s.timesteps[0], torch.zeros(2, 4))
 
 
-@pytest.mark.parametrize("name,option", [("DDPMScheduler", {"thresholding": True}),
-                                         ("DDPMScheduler", {"variance_type": "learned_range"}),
-                                         ("DPMSolverMultistepScheduler", {"thresholding": True}),
-                                         ("UniPCMultistepScheduler", {"thresholding": True})])
+@pytest.mark.parametrize("name,option", [
+    ("DDPMScheduler", {"variance_type": "learned_range"}),
+    ("DDPMScheduler", {"variance_type": "fixed_large_log"}),
+    ("DPMSolverMultistepScheduler", {"thresholding": True, "final_sigmas_type": "sigma_min",
+                                     "algorithm_type": "dpmsolver"}),
+    ("UniPCMultistepScheduler", {"thresholding": True, "predict_x0": False}),
+])
 def test_unsupported_options_are_refused_at_construction(name, option):
-    with pytest.raises(NotImplementedError, match=list(option)[0]):
+    with pytest.raises(NotImplementedError, match=list(option)[-1]):
         getattr(dkd, name)(**option)
 
 

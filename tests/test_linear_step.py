@@ -117,3 +117,23 @@ def test_outputs_do_not_overlap_inputs():
     table = table_for(1, 1, torch.float32)
     with pytest.raises(RuntimeError):
         torch.ops.diffkern.linear_step.out([x], None, table, 0, 1, False, False, False, 0, 0, 0, 0, None, out=[x])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("want_x0", [False, True])
+def test_zero_coefficients_drop_their_terms(device, want_x0):
+    """A term with coefficient 0 is not in the formula, so an inf or nan input there must not reach the
+    result (diffusers' Euler step is sample + dt * model_output: it never reads an x0)."""
+    x = torch.randn(3, 70, device=device)
+    m = torch.randn(3, 70, device=device)
+    history = torch.full((3, 70), float("inf"), device=device)
+    history[1, 5] = float("nan")
+    table = torch.tensor([linear_row([0.0, 0.0, 0.0], [(0.0, [1.0, 0.25, 0.0], 0.0)])], device=device)
+    results = [ops.linear_step([x, m, history], coefficients=table, x0=want_x0)]
+    if device == "cpu":
+        args = ([x, m, history], None, table, 0, 1, want_x0, False, False, 0, 0, 0, 0, None)
+        results += [torch.ops.diffkern._linear_step_cpu_isa(*args, isa) for isa in cpu_isas()]
+    for got in results:
+        assert torch.equal(got[0], torch.addcmul(x, m, torch.tensor(0.25, device=device)))
+        if want_x0:
+            assert torch.equal(got[1], torch.zeros_like(x))  # an empty sum is +0

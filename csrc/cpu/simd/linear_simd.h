@@ -29,6 +29,28 @@ void add_term(acc_t* __restrict__ y, acc_t coefficient, const acc_t* __restrict_
   for (int64_t k = 0; k < count; ++k) y[k] = fused_multiply_add(coefficient, u[k], y[k]);
 }
 
+// A sum of terms over a run, by linear_term's rule (linear_step.h): terms with coefficient 0 are
+// skipped, the first is a product, the rest fused multiply-adds; no term gives +0.
+template <class acc_t>
+struct RunSum {
+  acc_t* y;
+  int64_t count;
+  bool started = false;
+
+  void term(acc_t coefficient, const acc_t* u) {
+    if (coefficient == acc_t(0)) return;
+    if (started) {
+      add_term(y, coefficient, u, count);
+    } else {
+      scale_into(y, coefficient, u, count);
+    }
+    started = true;
+  }
+  void finish() {
+    if (!started) std::fill(y, y + count, acc_t(0));
+  }
+};
+
 template <class acc_t>
 void clip_run(acc_t* __restrict__ y, acc_t lo, acc_t hi, int64_t count) {
   for (int64_t k = 0; k < count; ++k) {
@@ -46,6 +68,7 @@ void linear_step_items(const LinearStepArgs& a, int64_t begin, int64_t end) {
   const acc_t* row = static_cast<const acc_t*>(a.table) + a.row * a.row_size;
   const bool noisy = linear_row_noisy(row, n, a.num_outputs);
   const bool draw = a.noise_source == NoiseSource::kStream && noisy;
+  const bool reads_x0 = linear_row_reads_x0(row, n, a.num_outputs);
   alignas(64) acc_t zeros[kStepChunk] = {};
   alignas(64) acc_t buffers[kLinearMaxInputs][kStepChunk];
   alignas(64) acc_t bz[kStepChunk], bx0[kStepChunk], bout[kStepChunk];
@@ -80,16 +103,22 @@ void linear_step_items(const LinearStepArgs& a, int64_t begin, int64_t end) {
     const int64_t offset = sample * a.features + first;
     T* x0_t = a.x0_out == nullptr ? nullptr : static_cast<T*>(a.x0_out) + offset;
     acc_t* x0 = (std::is_same_v<T, acc_t> && x0_t != nullptr) ? reinterpret_cast<acc_t*>(x0_t) : bx0;
-    scale_into(x0, row[linear_noise_field(n)], z, elements);
-    for (int64_t i = 0; i < n; ++i) add_term(x0, row[i], u[i], elements);
-    if (a.clip) clip_run(x0, row[linear_clip_field(n)], row[linear_clip_field(n) + 1], elements);
+    if (x0_t != nullptr || reads_x0) {
+      RunSum<acc_t> sum{x0, elements};
+      sum.term(row[linear_noise_field(n)], z);
+      for (int64_t i = 0; i < n; ++i) sum.term(row[i], u[i]);
+      sum.finish();
+      if (a.clip) clip_run(x0, row[linear_clip_field(n)], row[linear_clip_field(n) + 1], elements);
+    }
     for (int j = 0; j < a.num_outputs; ++j) {
       const acc_t* r = row + linear_output_field(n, j);
       T* out_t = static_cast<T*>(a.out[j]) + offset;
       acc_t* y = std::is_same_v<T, acc_t> ? reinterpret_cast<acc_t*>(out_t) : bout;
-      scale_into(y, r[n + 1], z, elements);
-      for (int64_t i = 0; i < n; ++i) add_term(y, r[1 + i], u[i], elements);
-      add_term(y, r[0], x0, elements);
+      RunSum<acc_t> sum{y, elements};
+      sum.term(r[n + 1], z);
+      for (int64_t i = 0; i < n; ++i) sum.term(r[1 + i], u[i]);
+      sum.term(r[0], x0);
+      sum.finish();
       if constexpr (!std::is_same_v<T, acc_t>) store_converted<V>(out_t, bout, elements);
     }
     if (x0_t != nullptr && x0 == bx0) store_converted<V>(x0_t, bx0, elements);

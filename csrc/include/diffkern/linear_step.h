@@ -10,8 +10,11 @@
 //     [a_0 .. a_{n-1}, a_z, clip_lo, clip_hi,  c_0, d_00 .. d_0(n-1), s_0,  c_1, d_10 .. , s_1]
 //
 // (diffkern/coefficients.py builds them). Every sum runs in the order written (noise term first,
-// then the inputs in order, then x0), one fused multiply-add per term, so the CPU vector loops, the
-// per-thread body and CUDA agree bitwise. Written once here, compiled for the CPU and CUDA.
+// then the inputs in order, then x0) over the terms whose coefficient is not 0: the first such term
+// is a product, each later one a fused multiply-add, and a sum with no such term is +0. So a term
+// with coefficient 0 costs nothing and contributes nothing, even where its input is inf or nan (as
+// in the formulas, which do not have the term), and the CPU vector loops, the per-thread body and
+// CUDA agree bitwise. Written once here, compiled for the CPU and CUDA.
 #pragma once
 
 #include "diffkern/macros.h"
@@ -38,10 +41,28 @@ DK_INLINE bool linear_row_noisy(const acc_t* row, int64_t n, int64_t outputs) {
   return noisy;
 }
 
+// Whether x0 is read by an output (c_j != 0); otherwise only an x0 output asks for it.
+template <class acc_t>
+DK_INLINE bool linear_row_reads_x0(const acc_t* row, int64_t n, int64_t outputs) {
+  bool reads = false;
+  for (int64_t j = 0; j < outputs; ++j) reads = reads || row[linear_output_field(n, j)] != acc_t(0);
+  return reads;
+}
+
+// One term of a sum: skipped when its coefficient is 0, a product when it is the first.
+template <class acc_t>
+DK_INLINE void linear_term(acc_t& sum, bool& started, acc_t coefficient, acc_t value) {
+  if (coefficient == acc_t(0)) return;
+  sum = started ? fused_multiply_add(coefficient, value, sum) : coefficient * value;
+  started = true;
+}
+
 template <class acc_t>
 DK_INLINE acc_t linear_x0(const acc_t* row, int64_t n, const acc_t* u, acc_t z, bool clip) {
-  acc_t x0 = row[linear_noise_field(n)] * z;
-  for (int64_t i = 0; i < n; ++i) x0 = fused_multiply_add(row[i], u[i], x0);
+  acc_t x0 = acc_t(0);
+  bool started = false;
+  linear_term(x0, started, row[linear_noise_field(n)], z);
+  for (int64_t i = 0; i < n; ++i) linear_term(x0, started, row[i], u[i]);
   if (clip) {
     const acc_t lo = row[linear_clip_field(n)], hi = row[linear_clip_field(n) + 1];
     x0 = x0 < lo ? lo : x0;
@@ -53,9 +74,12 @@ DK_INLINE acc_t linear_x0(const acc_t* row, int64_t n, const acc_t* u, acc_t z, 
 template <class acc_t>
 DK_INLINE acc_t linear_output(const acc_t* row, int64_t n, int64_t j, const acc_t* u, acc_t z, acc_t x0) {
   const acc_t* r = row + linear_output_field(n, j);
-  acc_t y = r[n + 1] * z;
-  for (int64_t i = 0; i < n; ++i) y = fused_multiply_add(r[1 + i], u[i], y);
-  return fused_multiply_add(r[0], x0, y);
+  acc_t y = acc_t(0);
+  bool started = false;
+  linear_term(y, started, r[n + 1], z);
+  for (int64_t i = 0; i < n; ++i) linear_term(y, started, r[1 + i], u[i]);
+  linear_term(y, started, r[0], x0);
+  return y;
 }
 
 // Per-thread body: one Philox block (up to 4 consecutive features of one sample), as
