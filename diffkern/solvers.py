@@ -66,6 +66,11 @@ def _dpmpp_grid(sigmas, sched, sde, num_steps, timesteps, timestep_spacing, pred
     if len(given) != 1:
         raise ValueError("give exactly one of sigmas= (a denoiser D(x, sigma)), sched= (a DDPM model(x, t)) "
                          f"and sde= (a score model(x, t)); got {given or 'none'}")
+    if sched is None and prediction_type != "epsilon":
+        raise ValueError(f"prediction_type={prediction_type!r} goes with sched= (a DDPM model); with sigmas= the "
+                         "model is a denoiser and with sde= a score model (see parameterization)")
+    if sde is None and parameterization != "score":
+        raise ValueError(f"parameterization={parameterization!r} goes with sde= (a score model)")
     if sigmas is not None:
         if num_steps is not None or timesteps is not None:
             raise ValueError("num_steps and timesteps go with sched= or sde=; with sigmas= the steps are "

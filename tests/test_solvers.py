@@ -406,6 +406,10 @@ def test_sample_dpmpp_bad_schedules():
         dk.sample_dpmpp(MIX.denoiser, (4, 1), sched=dk.DDPMSchedule(), num_steps=5, prediction_type="x0")
     with pytest.raises(ValueError, match="parameterization"):
         dk.sample_dpmpp(MIX.denoiser, (4, 1), sde=dk.VPSDE(), parameterization="v")
+    with pytest.raises(ValueError, match="prediction_type"):  # an argument of another convention
+        dk.sample_dpmpp(MIX.denoiser, (4, 1), SIGMAS, prediction_type="v_prediction")
+    with pytest.raises(ValueError, match="parameterization"):
+        dk.sample_dpmpp(MIX.denoiser, (4, 1), sched=dk.DDPMSchedule(), num_steps=5, parameterization="epsilon")
     with pytest.raises(TypeError, match="sde"):
         dk.sample_dpmpp(MIX.denoiser, (4, 1), sde="vp")
     with pytest.raises(ValueError, match="sigmas"):
