@@ -5,6 +5,7 @@
 
 #include <c10/core/ScalarType.h>
 
+#include <algorithm>
 #include <cstdint>
 
 #include "diffkern/step_args.h"
@@ -44,6 +45,12 @@ void fill_noise_avx512(const NoiseFillArgs& args);
 // samples: noise, coefficients and the formula run across samples).
 constexpr int64_t kCpuStepChunk = 512;
 
+// The samples and features one work item covers: samples [sample, sample + samples), features
+// [first, first + count) of each.
+struct StepRun {
+  int64_t sample, samples, first, count;
+};
+
 struct StepItems {
   int64_t samples_per_item;   // > 1 only when chunks_per_sample == 1
   int64_t chunks_per_sample;  // chunks of kCpuStepChunk features
@@ -56,6 +63,15 @@ struct StepItems {
     }
     const int64_t samples = kCpuStepChunk / features;
     return StepItems{samples, 1, (batch + samples - 1) / samples};
+  }
+
+  StepRun run(int64_t item, int64_t batch, int64_t features) const {
+    if (samples_per_item > 1) {
+      const int64_t sample = item * samples_per_item;
+      return StepRun{sample, std::min(samples_per_item, batch - sample), 0, features};
+    }
+    const int64_t first = (item % chunks_per_sample) * kCpuStepChunk;
+    return StepRun{item / chunks_per_sample, 1, first, std::min(kCpuStepChunk, features - first)};
   }
 };
 

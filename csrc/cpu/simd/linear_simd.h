@@ -74,18 +74,7 @@ void linear_step_items(const LinearStepArgs& a, int64_t begin, int64_t end) {
   alignas(64) acc_t bz[kStepChunk], bx0[kStepChunk], bout[kStepChunk];
   alignas(64) float normals[kStepChunk];
   for (int64_t item = begin; item < end; ++item) {
-    int64_t sample, samples, first, count;
-    if (items.samples_per_item > 1) {
-      sample = item * items.samples_per_item;
-      samples = std::min(items.samples_per_item, a.batch - sample);
-      first = 0;
-      count = a.features;
-    } else {
-      sample = item / items.chunks_per_sample;
-      samples = 1;
-      first = (item % items.chunks_per_sample) * kStepChunk;
-      count = std::min(kStepChunk, a.features - first);
-    }
+    const auto [sample, samples, first, count] = items.run(item, a.batch, a.features);
     const int64_t elements = samples * count;
     const acc_t* u[kLinearMaxInputs];
     for (int64_t i = 0; i < n; ++i)

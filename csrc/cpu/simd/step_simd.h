@@ -144,18 +144,7 @@ void fused_step_items(const FusedStepArgs& a, int64_t begin, int64_t end) {
   alignas(64) int32_t offsets[kStepChunk];
   const bool gather_by_element = gather_rows_possible(a);
   for (int64_t item = begin; item < end; ++item) {
-    int64_t sample, samples, first, count;
-    if (items.samples_per_item > 1) {
-      sample = item * items.samples_per_item;
-      samples = std::min(items.samples_per_item, a.batch - sample);
-      first = 0;
-      count = a.features;
-    } else {
-      sample = item / items.chunks_per_sample;
-      samples = 1;
-      first = (item % items.chunks_per_sample) * kStepChunk;
-      count = std::min(kStepChunk, a.features - first);
-    }
+    const auto [sample, samples, first, count] = items.run(item, a.batch, a.features);
     const int64_t elements = samples * count;
 
     const acc_t* x = run_of<T>(a.x, a.features, sample, samples, first, count, bx, zeros);
