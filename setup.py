@@ -11,10 +11,14 @@ Environment variables:
   TORCH_CUDA_ARCH_LIST     GPU architectures; defaults to the visible GPUs, or to
                            DEFAULT_ARCH_LIST below when no GPU is visible.
   MAX_JOBS                 parallel compile jobs (ninja).
+  CXX, CC                  the host compilers; one that finds no libstdc++.so (it would link a
+                           private static copy that crashes beside torch's) is replaced by the
+                           first g++ on PATH that does, or the build stops and says why.
 """
 import glob
 import os
 import shutil
+import subprocess
 import sys
 
 from setuptools import find_packages, setup
@@ -79,6 +83,46 @@ print(
     + (f"ON (CUDA_HOME={CUDA_HOME}, archs={os.environ.get('TORCH_CUDA_ARCH_LIST', 'visible GPUs')})"
        if WITH_CUDA else f"OFF (DIFFKERN_CUDA={MODE}, toolkit={CUDA_HOME}, torch CUDA={torch.version.cuda})")
 )
+
+
+def _links_shared_libstdcxx(compiler):
+    """Whether `compiler` finds libstdc++.so. A toolchain that has only libstdc++.a (seen: a gcc
+    under /opt/gcc on the lent GPU machine) links a private copy of the C++ library into the
+    extension; torch's copy and ours then share std::locale state, and the first error message an op
+    formats (an ostream insert) segfaults."""
+    try:
+        found = subprocess.run([compiler, "-print-file-name=libstdc++.so"], capture_output=True, text=True,
+                               timeout=60).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return True  # not a gcc-like driver: nothing to say about it
+    return os.path.isabs(found) and os.path.exists(found)
+
+
+def choose_cxx():
+    """Keep the C++ compiler torch would use unless it can only link libstdc++ statically; then take
+    the first other g++ that links it as a shared library (and its gcc), or stop with the reason."""
+    if not sys.platform.startswith("linux"):
+        return
+    compiler = shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")
+    if compiler is None or _links_shared_libstdcxx(compiler):
+        return
+    candidates = [p for d in os.environ.get("PATH", "").split(os.pathsep) for p in [os.path.join(d, "g++")]
+                  if os.access(p, os.X_OK)] + ["/usr/bin/g++"]
+    for candidate in candidates:
+        if os.path.realpath(candidate) != os.path.realpath(compiler) and _links_shared_libstdcxx(candidate):
+            os.environ["CXX"] = candidate
+            gcc = os.path.join(os.path.dirname(candidate), "gcc")
+            if os.access(gcc, os.X_OK):
+                os.environ["CC"] = gcc
+            print(f"diffkern setup: {compiler} finds no libstdc++.so (it would link a private static copy, "
+                  f"which crashes beside torch's); using CXX={candidate}")
+            return
+    sys.exit(f"diffkern setup: {compiler} finds no libstdc++.so, so the extension would carry a static copy of "
+             "the C++ library that crashes beside torch's; set CXX (and CC) to a compiler that links it as a "
+             "shared library")
+
+
+choose_cxx()
 
 
 def write_build_config():

@@ -15,6 +15,9 @@ except ImportError:  # optional peer
 # Few features per sample (2-d toy data, tabular and 1-d models, many-sample runs) as well as images.
 SHAPES = [(4096, 1), (4096, 2), (65536, 2), (1048576, 1), (4096, 16), (16, 3, 32, 32), (64, 3, 128, 128)]
 CASES = [(d, s) for d in DEVICES for s in SHAPES]
+# On a GPU the shapes above are bound by launch and host overhead (a copy of 64x3x128x128 takes about
+# as long as an empty launch); 600 MB of traffic shows what the kernel does against memory bandwidth.
+CASES += [("cuda", (256, 3, 256, 256))] if "cuda" in DEVICES else []
 IMPLS = ["diffkern (in-kernel noise)", "diffkern (noise given)", "eager", "torch.compile", "diffusers",
          "torch.randn alone", "dk.randn + copy", "copy"]
 T = 500

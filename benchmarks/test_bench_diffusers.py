@@ -6,6 +6,7 @@ import torch
 
 diffusers = pytest.importorskip("diffusers")
 import diffkern.diffusers as dkd  # noqa: E402
+from bench_common import DEVICES, run  # noqa: E402
 
 SHAPES = [(1, 4, 64, 64), (16, 4, 64, 64), (64, 3, 128, 128)]
 CONFIGS = {
@@ -18,21 +19,29 @@ CONFIGS = {
 STOCHASTIC = ("DDPMScheduler", "EulerAncestralDiscreteScheduler", "LCMScheduler")
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("shape", SHAPES, ids=["x".join(map(str, s)) for s in SHAPES])
 @pytest.mark.parametrize("name", list(CONFIGS))
-@pytest.mark.parametrize("impl", ["diffusers", "diffkern", "diffkern-stream"])
-def test_step(benchmark, impl, name, shape):
+@pytest.mark.parametrize("impl", ["diffusers", "diffkern", "diffkern-stream", "copy"])
+def test_step(benchmark, impl, name, shape, device):
     """diffkern with a generator draws diffusers' noise with torch.randn (the same images);
-    diffkern-stream passes no generator and draws in the kernel (the stochastic schedulers only)."""
+    diffkern-stream passes no generator and draws in the kernel (the stochastic schedulers only);
+    copy is a tensor copy of x for scale (its GB/s is what memory allows)."""
     if impl == "diffkern-stream" and name not in STOCHASTIC:
         pytest.skip("deterministic scheduler: no noise to draw")
-    benchmark.group = f"{name} step {'x'.join(map(str, shape))}"
+    shape_label = "x".join(map(str, shape))
+    group = f"{name} step {shape_label} on {device}"
+    if impl == "copy":
+        src = torch.randn(shape, device=device)
+        dst = torch.empty_like(src)
+        run(benchmark, lambda: dst.copy_(src), group=group, name=impl, nbytes=2 * src.numel() * 4, device=device)
+        return
     module = diffusers if impl == "diffusers" else dkd
     sch = getattr(module, name)(**CONFIGS[name])
-    sch.set_timesteps(50)
-    x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
-    m = torch.randn(shape, generator=torch.Generator().manual_seed(1))
-    generator = torch.Generator().manual_seed(2)
+    sch.set_timesteps(50, device=device)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(device)
+    m = torch.randn(shape, generator=torch.Generator().manual_seed(1)).to(device)
+    generator = torch.Generator(device).manual_seed(2)
     takes_generator = name in STOCHASTIC and impl != "diffkern-stream"
     timesteps = sch.timesteps
     middle = len(timesteps) // 2
@@ -49,7 +58,9 @@ def test_step(benchmark, impl, name, shape):
         kwargs = {"generator": generator} if takes_generator else {}
         return sch.step(m, timesteps[middle], x, **kwargs).prev_sample
 
-    benchmark(step)
+    # bytes a memory-bound step must move: read x and the model output, write the result
+    run(benchmark, step, group=group, name=impl, nbytes=3 * x.numel() * 4,
+        device=device)
 
 
 @pytest.mark.parametrize("impl", ["diffusers", "diffkern"])

@@ -66,11 +66,12 @@ class GaussianMixture1d:
 
     def _score(self, x, mean_coef, std):
         x64 = x.double()
+        w, mu, s = (v.to(x.device) for v in (self.w, self.mu, self.s))  # the model follows x onto its device
         m, sd = mean_coef.reshape(-1, 1, 1), std.reshape(-1, 1, 1)
-        var = m ** 2 * self.s ** 2 + sd ** 2
-        log_comp = torch.log(self.w) - 0.5 * torch.log(2 * math.pi * var) - (x64[..., None] - m * self.mu) ** 2 / (2 * var)
+        var = m ** 2 * s ** 2 + sd ** 2
+        log_comp = torch.log(w) - 0.5 * torch.log(2 * math.pi * var) - (x64[..., None] - m * mu) ** 2 / (2 * var)
         resp = torch.softmax(log_comp, dim=-1)
-        return (resp * -(x64[..., None] - m * self.mu) / var).sum(-1).to(x.dtype)
+        return (resp * -(x64[..., None] - m * mu) / var).sum(-1).to(x.dtype)
 
     def sde_score(self, sde):
         def score(x, t):
