@@ -15,8 +15,9 @@ from .steps import (ddim_step, ddpm_step, euler_ancestral_step, euler_maruyama_s
 from .samplers import (classifier_grad, sample_ddim, sample_ddpm, sample_euler, sample_euler_ancestral,
                        sample_euler_maruyama, sample_heun, sample_langevin, sample_ode, sample_pc)
 from .solvers import sample_dpmpp, sample_flow
+from .pfgm import pfgm_forward, pfgm_prior, sample_pfgm
 from .likelihood import LogLikelihood, cnf_log_likelihood, exact_trace, hutchinson_trace, log_likelihood
-from . import coefficients, reference
+from . import coefficients, models, reference
 
 __all__ = [
     "__version__", "randn", "rademacher", "random_bits", "cuda_kernels_available", "build_info", "reference", "coefficients",
@@ -26,7 +27,8 @@ __all__ = [
     "score_from_denoiser", "denoiser_from_score",
     "euler_maruyama_step", "euler_step", "heun_correct", "heun_step", "euler_ancestral_step", "langevin_step",
     "sample_euler_maruyama", "sample_ode", "sample_euler", "sample_heun", "sample_euler_ancestral",
-    "sample_langevin", "sample_pc", "sample_dpmpp", "sample_flow",
+    "sample_langevin", "sample_pc", "sample_dpmpp", "sample_flow", "sample_pfgm", "pfgm_forward", "pfgm_prior",
+    "models",
     "hutchinson_trace", "exact_trace", "log_likelihood", "cnf_log_likelihood", "LogLikelihood",
 ]
 

@@ -73,7 +73,7 @@ def test_demo_end_to_end(tmp_path):
     assert (tmp_path / "demo.png").stat().st_size > 10_000
     report = json.loads((tmp_path / "demo.json").read_text())
     ring = report["datasets"]["ring2d"]
-    assert set(ring["samplers"]) == {"ddpm", "ddim", "euler_maruyama", "heun", "langevin"}
+    assert set(ring["samplers"]) == {"ddpm", "ddim", "euler_maruyama", "heun", "langevin", "pfgm"}
     for name, r in ring["samplers"].items():
         # few steps and 512 samples: every mode found, distances within a few noise floors
         assert r["modes_covered"] == 8, name
@@ -81,15 +81,17 @@ def test_demo_end_to_end(tmp_path):
         assert r["sliced_wasserstein"] < 3 * ring["exact_sliced_wasserstein"] + 0.1, name
     assert ring["likelihood"]["mean_abs_error_per_dim"] < 0.02  # 20 Heun steps, exact trace
     assert "DDPM" in result.stdout and "log-likelihood" in result.stdout
+    assert "PFGM follows the exact field of 512 reference samples" in result.stdout
 
 
 @pytest.mark.slow
 def test_demo_high_dimensional(tmp_path):
-    result = run_cli("demo", "--quick", "--samples", "256", "--sampler", "ddim,heun,likelihood", "--no-progress",
+    result = run_cli("demo", "--quick", "--samples", "256", "--sampler", "ddim,heun,pfgm,likelihood", "--no-progress",
                      "--out", str(tmp_path))
     assert result.returncode == 0, result.stderr
     high = json.loads((tmp_path / "demo.json").read_text())["datasets"]["mixture64d"]
     assert high["samplers"]["heun"]["modes_covered"] == 8
+    assert high["samplers"]["pfgm"]["modes_covered"] == 8
     assert abs(high["likelihood"]["bias_per_dim"]) < 0.01
 
 
