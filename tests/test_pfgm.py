@@ -82,8 +82,8 @@ def test_empirical_field_is_eq_98():
     cosine = (scaled * exact).sum(1) / scaled.norm(dim=1) / exact.norm(dim=1)
     torch.testing.assert_close(cosine, torch.ones(9, dtype=torch.float64), rtol=0, atol=1e-13)
     v_x, v_z = field.normalized(x, z)
-    torch.testing.assert_close(torch.cat([v_x, v_z[:, None]], 1), -math.sqrt(2) * exact / exact.norm(dim=1, keepdim=True),
-                               rtol=1e-12, atol=1e-14)
+    expected_v = -math.sqrt(2) * exact / exact.norm(dim=1, keepdim=True)
+    torch.testing.assert_close(torch.cat([v_x, v_z[:, None]], 1), expected_v, rtol=1e-12, atol=1e-14)
 
 
 def test_empirical_field_chunks_agree():
@@ -275,7 +275,8 @@ def test_forward_and_field_bad_arguments():
         dk.pfgm_forward(point_charge, torch.zeros(4, dtype=torch.int64))
     with pytest.raises(ValueError, match="z_min must be smaller"):
         dk.pfgm_forward(point_charge, torch.zeros(4, 2), z_min=2.0, z_max=1.0)
-    for data, match in ((torch.zeros(3), "data"), (torch.zeros(0, 2), "data"), (torch.tensor([[1.0, float("nan")]]), "finite")):
+    bad_data = ((torch.zeros(3), "data"), (torch.zeros(0, 2), "data"), (torch.tensor([[1.0, float("nan")]]), "finite"))
+    for data, match in bad_data:
         with pytest.raises(ValueError, match=match):
             EmpiricalPoissonField(data)
     with pytest.raises(ValueError, match="chunk"):
