@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -71,6 +72,157 @@ def _demo(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     return 0
 
 
+def _load_model(spec: str, kwargs_json, parser: argparse.ArgumentParser):
+    """--model MODULE:ATTR: the model itself, or a factory called with --model-kwargs (or with none when
+    it needs no arguments: a class, or a function without required parameters)."""
+    import importlib
+    import inspect
+    import json
+
+    if ":" not in spec:
+        parser.error(f"--model must be MODULE:ATTR (e.g. diffkern.models:mixture_model), got {spec!r}")
+    module_name, attr = spec.split(":", 1)
+    try:
+        obj = importlib.import_module(module_name)
+    except Exception as error:  # noqa: BLE001 (any import failure is the user's spec)
+        parser.error(f"--model {spec}: cannot import {module_name!r}: {type(error).__name__}: {error}")
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            parser.error(f"--model {spec}: {module_name!r} has no attribute {attr!r}")
+        obj = getattr(obj, part)
+    try:
+        kwargs = json.loads(kwargs_json) if kwargs_json else None
+    except json.JSONDecodeError as error:
+        parser.error(f"--model-kwargs is not JSON: {error}")
+    if kwargs is not None and not isinstance(kwargs, dict):
+        parser.error("--model-kwargs must be a JSON object")
+    if not callable(obj):
+        parser.error(f"--model {spec} is a {type(obj).__name__}, not a model or a factory")
+    is_factory = kwargs is not None or inspect.isclass(obj)
+    if not is_factory:
+        try:
+            parameters = inspect.signature(obj).parameters.values()
+            is_factory = not any(p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+                                 for p in parameters)
+        except (TypeError, ValueError):
+            is_factory = False
+    if is_factory:
+        try:
+            obj = obj(**(kwargs or {}))
+        except Exception as error:  # noqa: BLE001
+            parser.error(f"--model {spec}: the factory failed: {type(error).__name__}: {error}")
+        if not callable(obj):
+            parser.error(f"--model {spec} returned a {type(obj).__name__}, not a callable model")
+    return obj, kwargs
+
+
+def _process_group(device_arg: str, timeout: float):
+    """Join torchrun's process group (gloo on CPU, NCCL on GPU) when launched by it."""
+    import datetime
+    import os
+
+    import torch
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return False
+    cuda = device_arg.startswith("cuda") or (device_arg == "auto" and torch.cuda.is_available())
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+    # torchrun keeps one store across restarts (--max-restarts): the keys a killed round left there
+    # (its ranks' gloo addresses) would be read by the next round, which then connects to dead
+    # processes ("Connection refused"). A prefix per round keeps each round's keys apart.
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    wait = datetime.timedelta(seconds=timeout)
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                          is_master=rank == 0 and not agent_store, timeout=wait)
+    store = dist.PrefixStore(f"diffkern/round{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+    dist.init_process_group("nccl" if cuda else "gloo", store=store, rank=rank, world_size=world, timeout=wait)
+    return True
+
+
+def _device_of(arg: str, parser: argparse.ArgumentParser):
+    import torch
+
+    if arg == "auto":
+        return None
+    try:
+        return torch.device(arg)
+    except RuntimeError:
+        parser.error(f"unknown device {arg!r}")
+
+
+def _generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from diffkern import distributed
+
+    if args.sampler not in distributed.SAMPLERS:
+        parser.error(f"unknown sampler {args.sampler!r}; choose from {', '.join(distributed.SAMPLERS)}")
+    try:
+        shape = [int(s) for s in args.shape.split(",")]
+    except ValueError:
+        parser.error(f"--shape must be comma-separated positive integers, e.g. 3,32,32; got {args.shape!r}")
+    if not shape or any(s < 1 for s in shape):
+        parser.error(f"--shape must be comma-separated positive integers, got {args.shape!r}")
+    if args.dtype not in distributed.DTYPES:
+        parser.error(f"--dtype must be one of {', '.join(distributed.DTYPES)}")
+    options = {k: getattr(args, k) for k in ("steps", "eta", "prediction_type", "sde", "sigma_min", "sigma_max",
+                                             "parameterization", "solver", "order", "langevin_steps", "step_size",
+                                             "z_max")}
+    try:
+        sampler = distributed.make_sampler(args.sampler, **options)
+    except ValueError as error:
+        parser.error(str(error))
+    device = _device_of(args.device, parser)
+    model, kwargs = _load_model(args.model, args.model_kwargs, parser)
+    return _in_process_group("generate", args, lambda joined: distributed.generate(
+        model, sampler=sampler, num_samples=args.num_samples, shape=shape, batch_size=args.batch_size, seed=args.seed,
+        out=args.out, dtype=distributed.DTYPES[args.dtype], device=device, progress=not args.no_progress,
+        timeout=args.timeout,
+        config={"model": args.model, "model_kwargs": kwargs, "sampler": args.sampler, "options": options}))
+
+
+def _in_process_group(command: str, args: argparse.Namespace, work) -> int:
+    """Run work(joined) inside torchrun's process group when launched by it; a ValueError is the
+    user's input: printed (by every rank) with exit status 2."""
+    joined = _process_group(args.device, args.timeout)
+    try:
+        work(joined)
+    except ValueError as error:
+        print(f"diffkern {command}: error: {error}", file=sys.stderr)
+        return 2
+    finally:
+        if joined:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+    return 0
+
+
+def _evaluate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from diffkern import distributed
+
+    if args.sde not in distributed.SDES:
+        parser.error(f"--sde must be one of {', '.join(distributed.SDES)}")
+    try:
+        data = distributed.load_data(args.data)
+    except (ValueError, OSError) as error:
+        parser.error(f"--data: {error}")
+    device = _device_of(args.device, parser)
+    model, kwargs = _load_model(args.model, args.model_kwargs, parser)
+
+    def work(joined):
+        path, mean, stderr = distributed.evaluate(
+            model, data, sde=args.sde, steps=args.steps, solver=args.solver, probes=args.probes, trace=args.trace,
+            seed=args.seed, batch_size=args.batch_size, out=args.out, bits_offset=args.bits_offset, device=device,
+            progress=not args.no_progress, timeout=args.timeout,
+            config={"model": args.model, "model_kwargs": kwargs, "data": os.path.abspath(args.data)})
+        if not joined or int(os.environ.get("RANK", "0")) == 0:
+            print(f"bits/dim: {mean:.6f} +- {stderr:.6f} (standard error over {data.shape[0]} samples); {path}")
+
+    return _in_process_group("evaluate", args, work)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="diffkern", description="diffkern: fused diffusion-step kernels")
     commands = parser.add_subparsers(dest="command")
@@ -85,14 +237,65 @@ def main(argv=None) -> int:
     demo.add_argument("--seed", type=int, default=argparse.SUPPRESS, help="seed of every sampler (default 0)")
     demo.add_argument("--out", default="diffkern-demo", help="folder for demo.png and demo.json (default ./diffkern-demo)")
     demo.add_argument("--sampler", default="all",
-                      help="comma-separated: ddpm, ddim, euler_maruyama, heun, langevin, likelihood (default all)")
+                      help="comma-separated: ddpm, ddim, euler_maruyama, heun, langevin, pfgm, likelihood (default all)")
     demo.add_argument("--quick", action="store_true", help="fewer steps, for a smoke test")
     demo.add_argument("--no-high-dim", action="store_true", help="skip the 64-d mixture")
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")
+    generate = commands.add_parser(
+        "generate", help="generate samples, sharded over processes (torchrun), resumable",
+        description="Run alone or as `torchrun --nproc_per_node=K -m diffkern generate ...`. Samples are identical "
+                    "for any world size and batch size.")
+    generate.add_argument("--model", required=True, help="MODULE:ATTR, the model or a factory returning it "
+                          "(e.g. diffkern.models:mixture_model)")
+    generate.add_argument("--model-kwargs", default=None, help="JSON object for the factory")
+    generate.add_argument("--sampler", required=True, help="ddpm, ddim, euler_maruyama, ode, pc, euler, heun, "
+                          "euler_ancestral, langevin, dpmpp, flow or pfgm")
+    generate.add_argument("--steps", type=_positive_int, default=None, help="sampler steps (sampler's default)")
+    generate.add_argument("--eta", type=float, default=0.0, help="ddim / dpmpp eta (default 0)")
+    generate.add_argument("--prediction-type", default="epsilon", help="ddpm / ddim model output (default epsilon)")
+    generate.add_argument("--sde", default="vp", help="vp, subvp or ve (euler_maruyama, ode, pc)")
+    generate.add_argument("--sigma-min", type=float, default=None, help="VE sigma_min / Karras sigma_min")
+    generate.add_argument("--sigma-max", type=float, default=None, help="VE sigma_max / Karras sigma_max")
+    generate.add_argument("--parameterization", default="score", help="score or epsilon (SDE samplers)")
+    generate.add_argument("--solver", default=None, help="ode: euler or heun; flow: euler or heun; pfgm: euler or heun")
+    generate.add_argument("--order", type=int, default=2, help="dpmpp order 1-3 (default 2)")
+    generate.add_argument("--langevin-steps", type=_positive_int, default=10, help="langevin steps per level")
+    generate.add_argument("--step-size", type=float, default=2e-3, help="langevin step size")
+    generate.add_argument("--z-max", type=float, default=40.0, help="pfgm z_max")
+    generate.add_argument("--num-samples", type=_positive_int, required=True, help="N, the total")
+    generate.add_argument("--shape", required=True, help="per sample, e.g. 3,32,32 or 2")
+    generate.add_argument("--batch-size", type=_positive_int, default=256, help="per process (default 256)")
+    generate.add_argument("--dtype", default="float32", help="float32, float64, float16 or bfloat16")
+    for sub in (generate,):
+        sub.add_argument("--seed", type=int, default=argparse.SUPPRESS, help="seed (default 0)")
+    evaluate = commands.add_parser(
+        "evaluate", help="log-likelihood / bits per dim of a dataset, sharded like generate",
+        description="Run alone or under torchrun; writes DIR/likelihood.npz (log_p, bits_per_dim in dataset order).")
+    evaluate.add_argument("--model", required=True, help="MODULE:ATTR of a score model(x, t) of --sde, or a factory")
+    evaluate.add_argument("--model-kwargs", default=None, help="JSON object for the factory")
+    evaluate.add_argument("--data", required=True, help="FILE.npy or FILE.npz ([N, ...] rows)")
+    evaluate.add_argument("--sde", default="vp", help="vp, subvp or ve (default vp)")
+    evaluate.add_argument("--steps", type=_positive_int, default=100, help="ODE steps (default 100)")
+    evaluate.add_argument("--solver", default="heun", help="euler or heun (default heun)")
+    evaluate.add_argument("--probes", type=_positive_int, default=1, help="Hutchinson probes (default 1)")
+    evaluate.add_argument("--trace", default="hutchinson", help="hutchinson or exact")
+    evaluate.add_argument("--bits-offset", type=float, default=0.0, help="added to bits/dim (e.g. 8 for data in "
+                          "[0, 1) scaled from 256 levels: see dk.log_likelihood)")
+    evaluate.add_argument("--batch-size", type=_positive_int, default=256, help="per process (default 256)")
+    evaluate.add_argument("--seed", type=int, default=argparse.SUPPRESS, help="probe seed (default 0)")
+    for sub in (generate, evaluate):
+        sub.add_argument("--device", default="auto", help="auto (the rank's GPU when present, else CPU), cpu, cuda")
+        sub.add_argument("--out", required=True, help="the run's folder (shards, result, manifest)")
+        sub.add_argument("--timeout", type=float, default=1800.0, help="seconds a rank waits for the others")
+        sub.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     try:
         if args.command == "demo":
             return _demo(args, demo)
+        if args.command == "generate":
+            return _generate(args, generate)
+        if args.command == "evaluate":
+            return _evaluate(args, evaluate)
         return _info(args)
     except ImportError as error:  # the extension is missing or built against another torch
         print(error, file=sys.stderr)

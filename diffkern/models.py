@@ -238,3 +238,30 @@ class EmpiricalPoissonField:
         direction = torch.cat([x64 - mean, dz[:, None]], dim=1)
         v = -math.sqrt(self.features) * direction / direction.norm(dim=1, keepdim=True)
         return v[:, :-1].reshape(x.shape).to(x.dtype), v[:, -1]
+
+
+MIXTURE_OUTPUTS = ("epsilon", "score", "denoiser", "noise_level_score")
+
+
+def mixture_model(kind: str = "ring", output: str = "epsilon", sde: str = "vp"):
+    """A built-in exact model for ``python -m diffkern generate / evaluate`` (``--model
+    diffkern.models:mixture_model --model-kwargs '{"output": "score", "sde": "vp"}'``): the ring or
+    the 64-d mixture as an ``epsilon`` model of the default DDPMSchedule (ddpm, ddim), a ``score``
+    model of the VP / sub-VP / VE SDE with default parameters (euler_maruyama, ode, pc, likelihoods),
+    a ``denoiser`` (euler, heun, euler_ancestral, dpmpp) or a ``noise_level_score`` (langevin)."""
+    from .sde import SubVPSDE, VESDE, VPSDE
+
+    mixtures = {"ring": GaussianMixture.ring, "high_dimensional": GaussianMixture.high_dimensional}
+    if kind not in mixtures:
+        raise ValueError(f"kind must be one of {tuple(mixtures)}, got {kind!r}")
+    if output not in MIXTURE_OUTPUTS:
+        raise ValueError(f"output must be one of {MIXTURE_OUTPUTS}, got {output!r}")
+    sdes = {"vp": VPSDE, "subvp": SubVPSDE, "ve": VESDE}
+    if sde not in sdes:
+        raise ValueError(f"sde must be one of {tuple(sdes)}, got {sde!r}")
+    mixture = mixtures[kind]()
+    if output == "epsilon":
+        return mixture.epsilon_model(DDPMSchedule())
+    if output == "score":
+        return mixture.score_model(sdes[sde]())
+    return mixture.denoiser if output == "denoiser" else mixture.noise_level_score
