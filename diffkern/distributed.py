@@ -394,8 +394,12 @@ def generate(model, *, sampler, num_samples: int, shape: Sequence[int], batch_si
     each sample on its own, deterministically."""
     num_samples = _check_count("num_samples", num_samples)
     batch_size = _check_count("batch_size", batch_size)
-    row_shape = tuple(_check_count("shape entries", int(s)) if not isinstance(s, bool) else _check_count("shape", s)
-                      for s in (shape if isinstance(shape, (tuple, list)) else [shape]))
+    entries = list(shape) if isinstance(shape, (tuple, list, torch.Size)) else [shape]
+    if not entries or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in entries):
+        raise ValueError(f"shape must be per-sample sizes (positive ints), e.g. (3, 32, 32); got {shape!r}")
+    row_shape = tuple(entries)
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+        raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
     if dtype not in DTYPES.values():
         raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {dtype}")
     if not callable(model):

@@ -246,5 +246,10 @@ def test_python_api_alone_equals_the_samplers(tmp_path):
         distributed.generate(denoiser, sampler="heun", num_samples=0, shape=(2,), batch_size=3, out=str(tmp_path / "x"))
     with pytest.raises(ValueError, match="unknown sampler"):
         distributed.generate(denoiser, sampler="nope", num_samples=3, shape=(2,), batch_size=3, out=str(tmp_path / "x"))
+    with pytest.raises(ValueError, match="shape must be"):
+        distributed.generate(denoiser, sampler="heun", num_samples=3, shape=(2, 0), batch_size=3, out=str(tmp_path / "x"))
+    with pytest.raises(ValueError, match="timeout"):
+        distributed.generate(denoiser, sampler="heun", num_samples=3, shape=(2,), batch_size=3, out=str(tmp_path / "x"),
+                             timeout=0)
     with pytest.raises(ValueError, match="model must be callable"):
         distributed.generate(3, sampler="heun", num_samples=3, shape=(2,), batch_size=3, out=str(tmp_path / "x"))
