@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import io
 import json
 import math
 import os
@@ -151,8 +152,6 @@ def _atomic_write(path: str, data: bytes) -> None:
 
 
 def _npy_bytes(array: np.ndarray) -> bytes:
-    import io
-
     buffer = io.BytesIO()
     np.save(buffer, array, allow_pickle=False)
     return buffer.getvalue()
@@ -193,8 +192,6 @@ def _verify_shards(shard_dir: str, total: int, row_shape: Tuple[int, ...]) -> Li
                 data = f.read()
             if hashlib.sha256(data).hexdigest() == m.group(3) and 0 <= start < stop <= total:
                 try:
-                    import io
-
                     array = np.load(io.BytesIO(data), allow_pickle=False)
                     ok = tuple(array.shape) == (stop - start, *row_shape)
                 except (ValueError, OSError):
@@ -212,17 +209,13 @@ def _verify_shards(shard_dir: str, total: int, row_shape: Tuple[int, ...]) -> Li
 def _cover(found: Dict[Tuple[int, int], str], total: int) -> Tuple[List[Tuple[int, int]], List[Tuple[int, int]]]:
     """(shards that tile part of [0, total) without overlap, chosen greedily from the left; the gaps)."""
     chosen, gaps, position = [], [], 0
-    by_start = sorted(found)
-    i = 0
     while position < total:
-        candidates = [r for r in by_start[i:] if r[0] == position]
-        if candidates:
-            best = max(candidates, key=lambda r: r[1])
-            chosen.append(best)
-            position = best[1]
+        longest = max((stop for start, stop in found if start == position), default=None)
+        if longest is not None:
+            chosen.append((position, longest))
+            position = longest
             continue
-        later = [r[0] for r in by_start if r[0] > position]
-        end = min(later) if later else total
+        end = min((start for start, _ in found if start > position), default=total)
         gaps.append((position, end))
         position = end
     return chosen, gaps
@@ -297,7 +290,7 @@ def _run_sharded(kind: str, out: str, config: dict, total: int, row_shape: Tuple
                    f"process{'es' if group.world > 1 else ''})", unit="sample")
 
     def done_count():
-        covered, missing = _cover(_shard_names(shard_dir, total), total)
+        missing = _cover(_shard_names(shard_dir, total), total)[1]
         return total - sum(b - a for a, b in missing)
 
     try:
@@ -335,8 +328,6 @@ def _run_sharded(kind: str, out: str, config: dict, total: int, row_shape: Tuple
         names = _shard_names(shard_dir, total)
         parts = [np.load(os.path.join(shard_dir, names[r]), allow_pickle=False) for r in chosen]
         merged = np.concatenate(parts, axis=0)
-        import io
-
         buffer = io.BytesIO()
         np.savez(buffer, **merge(merged))
         _atomic_write(result_path, buffer.getvalue())

@@ -20,7 +20,6 @@ field's output: no host synchronisation per step.
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Callable, Optional, Tuple
 
 import torch
@@ -28,15 +27,17 @@ import torch
 from . import coefficients, ops
 from .noise import randn, resolve_device
 from .samplers import _progress
+from .solvers import _check_choice, _check_number, _check_steps
 
 SOLVERS = ("euler", "heun")
 TIMES = ("z", "log_z")
 
 
 def _check_positive(name, value):
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0:
+    value = _check_number(name, value)
+    if value <= 0:
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-    return float(value)
+    return value
 
 
 def _check_levels(z_min, z_max):
@@ -47,12 +48,9 @@ def _check_levels(z_min, z_max):
 
 
 def _check_options(num_steps, solver, time):
-    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
-        raise ValueError(f"num_steps must be an int >= 1, got {num_steps!r}")
-    if solver not in SOLVERS:
-        raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
-    if time not in TIMES:
-        raise ValueError(f"time must be one of {TIMES}, got {time!r}")
+    _check_steps("num_steps", num_steps)
+    _check_choice("solver", solver, SOLVERS)
+    _check_choice("time", time, TIMES)
 
 
 def _check_dtype(dtype):
@@ -141,14 +139,16 @@ def _integrate(field_fn: Callable, x: torch.Tensor, z_start: float, z_end: float
     euler[:, col_d] = 1
     heun = euler.clone()
     bad = torch.zeros(batch, dtype=torch.bool, device=x.device)
-    sign = []  # E_z > 0 for the field E, v_z < 0 for v = -sqrt(N) E / |E|: either, but one per sample
+    sign = None  # E_z > 0 for the field E, v_z < 0 for v = -sqrt(N) E / |E|: either, one per sample
 
     def field(x_now, i):
+        nonlocal sign
         field_x, field_z = _field_parts(field_fn(x_now, z_per_step[i]), x_now)
         field_z = field_z.to(table_dtype)
-        if not sign:
-            sign.append(torch.where(field_z < 0, -1.0, 1.0).to(table_dtype))
-        torch.logical_or(bad, ~(field_z * sign[0] > 0) | ~torch.isfinite(field_z), out=bad)
+        if sign is None:
+            sign = torch.where(field_z < 0, -1.0, 1.0).to(table_dtype)
+        # nan fails the comparison, so one test catches zero, nan and a sign change; inf separately
+        torch.logical_or(bad, ~(field_z * sign > 0) | field_z.isinf(), out=bad)
         return field_x, field_z
 
     for i in _progress(range(num_steps), progress, desc):
