@@ -18,6 +18,7 @@ with sample_offset 0 and 8. No host sync inside the loop.
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, Optional
 
 import torch
@@ -268,6 +269,12 @@ def _time_grid(sde, num_steps, eps):
     return torch.linspace(sde.T, eps, num_steps + 1, dtype=torch.float64)
 
 
+def _check_positive_int(name, value):
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    return value
+
+
 def _score_scales(parameterization, sde, t):
     if parameterization == "score":
         return torch.ones_like(t)
@@ -453,44 +460,68 @@ def sample_langevin(score_fn, shape, sigmas, n_steps_each: int = 100, *, step_si
     return x
 
 
+def _pc_discretisation(sde, num_steps, eps):
+    """score_sde's grid and discretisation for its PC sampler with sde.N = num_steps: the times
+    linspace(T, eps, N); step i reads index k = floor(t_i (N - 1) / T) of the N-point tables
+    (discrete_betas = linspace(beta_min, beta_max, N) / N for VP, discrete_sigmas = the geometric
+    sigma_min .. sigma_max for VE, whose step from index k goes to index k - 1, and to sigma = 0 from
+    k = 0); other SDEs use SDE.discretize's Euler form with dt = T / N. Returns (t, f_i, G_i, alpha_i)
+    in float64, with x_mean = x - f_i x + G_i^2 score the reverse-diffusion step."""
+    from .sde import VESDE, VPSDE
+
+    t = torch.linspace(sde.T, eps, num_steps, dtype=torch.float64)
+    index = (t * (num_steps - 1) / sde.T).long()
+    alpha = torch.ones_like(t)
+    if isinstance(sde, VPSDE):  # and sub-VP: score_sde's Langevin corrector reads the VP alphas
+        betas = torch.linspace(sde.beta_min / num_steps, sde.beta_max / num_steps, num_steps, dtype=torch.float64)
+        alpha = 1 - betas[index]
+    if isinstance(sde, VESDE):
+        sigmas = torch.exp(torch.linspace(math.log(sde.sigma_min), math.log(sde.sigma_max), num_steps,
+                                          dtype=torch.float64))
+        adjacent = torch.where(index == 0, torch.zeros_like(t), sigmas[(index - 1).clamp_min(0)])
+        return t, torch.zeros_like(t), (sigmas[index] ** 2 - adjacent ** 2).sqrt(), alpha
+    if type(sde) is VPSDE:
+        return t, alpha.sqrt() - 1, (1 - alpha).sqrt(), alpha
+    dt = sde.T / num_steps
+    return t, sde.drift_coef(t) * dt, sde.diffusion(t) * math.sqrt(dt), alpha
+
+
 def sample_pc(score_fn, shape, sde, num_steps: int = 1000, *, predictor: str = "reverse_diffusion",
               corrector: Optional[str] = "langevin", snr: float = 0.16, n_corrector_steps: int = 1, eps: float = 1e-3,
               parameterization: str = "score", denoise: bool = True, seed: int = 0, device=None,
               dtype: torch.dtype = torch.float32, sample_offset: int = 0, x_T=None, progress: bool = False,
               callback: Optional[Callable] = None) -> torch.Tensor:
-    """score_sde's predictor-corrector sampler: at each of num_steps times from T to eps, the
-    corrector (Langevin with signal-to-noise ratio ``snr``, n_corrector_steps times) and then the
-    predictor ("reverse_diffusion": the reverse of the SDE discretised into num_steps steps, for VP
-    the DDPM chain with betas (beta_min + i (beta_max - beta_min) / (N - 1)) / N, N = num_steps, as
-    score_sde does with sde.N = num_steps; or "euler_maruyama"). ``denoise`` drops the noise of the
-    last predictor step."""
-    from .sde import VESDE, VPSDE
-
+    """score_sde's predictor-corrector sampler (its ``pc_sampler`` with ``sde.N = num_steps``), step
+    for step: at each of the num_steps times linspace(T, eps, num_steps) the corrector (Langevin with
+    signal-to-noise ratio ``snr``, n_corrector_steps times; step size from the batch-mean norms of the
+    score and the noise, as score_sde) and then the predictor: "reverse_diffusion" (the discretised
+    reverse SDE: for VP the num_steps-step DDPM chain with betas linspace(beta_min, beta_max, N) / N,
+    for VE the N-point geometric sigma table whose last step goes to sigma = 0, else the Euler
+    discretisation with dt = T / N) or "euler_maruyama" (score_sde's, with dt = -T / N). ``denoise``
+    returns the last predictor step's mean (no noise), as score_sde's ``x_mean``. The model is
+    evaluated at the continuous times of the grid. Noise: x_T is stream step 0, then each corrector
+    and predictor draw its own step in order."""
     if predictor not in ("reverse_diffusion", "euler_maruyama"):
         raise ValueError(f"predictor must be 'reverse_diffusion' or 'euler_maruyama', got {predictor!r}")
     if corrector not in ("langevin", None):
         raise ValueError(f"corrector must be 'langevin' or None, got {corrector!r}")
+    _check_positive_int("n_corrector_steps", n_corrector_steps)
+    if isinstance(snr, bool) or not isinstance(snr, (int, float)) or not snr > 0 or not math.isfinite(snr):
+        raise ValueError(f"snr must be a positive finite number, got {snr!r}")
+    _time_grid(sde, num_steps, eps)  # checks num_steps and eps
     run = _Run(shape, seed, device, dtype, sample_offset, reuse_buffers=callback is None)
-    t = _time_grid(sde, num_steps, eps)
-    t_now, dt = t[:-1], t[1:] - t[:-1]
-    scale = _score_scales(parameterization, sde, t_now)
+    t, f_discrete, g_discrete, alpha = _pc_discretisation(sde, num_steps, eps)
+    scale = _score_scales(parameterization, sde, t)
     if predictor == "euler_maruyama":
-        predictor_rows = coefficients.euler_maruyama_rows(sde.drift_coef(t_now), sde.diffusion(t_now), dt, scale)
-    elif isinstance(sde, VESDE):  # x_{i+1} = x_i + sqrt(sigma_i^2 - sigma_{i+1}^2) z, in reverse
-        predictor_rows = coefficients.reverse_diffusion_rows(
-            torch.zeros_like(t_now), (sde.sigma(t_now) ** 2 - sde.sigma(t[1:]) ** 2).sqrt(), scale)
-    elif type(sde) is VPSDE:  # the num_steps-step DDPM chain: f_i = sqrt(1 - beta_i) - 1, G_i = sqrt(beta_i)
-        beta = sde.discrete_beta(t_now, num_steps)
-        predictor_rows = coefficients.reverse_diffusion_rows((1 - beta).sqrt() - 1, beta.sqrt(), scale)
-    else:  # the generic Euler discretisation: f_i = f(t) dt, G_i = g(t) sqrt(|dt|)
-        predictor_rows = coefficients.reverse_diffusion_rows(-sde.drift_coef(t_now) * dt,
-                                                             sde.diffusion(t_now) * dt.abs().sqrt(), scale)
+        dt = torch.full_like(t, -sde.T / num_steps)
+        predictor_rows = coefficients.euler_maruyama_rows(sde.drift_coef(t), sde.diffusion(t), dt, scale)
+    else:
+        predictor_rows = coefficients.reverse_diffusion_rows(f_discrete, g_discrete, scale)
     sigma_col = coefficients.INDEX["sigma"]
     if denoise:
         predictor_rows[-1, sigma_col] = 0.0
     table = run.table(predictor_rows)
-    # Langevin corrector's alpha: 1 - beta_i for VP and sub-VP (score_sde), 1 for VE.
-    alpha = (1 - sde.discrete_beta(t_now, num_steps)) if isinstance(sde, VPSDE) else torch.ones_like(t_now)
+    noisy = (predictor_rows[:, sigma_col] != 0).tolist()
     times = run.per_step(t)
     x = run.initial(x_T, sde.prior_std)
     for i in _progress(range(num_steps), progress, "predictor-corrector"):
@@ -500,7 +531,7 @@ def sample_pc(score_fn, shape, sde, num_steps: int = 1000, *, predictor: str = "
                 score = model_output_of(score_fn(x, t_batch))
                 x = _snr_langevin(run, x, score, float(scale[i]), snr, float(alpha[i]))
         m = model_output_of(score_fn(x, t_batch))
-        x = run.step(x, table, i, m, noisy=bool(predictor_rows[i, sigma_col] != 0))
+        x = run.step(x, table, i, m, noisy=noisy[i])
         if callback is not None:
             callback(i, float(t[i]), x)
     return x

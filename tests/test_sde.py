@@ -8,6 +8,7 @@ import torch
 import diffkern as dk
 from common import TOLERANCES
 from gaussian import GaussianMixture1d
+import score_sde_transcription as score_sde
 
 SDES = {"vp": dk.VPSDE(), "subvp": dk.SubVPSDE(), "ve": dk.VESDE(0.01, 50.0)}
 
@@ -194,72 +195,83 @@ def test_edm_samplers_match_k_diffusion(sampler, kwargs):
     torch.testing.assert_close(ours, expected, rtol=1e-9, atol=1e-9)
 
 
-def score_sde_pc(score_fn, sde, x, num_steps, eps, predictor, snr, n_corrector, seed, denoise=True):
-    """score_sde's pc_sampler with ReverseDiffusionPredictor / EulerMaruyamaPredictor and
-    LangevinCorrector, written out (the time grid: num_steps steps from T to eps)."""
+def em_sampler_loop(score_fn, sde, x, num_steps, eps, seed):
+    """Euler-Maruyama on the reverse SDE over linspace(T, eps, num_steps + 1), the last step without
+    noise: what sample_euler_maruyama documents (not score_sde's grid, which test_pc_* covers)."""
     t_grid = torch.linspace(sde.T, eps, num_steps + 1, dtype=torch.float64)
-    draws = 0
-    x_mean = x
     for i in range(num_steps):
-        t, t_next = t_grid[i], t_grid[i + 1]
+        t, dt = t_grid[i], t_grid[i + 1] - t_grid[i]
         vec_t = torch.full((x.shape[0],), float(t), dtype=torch.float64)
-        for _ in range(n_corrector):  # LangevinCorrector
-            grad = score_fn(x, vec_t)
-            draws += 1
-            z = noise(x.shape, seed, draws)
-            alpha = (1 - sde.discrete_beta(t, num_steps) if isinstance(sde, dk.VPSDE)
-                     else torch.tensor(1.0, dtype=torch.float64))
-            grad_norm = torch.norm(grad.reshape(grad.shape[0], -1), dim=-1).mean()
-            noise_norm = torch.norm(z.reshape(z.shape[0], -1), dim=-1).mean()
-            step_size = (snr * noise_norm / grad_norm) ** 2 * 2 * alpha
-            x_mean = x + step_size * grad
-            x = x_mean + torch.sqrt(step_size * 2) * z
-        score = score_fn(x, vec_t)
-        if predictor == "euler_maruyama":
-            dt = t_next - t
-            drift = sde.drift_coef(t) * x - sde.diffusion(t) ** 2 * score
-            x_mean = x + drift * dt
-            g_noise = sde.diffusion(t) * dt.abs().sqrt()
-        else:  # ReverseDiffusionPredictor on sde.discretize
-            if isinstance(sde, dk.VESDE):
-                f, G = torch.zeros_like(x), (sde.sigma(t) ** 2 - sde.sigma(t_next) ** 2).sqrt()
-            elif type(sde) is dk.VPSDE:
-                beta = sde.discrete_beta(t, num_steps)  # score_sde's VPSDE(N=num_steps)
-                f, G = (1 - beta).sqrt() * x - x, beta.sqrt()
-            else:
-                dt = t_next - t
-                f, G = -sde.drift_coef(t) * dt * x, sde.diffusion(t) * dt.abs().sqrt()
-            x_mean = x - (f - G ** 2 * score)
-            g_noise = G
-        if denoise and i == num_steps - 1:
-            x = x_mean
-        else:
-            draws += 1
-            x = x_mean + g_noise * noise(x.shape, seed, draws)
+        x_mean = x + (sde.drift_coef(t) * x - sde.diffusion(t) ** 2 * score_fn(x, vec_t)) * dt
+        x = x_mean if i == num_steps - 1 else x_mean + sde.diffusion(t) * dt.abs().sqrt() * noise(x.shape, seed, i + 1)
     return x
+
+
+def transcribed_sde(name, N):
+    return {"vp": score_sde.VPSDE(0.1, 20.0, N), "subvp": score_sde.subVPSDE(0.1, 20.0, N),
+            "ve": score_sde.VESDE(0.01, 50.0, N)}[name]
+
+
+def stream_draws(seed):
+    """score_sde's torch.randn_like, replaced by diffkern's stream in the order diffkern draws it."""
+    count = [0]
+
+    def draw(x):
+        count[0] += 1
+        return noise(x.shape, seed, count[0])
+    return draw
 
 
 @pytest.mark.parametrize("name", list(SDES))
 @pytest.mark.parametrize("predictor", ["reverse_diffusion", "euler_maruyama"])
 @pytest.mark.parametrize("corrector", ["langevin", None])
-def test_pc_sampler_matches_score_sde(name, predictor, corrector):
+@pytest.mark.parametrize("num_steps", [100, 25])
+def test_pc_sampler_is_score_sde(name, predictor, corrector, num_steps):
+    """Against the transcription of score_sde's pc_sampler on its own grid and tables, with the same
+    noise: agreement to rounding (float64; 1e-12 relative). score_sde's Langevin corrector reads
+    sde.alphas, which its subVPSDE lacks (it raises there); diffkern uses the VP alphas for sub-VP,
+    so that pair is compared to the transcription given those alphas."""
     sde = SDES[name]
     score = MIX.sde_score(sde)
-    shape = (128, 1)
-    x_T = noise(shape, 5, 0) * sde.prior_std
-    ours = dk.sample_pc(score, shape, sde, 40, predictor=predictor, corrector=corrector, snr=0.16, seed=5,
+    shape = (64, 3)
+    reference = transcribed_sde(name, num_steps)
+    if name == "subvp":
+        reference.alphas = score_sde.VPSDE(0.1, 20.0, num_steps).alphas
+    ours = dk.sample_pc(score, shape, sde, num_steps, predictor=predictor, corrector=corrector, snr=0.16, seed=5,
                         dtype=torch.float64)
-    expected = score_sde_pc(score, sde, x_T, 40, 1e-3, predictor, 0.16, 1 if corrector else 0, seed=5)
-    torch.testing.assert_close(ours, expected, rtol=1e-9, atol=1e-9)
+    expected = score_sde.pc_sampler(reference, score, noise(shape, 5, 0), stream_draws(5), predictor=predictor,
+                                    corrector=corrector, snr=0.16)
+    torch.testing.assert_close(ours, expected, rtol=1e-12, atol=1e-12)
 
 
-def test_euler_maruyama_sampler_is_the_em_predictor():
+def test_pc_sampler_without_denoise_and_with_two_corrector_steps():
+    sde, shape = SDES["ve"], (32, 2)
+    score = MIX.sde_score(sde)
+    ours = dk.sample_pc(score, shape, sde, 20, n_corrector_steps=2, denoise=False, seed=3, dtype=torch.float64)
+    expected = score_sde.pc_sampler(transcribed_sde("ve", 20), score, noise(shape, 3, 0), stream_draws(3),
+                                    n_steps=2, denoise=False)
+    torch.testing.assert_close(ours, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_pc_sampler_ve_ends_at_sigma_zero():
+    """score_sde's VE chain steps from sigma_min to 0 at the end: with a point mass at 0 the denoised
+    samples are exactly 0 (a grid ending at sigma(eps) would leave noise of about sigma_min)."""
+    sde, num_steps = SDES["ve"], 50
+    sigmas = transcribed_sde("ve", num_steps).discrete_sigmas
+
+    def score(x, t):  # the exact score of the point mass at 0 under score_sde's discrete noise levels
+        return -x / (sigmas[(t * (num_steps - 1)).long()] ** 2).reshape(-1, 1)
+    out = dk.sample_pc(score, (256, 2), sde, num_steps, corrector=None, seed=1, dtype=torch.float64)
+    assert out.abs().max().item() < 1e-12
+
+
+def test_euler_maruyama_sampler_is_the_em_loop():
     sde = SDES["vp"]
     score = MIX.sde_score(sde)
     x_T = noise((64, 1), 2, 0)
     ours = dk.sample_euler_maruyama(score, (64, 1), sde, 30, seed=2, dtype=torch.float64)
-    expected = score_sde_pc(score, sde, x_T, 30, 1e-3, "euler_maruyama", 0.0, 0, seed=2)
-    torch.testing.assert_close(ours, expected, rtol=1e-9, atol=1e-9)
+    expected = em_sampler_loop(score, sde, x_T, 30, 1e-3, seed=2)
+    torch.testing.assert_close(ours, expected, rtol=1e-12, atol=1e-12)
 
 
 # ---- mathematics ----
