@@ -69,7 +69,7 @@ def _progress(iterable, enabled: bool, desc: str):
 def _sample_posterior(kind: str, table_fn, model, shape, sched, num_inference_steps, timestep_spacing, seed,
                       device, dtype, prediction_type, clip_range, guidance_scale, cond, null_cond, cond_key,
                       classifier, classifier_grad_fn, y, classifier_scale, sample_offset, x_T, progress, callback,
-                      learned_variance=False, noisy=True):
+                      learned_variance=False, noisy=True, prev_timestep="next"):
     sched = sched if sched is not None else DDPMSchedule()
     if not isinstance(sched, DDPMSchedule):
         raise TypeError(f"sched must be a diffkern.DDPMSchedule, got {type(sched).__name__}")
@@ -85,7 +85,11 @@ def _sample_posterior(kind: str, table_fn, model, shape, sched, num_inference_st
 
     timesteps = sched.timesteps(num_inference_steps, timestep_spacing)
     t_steps = torch.tensor(timesteps, dtype=torch.int64)
-    t_prev = torch.tensor(timesteps[1:] + [-1], dtype=torch.int64)
+    if prev_timestep == "next":
+        t_prev = torch.tensor(timesteps[1:] + [-1], dtype=torch.int64)
+    else:  # diffusers' DDIMScheduler: t - T // n, and the final alpha_cumprod (1) below 0
+        stride = sched.num_train_timesteps // len(timesteps)
+        t_prev = (torch.tensor(timesteps, dtype=torch.int64) - stride).clamp_min(-1)
     run = _Run(shape, seed, device, dtype, sample_offset, reuse_buffers=callback is None)
     table = run.table(table_fn(sched.alphas_cumprod_at(t_steps), sched.alphas_cumprod_at(t_prev), scale))
     batch = run.batch
@@ -155,11 +159,21 @@ def sample_ddim(model, shape, sched: Optional[DDPMSchedule] = None, *, num_infer
                 prediction_type: str = "epsilon", clip_sample=None, guidance_scale: Optional[float] = None,
                 cond=None, null_cond=None, cond_key: Optional[str] = None, classifier=None, classifier_grad_fn=None,
                 y=None, classifier_scale: float = 1.0, timestep_spacing: Optional[str] = None,
-                use_clipped_model_output: bool = False, sample_offset: int = 0, x_T: Optional[torch.Tensor] = None,
-                progress: bool = False, callback: Optional[Callable] = None) -> torch.Tensor:
+                use_clipped_model_output: bool = False, prev_timestep: str = "next", sample_offset: int = 0,
+                x_T: Optional[torch.Tensor] = None, progress: bool = False,
+                callback: Optional[Callable] = None) -> torch.Tensor:
     """DDIM sampling (eta = 0: deterministic given x_T) over ``num_inference_steps`` timesteps.
-    Arguments as sample_ddpm."""
+    Arguments as sample_ddpm.
+
+    ``prev_timestep``: where each step goes. "next" (default): the next listed timestep, so the run is
+    DDIM on exactly the listed subsequence (every alpha_cumprod it uses is one of the listed
+    timesteps'). "stride": t - T // n, as diffusers' DDIMScheduler.step computes it; that is the next
+    listed timestep for "leading" spacing (and "trailing" when n divides T), but not in general for
+    "linspace" (19 of 50 steps at T = 1000) or "trailing", where diffusers' steps land between the
+    listed timesteps. Use "stride" to reproduce a diffusers DDIM pipeline exactly."""
     clip_range = _clip_range(clip_sample)
+    if prev_timestep not in ("next", "stride"):
+        raise ValueError(f"prev_timestep must be 'next' or 'stride', got {prev_timestep!r}")
     if not eta >= 0:
         raise ValueError(f"eta must be >= 0, got {eta}")
 
@@ -171,7 +185,7 @@ def sample_ddim(model, shape, sched: Optional[DDPMSchedule] = None, *, num_infer
     return _sample_posterior("DDIM", table_fn, model, shape, sched, num_inference_steps, timestep_spacing, seed,
                              device, dtype, prediction_type, clip_range, guidance_scale, cond, null_cond, cond_key,
                              classifier, classifier_grad_fn, y, classifier_scale, sample_offset, x_T, progress,
-                             callback, noisy=eta > 0)
+                             callback, noisy=eta > 0, prev_timestep=prev_timestep)
 
 
 # ---- score SDEs, EDM and Langevin samplers ----

@@ -442,3 +442,31 @@ def test_sampler_bad_inputs():
         dk.sample_ddpm(lambda x, t: "nope", (3, 4), sched)
     with pytest.raises(ValueError, match="num_inference_steps"):
         dk.sample_ddim(lambda x, t: x, (3, 4), sched, num_inference_steps=20)
+
+
+@needs_diffusers
+@pytest.mark.parametrize("spacing", ["linspace", "trailing", "leading"])
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_sample_ddim_stride_is_diffusers_ddim_loop(spacing, eta):
+    """prev_timestep="stride" is diffusers' own loop (set_timesteps, then step() at each timestep with
+    the same x_T, model and noise), to rounding in float64; the default "next" differs from it where
+    t - T // n is not the next listed timestep (linspace at n = 30: by ~1e-2), and agrees for leading."""
+    sched = dk.DDPMSchedule(timestep_spacing=spacing)
+    model = GaussianModel(MU, STD, sched.alphas_cumprod)
+    shape, n = (64, 4), 30
+    ref = diffusers_in_float64(DDIMScheduler(timestep_spacing=spacing, clip_sample=False), sched)
+    ref.set_timesteps(n)
+    x = dk.randn(shape, seed=4, step=0, dtype=torch.float64)
+    for i, t in enumerate(ref.timesteps.tolist()):
+        z = dk.randn(shape, seed=4, step=i + 1, dtype=torch.float64)
+        x = ref.step(model(x, torch.full((64,), t)), t, x, eta=eta, variance_noise=z).prev_sample
+    kwargs = dict(num_inference_steps=n, eta=eta, seed=4, dtype=torch.float64)
+    stride = dk.sample_ddim(model, shape, sched, prev_timestep="stride", **kwargs)
+    torch.testing.assert_close(stride, x, rtol=1e-10, atol=1e-10)
+    listed = dk.sample_ddim(model, shape, sched, **kwargs)
+    if spacing == "leading":
+        torch.testing.assert_close(listed, x, rtol=1e-10, atol=1e-10)
+    else:
+        assert (listed - x).abs().max().item() > 1e-4
+    with pytest.raises(ValueError, match="prev_timestep"):
+        dk.sample_ddim(model, shape, sched, prev_timestep="diffusers", **kwargs)
