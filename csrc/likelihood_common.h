@@ -61,6 +61,8 @@ inline LikelihoodCall prepare_probe_trace(const at::Tensor& probes, const at::Te
 inline LikelihoodCall prepare_likelihood_step(DK_LIKELIHOOD_STEP_PARAMS) {
   LikelihoodCall call = prepare_probe_trace(probes, products, trace_scale);
   LikelihoodArgs& a = call.args;
+  TORCH_CHECK(x.device() == probes.device(), "diffkern::likelihood_step: x is on ", x.device(), " but probes are on ",
+              probes.device());
   TORCH_CHECK(x.dim() >= 1 && x.size(0) == a.batch && x.numel() == a.batch * a.features,
               "diffkern::likelihood_step: x ", x.sizes(), " does not match probes ", probes.sizes());
   for (const at::Tensor* t : {&x, &model_output}) {

@@ -118,6 +118,14 @@ TORCH_LIBRARY(diffkern, m) {
       "Tensor? predicted_variance, Tensor? noise, Tensor coefficients, Tensor? rows, int row, bool clip, "
       "int aux, bool stream_noise, int seed, int step, int sample_offset, int stream, Tensor? seed_step, *, "
       "Tensor(a!) out, Tensor(b!)? aux_out) -> ()");
+  // The backward of fused_step (diffkern/step_backward.h): the gradients of its tensor inputs
+  // (x, model_output, model_output_uncond, guidance_grad, predicted_variance, noise) from those of its
+  // outputs, one launch. Gradients not in output_mask, or of absent inputs, are empty tensors.
+  m.def(
+      "fused_step_backward(Tensor grad_out, Tensor? grad_aux, Tensor x, Tensor? model_output, "
+      "Tensor? model_output_uncond, Tensor? guidance_grad, Tensor? predicted_variance, Tensor? noise, "
+      "Tensor coefficients, Tensor? rows, int row, bool clip, int aux, bool stream_noise, int seed, int step, "
+      "int sample_offset, int stream, Tensor? seed_step, bool[6] output_mask) -> Tensor[]");
   m.def(
       "_fused_step_cpu_isa(Tensor x, Tensor? model_output, Tensor? model_output_uncond, Tensor? guidance_grad, "
       "Tensor? predicted_variance, Tensor? noise, Tensor coefficients, Tensor? rows, int row, bool clip, "

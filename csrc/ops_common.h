@@ -6,12 +6,14 @@
 #include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
 
+#include <array>
 #include <optional>
 #include <vector>
 
 #include "diffkern/noise.h"
 #include "diffkern/noise_fill.h"
 #include "diffkern/step_args.h"
+#include "diffkern/step_backward.h"
 #include "diffkern/step_math.h"
 #include "diffkern/linear_step.h"
 
@@ -28,7 +30,8 @@ inline FillShape fill_shape_for(at::IntArrayRef size, int64_t sample_offset) {
   int64_t row_size = 1;
   for (size_t d = 1; d < size.size(); ++d) row_size *= size[d];
   TORCH_CHECK(row_size <= kMaxFeatures, "diffkern: at most 2^34 features per sample, got ", row_size);
-  TORCH_CHECK(sample_offset >= 0 && sample_offset + rows <= kMaxSamples,
+  // written so that no sum can overflow: sample_offset may be anything an int64 holds
+  TORCH_CHECK(sample_offset >= 0 && rows <= kMaxSamples && sample_offset <= kMaxSamples - rows,
               "diffkern: sample_offset + batch size must lie in [0, 2^32], got sample_offset=",
               sample_offset, " and batch size ", rows);
   return FillShape{rows, row_size, (row_size + 3) / 4};
@@ -48,6 +51,11 @@ inline NoiseParams noise_params_for(int64_t seed, int64_t step, int64_t sample_o
     TORCH_CHECK(t.device() == device, "diffkern: seed_step is on ", t.device(),
                 " but the kernel runs on ", device);
     seed_step_ptr = t.const_data_ptr<int64_t>();
+    // On the CPU the values are at hand; CUDA kernels check the step with a device assertion
+    // (reading it here would be a host sync, and graph replays update it after this check).
+    if (t.device().is_cpu())
+      TORCH_CHECK(seed_step_ptr[1] >= 0 && seed_step_ptr[1] < kMaxCounterWord,
+                  "diffkern: the step in seed_step must lie in [0, 2^32), got ", seed_step_ptr[1]);
   }
   return NoiseParams{static_cast<uint64_t>(seed), static_cast<uint64_t>(step),
                      static_cast<uint32_t>(stream), static_cast<uint64_t>(sample_offset),
@@ -118,21 +126,52 @@ struct FusedStep {
   x, model_output, model_output_uncond, guidance_grad, predicted_variance, noise, coefficients, rows, row, clip, \
       aux, stream_noise, seed, step, sample_offset, stream, seed_step
 
+// Whether a and b may share memory. ATen's answer when it has one; where it gives up ("too hard":
+// a view that is not dense, such as a strided slice or an expanded tensor), whether the byte
+// ranges the two views span in one storage intersect. That is conservative for interleaved views
+// (x[::2] and x[1::2] count as overlapping) and never misses an overlap.
+inline bool may_overlap(const at::Tensor& a, const at::Tensor& b) {
+  if (!a.defined() || !b.defined() || a.numel() == 0 || b.numel() == 0) return false;
+  const at::MemOverlapStatus status = at::get_overlap_status(a, b);
+  if (status == at::MemOverlapStatus::No) return false;
+  if (status != at::MemOverlapStatus::TooHard) return true;
+  if (!a.has_storage() || !b.has_storage() || !a.storage().is_alias_of(b.storage())) return false;
+  const auto span = [](const at::Tensor& t, int64_t& lo, int64_t& hi) {
+    lo = hi = reinterpret_cast<int64_t>(t.const_data_ptr());
+    for (int64_t d = 0; d < t.dim(); ++d) {
+      const int64_t reach = (t.size(d) - 1) * t.stride(d) * static_cast<int64_t>(t.element_size());
+      (reach < 0 ? lo : hi) += reach;
+    }
+    hi += static_cast<int64_t>(t.element_size());
+  };
+  int64_t a_lo, a_hi, b_lo, b_hi;
+  span(a, a_lo, a_hi);
+  span(b, b_lo, b_hi);
+  return a_lo < b_hi && b_lo < a_hi;
+}
+
+inline void check_no_overlap(const char* op, const at::Tensor& out, const char* out_name, const at::Tensor& input,
+                             const char* input_name) {
+  TORCH_CHECK(!may_overlap(out, input), op, ": ", out_name, " overlaps ", input_name,
+              " in memory (the kernel would read values it has already overwritten); write to a separate buffer");
+}
+
 // The out= overload writes into given buffers: contiguous, x's shape, dtype and device, and not
-// overlapping any input (the CPU kernel reads and writes through restrict pointers).
+// overlapping any input, the coefficient table, the row indices or seed_step (the kernel reads
+// them while it writes).
 inline void check_step_output(const at::Tensor& out, const at::Tensor& x, const char* name,
-                              std::initializer_list<const std::optional<at::Tensor>*> inputs) {
+                              std::initializer_list<std::pair<const char*, const std::optional<at::Tensor>*>> inputs) {
   TORCH_CHECK(out.sizes() == x.sizes() && out.scalar_type() == x.scalar_type() && out.device() == x.device() &&
                   out.is_contiguous(),
               "diffkern::fused_step: ", name, " must be a contiguous ", x.scalar_type(), " tensor of shape ",
               x.sizes(), " on ", x.device());
-  at::assert_no_overlap(out, x);
-  for (const std::optional<at::Tensor>* t : inputs)
-    if (t->has_value()) at::assert_no_overlap(out, **t);
+  check_no_overlap("diffkern::fused_step", out, name, x, "x");
+  for (const auto& [input_name, t] : inputs)
+    if (t->has_value()) check_no_overlap("diffkern::fused_step", out, name, **t, input_name);
 }
 
 inline FusedStep prepare_fused_step(DK_FUSED_STEP_PARAMS, const at::Tensor* out = nullptr,
-                                    const at::Tensor* aux_out = nullptr) {
+                                    const at::Tensor* aux_out = nullptr, bool allocate_outputs = true) {
   const at::ScalarType dtype = x.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16,
               "diffkern::fused_step: x must be float16, bfloat16, float32 or float64, got ", dtype);
@@ -204,7 +243,9 @@ inline FusedStep prepare_fused_step(DK_FUSED_STEP_PARAMS, const at::Tensor* out 
     TORCH_CHECK(row < a.table_rows, "diffkern::fused_step: row ", row, " outside the table of ", a.table_rows,
                 " rows");
   } else {
-    TORCH_CHECK(row == -1 && a.table_rows == batch,
+    TORCH_CHECK(row == -1, "diffkern::fused_step: row must be -1 (row n for sample n) or a row of the table, got ",
+                row);
+    TORCH_CHECK(a.table_rows == batch,
                 "diffkern::fused_step: row -1 (one row per sample) needs a table of batch (", batch,
                 ") rows, got ", a.table_rows);
   }
@@ -224,21 +265,61 @@ inline FusedStep prepare_fused_step(DK_FUSED_STEP_PARAMS, const at::Tensor* out 
 
   result.args = a;
   if (out != nullptr) {
-    check_step_output(*out, x, "out", {&model_output, &model_output_uncond, &guidance_grad, &predicted_variance, &noise});
+    const std::optional<at::Tensor> table_input(coefficients);
+    const std::initializer_list<std::pair<const char*, const std::optional<at::Tensor>*>> reads = {
+        {"model_output", &model_output}, {"model_output_uncond", &model_output_uncond},
+        {"guidance_grad", &guidance_grad}, {"predicted_variance", &predicted_variance}, {"noise", &noise},
+        {"coefficients", &table_input}, {"rows", &rows}, {"seed_step", &seed_step}};
+    check_step_output(*out, x, "out", reads);
     result.out = *out;
     TORCH_CHECK(aux == 0 || aux_out != nullptr, "diffkern::fused_step.out: aux needs aux_out");
     if (aux != 0) {
-      check_step_output(*aux_out, x, "aux_out",
-                        {&model_output, &model_output_uncond, &guidance_grad, &predicted_variance, &noise});
-      at::assert_no_overlap(*aux_out, *out);
+      check_step_output(*aux_out, x, "aux_out", reads);
+      check_no_overlap("diffkern::fused_step", *aux_out, "aux_out", *out, "out");
       result.aux = *aux_out;
     }
-  } else {
+  } else if (allocate_outputs) {
     result.out = at::empty(x.sizes(), x.options());
     result.aux = aux != 0 ? at::empty(x.sizes(), x.options()) : at::empty({0}, x.options());
   }
-  result.args.out = result.out.mutable_data_ptr();
-  result.args.aux = aux != 0 ? result.aux.mutable_data_ptr() : nullptr;
+  result.args.out = result.out.defined() ? result.out.mutable_data_ptr() : nullptr;
+  result.args.aux = aux != 0 && result.aux.defined() ? result.aux.mutable_data_ptr() : nullptr;
+  return result;
+}
+
+// ---- the backward of the fused step (diffkern/step_backward.h) ----
+
+struct FusedStepBackward {
+  FusedStepBackwardArgs args;
+  std::vector<at::Tensor> grads;  // x, model_output, model_output_uncond, guidance_grad, predicted_variance, noise
+  std::vector<at::Tensor> copies;
+};
+
+// The forward's arguments checked as the forward checks them; the gradients wanted are those of
+// output_mask whose input is present (the others come back as empty tensors).
+inline FusedStepBackward prepare_fused_step_backward(const at::Tensor& grad_out,
+                                                     const std::optional<at::Tensor>& grad_aux,
+                                                     DK_FUSED_STEP_PARAMS, std::array<bool, 6> output_mask) {
+  FusedStep forward = prepare_fused_step(DK_FUSED_STEP_ARGS, nullptr, nullptr, /*allocate_outputs=*/false);
+  FusedStepBackward result{};
+  result.args.step = forward.args;
+  result.copies = std::move(forward.copies);
+  const auto gradient = [&](const at::Tensor& t, const char* name) {
+    TORCH_CHECK(t.sizes() == x.sizes() && t.scalar_type() == x.scalar_type() && t.device() == x.device(),
+                "diffkern::fused_step_backward: ", name, " must be a ", x.scalar_type(), " tensor of shape ",
+                x.sizes(), " on ", x.device(), ", got ", t.scalar_type(), " ", t.sizes(), " on ", t.device());
+    result.copies.push_back(t.contiguous());
+    return StepInput{result.copies.back().const_data_ptr(), step_row_stride(result.copies.back())};
+  };
+  result.args.grad_out = gradient(grad_out, "grad_out");
+  result.args.grad_aux = grad_aux.has_value() && aux != 0 ? gradient(*grad_aux, "grad_aux") : StepInput{nullptr, 0};
+  const bool present[kStepGrads] = {true, model_output.has_value(), model_output_uncond.has_value(),
+                                    guidance_grad.has_value(), predicted_variance.has_value(), noise.has_value()};
+  for (int i = 0; i < kStepGrads; ++i) {
+    const bool wanted = output_mask[i] && present[i];
+    result.grads.push_back(wanted ? at::empty(x.sizes(), x.options()) : at::empty({0}, x.options()));
+    result.args.grads[i] = wanted ? result.grads.back().mutable_data_ptr() : nullptr;
+  }
   return result;
 }
 
@@ -328,9 +409,12 @@ inline LinearStep prepare_linear_step(DK_LINEAR_STEP_PARAMS, const at::TensorLis
       TORCH_CHECK(o.sizes() == x.sizes() && o.scalar_type() == dtype && o.device() == x.device() && o.is_contiguous(),
                   "diffkern::linear_step.out: out[", k, "] must be a contiguous ", dtype, " tensor of shape ",
                   x.sizes(), " on ", x.device());
-      for (const at::Tensor& t : inputs) at::assert_no_overlap(o, t);
-      if (noise.has_value()) at::assert_no_overlap(o, *noise);
-      for (size_t l = 0; l < k; ++l) at::assert_no_overlap(o, (*given)[l]);
+      const char* op = "diffkern::linear_step";
+      for (const at::Tensor& t : inputs) check_no_overlap(op, o, "an output", t, "an input");
+      if (noise.has_value()) check_no_overlap(op, o, "an output", *noise, "noise");
+      check_no_overlap(op, o, "an output", coefficients, "coefficients");
+      if (seed_step.has_value()) check_no_overlap(op, o, "an output", *seed_step, "seed_step");
+      for (size_t l = 0; l < k; ++l) check_no_overlap(op, o, "an output", (*given)[l], "another output");
       result.outputs.push_back(o);
     }
   } else {

@@ -45,6 +45,30 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _seed(text: str) -> int:
+    try:
+        value = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+    if not 0 <= value < 1 << 64:
+        raise argparse.ArgumentTypeError(f"must lie in [0, 2^64), got {value}")
+    return value
+
+
+def _writable_folder(path: str) -> str:
+    """path, created if missing, after checking that a file can be written there (so a long run does
+    not fail at its end)."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, f".diffkern-write-test-{os.getpid()}")
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as error:
+        raise argparse.ArgumentTypeError(f"cannot write to {path!r}: {error.strerror or error}") from None
+    return path
+
+
 def _demo(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     import torch
 
@@ -227,15 +251,15 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="diffkern", description="diffkern: fused diffusion-step kernels")
     commands = parser.add_subparsers(dest="command")
     info = commands.add_parser("info", help="what was built and a check of the noise stream (default)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the noise values shown (default 0)")
+    parser.add_argument("--seed", type=_seed, default=0, help="seed of the noise values shown (default 0)")
     # SUPPRESS: `diffkern --seed 3 info` must keep 3 rather than take the subcommand's default.
-    info.add_argument("--seed", type=int, default=argparse.SUPPRESS, help="as above")
+    info.add_argument("--seed", type=_seed, default=argparse.SUPPRESS, help="as above")
     demo = commands.add_parser("demo", help="every sampler on exact Gaussian-mixture models: timings, quality, "
                                             "a picture and a JSON report")
     demo.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
     demo.add_argument("--samples", type=_positive_int, default=4096, help="samples per sampler (default 4096)")
-    demo.add_argument("--seed", type=int, default=argparse.SUPPRESS, help="seed of every sampler (default 0)")
-    demo.add_argument("--out", default="diffkern-demo", help="folder for demo.png and demo.json (default ./diffkern-demo)")
+    demo.add_argument("--seed", type=_seed, default=argparse.SUPPRESS, help="seed of every sampler (default 0)")
+    demo.add_argument("--out", default="diffkern-demo", type=_writable_folder, help="folder for demo.png and demo.json (default ./diffkern-demo)")
     demo.add_argument("--sampler", default="all",
                       help="comma-separated: ddpm, ddim, euler_maruyama, heun, langevin, pfgm, likelihood (default all)")
     demo.add_argument("--quick", action="store_true", help="fewer steps, for a smoke test")
@@ -267,7 +291,7 @@ def main(argv=None) -> int:
     generate.add_argument("--batch-size", type=_positive_int, default=256, help="per process (default 256)")
     generate.add_argument("--dtype", default="float32", help="float32, float64, float16 or bfloat16")
     for sub in (generate,):
-        sub.add_argument("--seed", type=int, default=argparse.SUPPRESS, help="seed (default 0)")
+        sub.add_argument("--seed", type=_seed, default=argparse.SUPPRESS, help="seed (default 0)")
     evaluate = commands.add_parser(
         "evaluate", help="log-likelihood / bits per dim of a dataset, sharded like generate",
         description="Run alone or under torchrun; writes DIR/likelihood.npz (log_p, bits_per_dim in dataset order).")
@@ -282,7 +306,7 @@ def main(argv=None) -> int:
     evaluate.add_argument("--bits-offset", type=float, default=0.0, help="added to bits/dim (e.g. 8 for data in "
                           "[0, 1) scaled from 256 levels: see dk.log_likelihood)")
     evaluate.add_argument("--batch-size", type=_positive_int, default=256, help="per process (default 256)")
-    evaluate.add_argument("--seed", type=int, default=argparse.SUPPRESS, help="probe seed (default 0)")
+    evaluate.add_argument("--seed", type=_seed, default=argparse.SUPPRESS, help="probe seed (default 0)")
     for sub in (generate, evaluate):
         sub.add_argument("--device", default="auto", help="auto (the rank's GPU when present, else CPU), cpu, cuda")
         sub.add_argument("--out", required=True, help="the run's folder (shards, result, manifest)")

@@ -46,9 +46,15 @@ def check_shape(shape) -> list[int]:
     if isinstance(shape, (str, bytes)) or isinstance(shape, torch.Tensor) and shape.dim() > 1:
         raise TypeError(f"shape must be an int or a sequence of ints, got {shape!r}")
     try:
-        dims = [int(d) for d in shape]
-    except (TypeError, ValueError):
+        dims = list(shape)
+    except TypeError:
         raise TypeError(f"shape must be an int or a sequence of ints, got {shape!r}") from None
+    # int() would silently truncate 2.7 to 2: only integers (or integer 0-d tensors) are sizes
+    if not all(isinstance(d, numbers.Integral) and not isinstance(d, bool)
+               or isinstance(d, torch.Tensor) and d.dim() == 0 and not d.is_floating_point()
+               and not d.is_complex() and d.dtype != torch.bool for d in dims):
+        raise TypeError(f"shape must be an int or a sequence of ints, got {shape!r}")
+    dims = [int(d) for d in dims]
     if any(d < 0 for d in dims):
         raise ValueError(f"shape must not have negative sizes, got {tuple(dims)}")
     return dims
@@ -171,7 +177,12 @@ def fused_step(x: torch.Tensor, model_output: Optional[torch.Tensor] = None,
     if seed >= _INT64_SIGN:
         seed -= _UINT64
     given_out = out is not None
-    if not given_out and aux_code and isinstance(x, torch.Tensor):
+    recording = torch.is_grad_enabled() and _any_requires_grad(
+        x, model_output, model_output_uncond, guidance_grad, predicted_variance, noise)
+    if given_out and recording:
+        raise ValueError("fused_step with out= cannot record gradients (it writes in place): call it without out= "
+                         "when an input requires grad")
+    if not given_out and aux_code and not recording and isinstance(x, torch.Tensor):
         # One allocation for both outputs: two large buffers freed together can make glibc return
         # the heap top to the system, so that every call page-faults both in again (measured: 6x
         # the time of the step without aux). One buffer behaves as the single-output step.
@@ -199,6 +210,10 @@ def fused_step(x: torch.Tensor, model_output: Optional[torch.Tensor] = None,
         out = out.contiguous(memory_format=torch.channels_last)
         aux_out = aux_out.contiguous(memory_format=torch.channels_last) if aux_code else aux_out
     return out, (aux_out if aux_code else None)
+
+
+def _any_requires_grad(*tensors) -> bool:
+    return any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
 
 
 def _check_fused_step(x, model_output, model_output_uncond, guidance_grad, predicted_variance, noise, coefficients,
@@ -260,10 +275,14 @@ def linear_step(inputs: Sequence[torch.Tensor], noise: Optional[torch.Tensor] = 
     x = inputs[0]
     count = outputs + (1 if x0 else 0)
     try:
-        buffer = torch.empty((count, *x.shape), dtype=x.dtype, device=x.device)
-        results = list(buffer.unbind(0))
-        _linear_step_out_op(list(inputs), noise, coefficients, row, outputs, x0, clip, stream_noise, seed, step,
-                            sample_offset, stream, seed_step, out=results)
+        if torch.is_grad_enabled() and _any_requires_grad(noise, *inputs):  # the functional op has autograd
+            results = list(torch.ops.diffkern.linear_step(list(inputs), noise, coefficients, row, outputs, x0, clip,
+                                                          stream_noise, seed, step, sample_offset, stream, seed_step))
+        else:
+            buffer = torch.empty((count, *x.shape), dtype=x.dtype, device=x.device)
+            results = list(buffer.unbind(0))
+            _linear_step_out_op(list(inputs), noise, coefficients, row, outputs, x0, clip, stream_noise, seed, step,
+                                sample_offset, stream, seed_step, out=results)
     except (RuntimeError, TypeError, NotImplementedError, AttributeError):
         _check_linear_step(inputs, noise, coefficients, row, outputs, seed, step, sample_offset, stream, seed_step)
         raise
@@ -303,7 +322,8 @@ def _check_linear_step(inputs, noise, coefficients, row, outputs, seed, step, sa
 def _check_probe_tensors(probes: torch.Tensor, products: torch.Tensor) -> None:
     for name, t in (("probes", probes), ("products", products)):
         if not isinstance(t, torch.Tensor) or t.dim() < 2 or t.dtype not in NOISE_DTYPES:
-            raise ValueError(f"{name} must be a floating-point tensor [num_probes, batch, ...]")
+            raise ValueError(f"{name} must be a floating-point tensor [num_probes, batch, ...], got "
+                             f"{getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}")
     if probes.shape != products.shape:
         raise ValueError(f"probes {tuple(probes.shape)} and products {tuple(products.shape)} differ in shape")
     if probes.dtype != products.dtype or probes.device != products.device:
@@ -334,8 +354,14 @@ def likelihood_step(x: torch.Tensor, model_output: torch.Tensor, model_output_pr
     """(x_next, delta_next, trace): see csrc/include/diffkern/trace_math.h."""
     _check_probe_tensors(probes, products)
     for name, t in (("x", x), ("model_output", model_output), ("model_output_prev", model_output_prev)):
-        if t is not None and (t.shape != x.shape or t.dtype != probes.dtype or t.device != probes.device):
-            raise ValueError(f"{name} must have x's shape and the probes' dtype and device")
+        if t is not None and (not isinstance(t, torch.Tensor) or t.shape != x.shape or t.dtype != probes.dtype
+                              or t.device != probes.device):
+            raise ValueError(f"{name} must be a tensor of x's shape and the probes' dtype and device")
+    for name, t in (("delta_logp", delta_logp), ("trace_prev", trace_prev)):
+        if t is not None and (not isinstance(t, torch.Tensor) or t.dtype != torch.float64 or t.dim() != 1
+                              or t.shape[0] != probes.shape[1] or t.device != probes.device):
+            raise ValueError(f"{name} must be a float64 tensor [batch] ({probes.shape[1]}) on {probes.device}, got "
+                             f"{getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}")
     return torch.ops.diffkern.likelihood_step(
         x.contiguous(), model_output.contiguous(), None if model_output_prev is None else model_output_prev.contiguous(),
         _features_contiguous(probes), _features_contiguous(products), delta_logp.contiguous(),
@@ -343,16 +369,8 @@ def likelihood_step(x: torch.Tensor, model_output: torch.Tensor, model_output_pr
         float(l_prev), float(l_trace), float(trace_scale))
 
 
-# ---- fake kernels: shapes and dtypes only, for torch.compile / FakeTensor / meta tensors ----
-
-@torch.library.register_fake("diffkern::randn")
-def _randn_fake(size, seed, step, sample_offset, stream, seed_step, dtype, device):
-    return torch.empty(size, dtype=dtype, device=device)
-
-
-@torch.library.register_fake("diffkern::rademacher")
-def _rademacher_fake(size, seed, step, sample_offset, stream, seed_step, dtype, device):
-    return torch.empty(size, dtype=dtype, device=device)
+# ---- fake kernels: what the real kernels check (shapes, dtypes, devices, the table's width), with
+# torch._check, for torch.compile / FakeTensor / meta tensors ----
 
 
 @torch.library.register_fake("diffkern::_noise_cpu_isa")
@@ -360,29 +378,7 @@ def _noise_cpu_isa_fake(size, seed, step, sample_offset, stream, dtype, isa, rad
     return torch.empty(size, dtype=dtype, device="cpu")
 
 
-@torch.library.register_fake("diffkern::probe_trace")
-def _probe_trace_fake(probes, products, scale):
-    return probes.new_empty((probes.shape[1],), dtype=torch.float64)
-
-
-@torch.library.register_fake("diffkern::likelihood_step")
-def _likelihood_step_fake(x, model_output, model_output_prev, probes, products, delta_logp, trace_prev, c_x, c_model,
-                          c_prev, l0, l_prev, l_trace, trace_scale):
-    return (torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(delta_logp),
-            delta_logp.new_empty(delta_logp.shape))
-
-
-@torch.library.register_fake("diffkern::random_bits")
-def _random_bits_fake(size, seed, step, sample_offset, stream, seed_step, device):
-    return torch.empty(size, dtype=torch.int32, device=device)
-
-
-@torch.library.register_fake("diffkern::philox4x32_10")
-def _philox_fake(counter, key):
-    return torch.empty_like(counter, memory_format=torch.contiguous_format)
-
-
-def _check_fused_step_fake(x, inputs, coefficients, rows, aux):
+def _check_fused_step_fake(x, inputs, coefficients, rows, aux, seed_step=None):
     """What the kernels check, for FakeTensor / meta tracing: a meta tensor among real ones is refused
     here instead of producing meta outputs."""
     names = ("model_output", "model_output_uncond", "guidance_grad", "predicted_variance", "noise")
@@ -402,6 +398,9 @@ def _check_fused_step_fake(x, inputs, coefficients, rows, aux):
     torch._check(rows is None or (rows.device == x.device and rows.dtype == torch.int64),
                  lambda: f"diffkern::fused_step: rows must be int64 on {x.device}")
     torch._check(aux in (0, 1, 2), lambda: "diffkern::fused_step: aux must be 0 (none), 1 (x0) or 2 (noise)")
+    torch._check(x.dtype in NOISE_DTYPES, lambda: f"diffkern::fused_step: x must be float16, bfloat16, float32 or "
+                                                  f"float64, got {x.dtype}")
+    _check_seed_step_fake("fused_step", seed_step, x.device)
 
 
 def _step_row_fields():
@@ -411,7 +410,7 @@ def _step_row_fields():
 def _fused_step_fake(x, model_output, model_output_uncond, guidance_grad, predicted_variance, noise, coefficients,
                      rows, row, clip, aux, stream_noise, seed, step, sample_offset, stream, seed_step, *isa):
     _check_fused_step_fake(x, (model_output, model_output_uncond, guidance_grad, predicted_variance, noise),
-                           coefficients, rows, aux)
+                           coefficients, rows, aux, seed_step)
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     return out, torch.empty(x.shape if aux else (0,), dtype=x.dtype, device=x.device)
 
@@ -424,7 +423,7 @@ def _fused_step_out_fake(x, model_output, model_output_uncond, guidance_grad, pr
                          rows, row, clip, aux, stream_noise, seed, step, sample_offset, stream, seed_step, *, out,
                          aux_out):
     _check_fused_step_fake(x, (model_output, model_output_uncond, guidance_grad, predicted_variance, noise),
-                           coefficients, rows, aux)
+                           coefficients, rows, aux, seed_step)
     for name, buffer in (("out", out), ("aux_out", aux_out)):
         torch._check(buffer is None or (buffer.device == x.device and buffer.shape == x.shape),
                      lambda: f"diffkern::fused_step: {name} must have x's shape and device")
@@ -451,6 +450,7 @@ def _check_linear_step_fake(inputs, noise, coefficients, outputs):
 def _linear_step_fake(inputs, noise, coefficients, row, outputs, x0, clip, stream_noise, seed, step, sample_offset,
                       stream, seed_step, *isa):
     _check_linear_step_fake(inputs, noise, coefficients, outputs)
+    _check_seed_step_fake("linear_step", seed_step, inputs[0].device)
     x = inputs[0]
     return [torch.empty(x.shape, dtype=x.dtype, device=x.device) for _ in range(outputs + (1 if x0 else 0))]
 
@@ -465,3 +465,240 @@ def _linear_step_out_fake(inputs, noise, coefficients, row, outputs, x0, clip, s
     _check_linear_step_fake(inputs, noise, coefficients, outputs)
     torch._check(len(out) == outputs + (1 if x0 else 0), lambda: "diffkern::linear_step.out: wrong number of outputs")
     return None
+
+
+# ---- more fake-kernel checks: every tensor on the op's device, so that one meta tensor among real
+# ones is an error instead of an uninitialised real output ----
+
+def _check_devices(op: str, device, **tensors) -> None:
+    for name, t in tensors.items():
+        if t is not None:
+            torch._check(t.device == device,
+                         lambda: f"diffkern::{op}: {name} is on {t.device} but the op runs on {device}")
+
+
+def _check_seed_step_fake(op: str, seed_step, device) -> None:
+    if seed_step is not None:
+        torch._check(seed_step.device == device and seed_step.dtype == torch.int64 and seed_step.numel() == 2,
+                     lambda: f"diffkern::{op}: seed_step must be an int64 tensor of 2 elements on {device}, got "
+                             f"{seed_step.dtype} {tuple(seed_step.shape)} on {seed_step.device}")
+
+
+def _noise_fake(op, size, seed_step, dtype, device):
+    torch._check(all(s >= 0 for s in size), lambda: f"diffkern::{op}: negative size in {list(size)}")
+    _check_seed_step_fake(op, seed_step, torch.device(device))
+    return torch.empty(size, dtype=dtype, device=device)
+
+
+torch.library.register_fake("diffkern::randn", lambda size, seed, step, sample_offset, stream, seed_step, dtype,
+                            device: _noise_fake("randn", size, seed_step, dtype, device))
+torch.library.register_fake("diffkern::rademacher", lambda size, seed, step, sample_offset, stream, seed_step, dtype,
+                            device: _noise_fake("rademacher", size, seed_step, dtype, device))
+torch.library.register_fake("diffkern::random_bits", lambda size, seed, step, sample_offset, stream, seed_step,
+                            device: _noise_fake("random_bits", size, seed_step, torch.int32, device))
+
+
+def _philox_fake_checked(counter, key):
+    torch._check(counter.dtype == torch.int64 and key.dtype == torch.int64,
+                 lambda: "diffkern::philox4x32_10: counter and key must be int64")
+    torch._check(counter.dim() >= 1 and counter.shape[-1] == 4 and key.dim() >= 1 and key.shape[-1] == 2
+                 and counter.numel() // 4 == key.numel() // 2,
+                 lambda: f"diffkern::philox4x32_10: counter must be [..., 4] and key [..., 2] with as many rows, got "
+                         f"{tuple(counter.shape)} and {tuple(key.shape)}")
+    _check_devices("philox4x32_10", counter.device, key=key)
+    return torch.empty_like(counter, memory_format=torch.contiguous_format)
+
+
+torch.library.register_fake("diffkern::philox4x32_10", _philox_fake_checked)
+
+
+def _probe_trace_fake_checked(probes, products, scale):
+    torch._check(probes.dim() >= 2 and probes.shape == products.shape and probes.dtype == products.dtype
+                 and probes.dtype in NOISE_DTYPES,
+                 lambda: f"diffkern::probe_trace: probes and products must be floating-point tensors [num_probes, "
+                         f"batch, ...] of one shape and dtype, got {probes.dtype} {tuple(probes.shape)} and "
+                         f"{products.dtype} {tuple(products.shape)}")
+    _check_devices("probe_trace", probes.device, products=products)
+    return probes.new_empty((probes.shape[1],), dtype=torch.float64)
+
+
+torch.library.register_fake("diffkern::probe_trace", _probe_trace_fake_checked)
+
+
+def _likelihood_step_fake_checked(x, model_output, model_output_prev, probes, products, delta_logp, trace_prev, c_x,
+                                  c_model, c_prev, l0, l_prev, l_trace, trace_scale):
+    trace = _probe_trace_fake_checked(probes, products, trace_scale)
+    _check_devices("likelihood_step", probes.device, x=x, model_output=model_output,
+                   model_output_prev=model_output_prev, delta_logp=delta_logp, trace_prev=trace_prev)
+    for name, t in (("x", x), ("model_output", model_output), ("model_output_prev", model_output_prev)):
+        if t is not None:
+            torch._check(t.shape == x.shape and t.dtype == probes.dtype and x.dim() >= 1
+                         and x.shape[0] == probes.shape[1] and x.numel() * probes.shape[0] == probes.numel(),
+                         lambda: f"diffkern::likelihood_step: {name} must be a {probes.dtype} tensor of x's shape "
+                                 f"matching probes {tuple(probes.shape)}, got {t.dtype} {tuple(t.shape)}")
+    for name, t in (("delta_logp", delta_logp), ("trace_prev", trace_prev)):
+        if t is not None:
+            torch._check(t.dtype == torch.float64 and t.dim() == 1 and t.shape[0] == probes.shape[1],
+                         lambda: f"diffkern::likelihood_step: {name} must be a float64 tensor [batch], got "
+                                 f"{t.dtype} {tuple(t.shape)}")
+    return (torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(delta_logp), trace)
+
+
+torch.library.register_fake("diffkern::likelihood_step", _likelihood_step_fake_checked)
+
+
+@torch.library.register_fake("diffkern::fused_step_backward")
+def _fused_step_backward_fake(grad_out, grad_aux, x, model_output, model_output_uncond, guidance_grad,
+                              predicted_variance, noise, coefficients, rows, row, clip, aux, stream_noise, seed, step,
+                              sample_offset, stream, seed_step, output_mask):
+    inputs = (model_output, model_output_uncond, guidance_grad, predicted_variance, noise)
+    _check_fused_step_fake(x, inputs, coefficients, rows, aux, seed_step)
+    for name, t in (("grad_out", grad_out), ("grad_aux", grad_aux)):
+        if t is not None:
+            torch._check(t.shape == x.shape and t.dtype == x.dtype and t.device == x.device,
+                         lambda: f"diffkern::fused_step_backward: {name} must match x")
+    present = (True,) + tuple(t is not None for t in inputs)
+    return [torch.empty(x.shape if want and here else (0,), dtype=x.dtype, device=x.device)
+            for want, here in zip(output_mask, present)]
+
+
+# ---- autograd: every fused op is linear in its tensor inputs (clipping makes x0 piecewise linear),
+# so each backward is one more fused pass with the same coefficients ----
+
+_NO_TABLE_GRAD = ("gradients with respect to the coefficient table are not supported: the table is a float64 "
+                  "function of the schedule, computed once per run; pass it without requires_grad")
+
+
+def _fused_step_setup_context(ctx, inputs, output):
+    (x, model_output, model_output_uncond, guidance_grad, predicted_variance, noise, coefficients, rows, row, clip,
+     aux, stream_noise, seed, step, sample_offset, stream, seed_step) = inputs
+    if coefficients.requires_grad:
+        raise ValueError(f"diffkern::fused_step: {_NO_TABLE_GRAD}")
+    ctx.save_for_backward(x, model_output, model_output_uncond, guidance_grad, predicted_variance, noise,
+                          coefficients, rows, seed_step)
+    ctx.options = (row, clip, aux, stream_noise, seed, step, sample_offset, stream)
+
+
+def _fused_step_backward(ctx, grad_out, grad_aux):
+    x, model_output, model_output_uncond, guidance_grad, predicted_variance, noise, coefficients, rows, seed_step = (
+        ctx.saved_tensors)
+    row, clip, aux, stream_noise, seed, step, sample_offset, stream = ctx.options
+    if grad_out is None:
+        grad_out = torch.zeros_like(x)
+    if aux == 0 or grad_aux is None or grad_aux.shape != x.shape:
+        grad_aux = None
+    grads = torch.ops.diffkern.fused_step_backward(
+        grad_out, grad_aux, x, model_output, model_output_uncond, guidance_grad, predicted_variance, noise,
+        coefficients, rows, row, clip, aux, stream_noise, seed, step, sample_offset, stream, seed_step,
+        list(ctx.needs_input_grad[:6]))
+    grads = [g if wanted and g.numel() == x.numel() and g.shape == x.shape else None
+             for g, wanted in zip(grads, ctx.needs_input_grad[:6])]
+    return (*grads, None, None, None, None, None, None, None, None, None, None, None)
+
+
+torch.library.register_autograd("diffkern::fused_step", _fused_step_backward, setup_context=_fused_step_setup_context)
+
+
+def _linear_step_setup_context(ctx, inputs, output):
+    (tensors, noise, coefficients, row, outputs, x0, clip, stream_noise, seed, step, sample_offset, stream,
+     seed_step) = inputs
+    if coefficients.requires_grad:
+        raise ValueError(f"diffkern::linear_step: {_NO_TABLE_GRAD}")
+    ctx.save_for_backward(*tensors, noise if noise is not None else tensors[0], coefficients,
+                          seed_step if seed_step is not None else coefficients)
+    ctx.layout = (len(tensors), noise is not None, seed_step is not None)
+    ctx.options = (row, outputs, x0, clip, stream_noise, seed, step, sample_offset, stream)
+
+
+def _linear_step_backward(ctx, grads):
+    n, has_noise, has_seed_step = ctx.layout
+    saved = ctx.saved_tensors
+    tensors, noise, coefficients, seed_step = list(saved[:n]), saved[n], saved[n + 1], saved[n + 2]
+    noise, seed_step = (noise if has_noise else None), (seed_step if has_seed_step else None)
+    row, outputs, x0, clip, stream_noise, seed, step, sample_offset, stream = ctx.options
+    x = tensors[0]
+    acc = coefficients.dtype
+    r = coefficients[row]
+    zero = torch.zeros((), dtype=acc, device=x.device)
+    grads = [None if g is None else g.to(acc) for g in grads]
+    output_grads = [grads[j] if grads[j] is not None else zero for j in range(outputs)]
+    x0_grad = grads[outputs] if x0 and grads[outputs] is not None else zero
+    c = [r[n + 3 + j * (n + 2)] for j in range(outputs)]
+    d = [[r[n + 3 + j * (n + 2) + 1 + i] for i in range(n)] for j in range(outputs)]
+    s = [r[n + 3 + j * (n + 2) + n + 1] for j in range(outputs)]
+    through_x0 = x0_grad + sum(c[j] * output_grads[j] for j in range(outputs))
+    if clip:
+        if noise is None and stream_noise and bool((r[n] != 0).item()):
+            noise = torch.ops.diffkern.randn(list(x.shape), seed_to_int64(seed) if seed >= 0 else seed, step,
+                                             sample_offset, stream, seed_step, x.dtype, x.device)
+        pre = sum(r[i] * tensors[i].to(acc) for i in range(n))
+        if noise is not None:
+            pre = pre + r[n] * noise.to(acc)
+        through_x0 = torch.where((pre >= r[n + 1]) & (pre <= r[n + 2]), through_x0, zero)
+    input_grads = []
+    for i in range(n):
+        if not ctx.needs_input_grad[0]:
+            input_grads.append(None)
+            continue
+        g = r[i] * through_x0 + sum(d[j][i] * output_grads[j] for j in range(outputs))
+        input_grads.append(torch.broadcast_to(g, x.shape).to(x.dtype))
+    noise_grad = None
+    if has_noise and ctx.needs_input_grad[1]:
+        noise_grad = torch.broadcast_to(r[n] * through_x0 + sum(s[j] * output_grads[j] for j in range(outputs)),
+                                        x.shape).to(x.dtype)
+    return (input_grads, noise_grad, None, None, None, None, None, None, None, None, None, None, None)
+
+
+torch.library.register_autograd("diffkern::linear_step", _linear_step_backward,
+                                setup_context=_linear_step_setup_context)
+
+
+def _probe_trace_setup_context(ctx, inputs, output):
+    probes, products, scale = inputs
+    ctx.save_for_backward(probes, products)
+    ctx.scale = scale
+
+
+def _probe_trace_backward(ctx, grad_trace):
+    probes, products = ctx.saved_tensors
+    weight = (ctx.scale * grad_trace).reshape(1, -1, *([1] * (probes.dim() - 2)))
+    grad_probes = (products.double() * weight).to(probes.dtype) if ctx.needs_input_grad[0] else None
+    grad_products = (probes.double() * weight).to(products.dtype) if ctx.needs_input_grad[1] else None
+    return grad_probes, grad_products, None
+
+
+torch.library.register_autograd("diffkern::probe_trace", _probe_trace_backward,
+                                setup_context=_probe_trace_setup_context)
+
+
+def _likelihood_step_setup_context(ctx, inputs, output):
+    x, model_output, model_output_prev, probes, products, delta_logp, trace_prev = inputs[:7]
+    ctx.save_for_backward(probes, products)
+    ctx.coefficients = inputs[7:]
+    ctx.has_prev = (model_output_prev is not None, trace_prev is not None)
+
+
+def _likelihood_step_backward(ctx, grad_x, grad_delta, grad_trace):
+    probes, products = ctx.saved_tensors
+    c_x, c_model, c_prev, l0, l_prev, l_trace, trace_scale = ctx.coefficients
+    need = ctx.needs_input_grad
+    grad_x = grad_x if grad_x is not None else None
+    batch = probes.shape[1]
+    zero = torch.zeros(batch, dtype=torch.float64, device=probes.device)
+    grad_delta = grad_delta if grad_delta is not None else zero
+    grad_trace = (grad_trace if grad_trace is not None else zero) + l_trace * grad_delta
+    weight = (trace_scale * grad_trace).reshape(1, -1, *([1] * (probes.dim() - 2)))
+
+    def scaled(c):
+        return None if grad_x is None else c * grad_x
+    return (scaled(c_x) if need[0] else None, scaled(c_model) if need[1] else None,
+            scaled(c_prev) if need[2] and ctx.has_prev[0] else None,
+            (products.double() * weight).to(probes.dtype) if need[3] else None,
+            (probes.double() * weight).to(products.dtype) if need[4] else None,
+            grad_delta if need[5] else None,
+            l_prev * grad_delta if need[6] and ctx.has_prev[1] else None,
+            None, None, None, None, None, None, None)
+
+
+torch.library.register_autograd("diffkern::likelihood_step", _likelihood_step_backward,
+                                setup_context=_likelihood_step_setup_context)

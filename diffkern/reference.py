@@ -121,7 +121,8 @@ def rademacher(shape: Sequence[int], seed=0, step=0, sample_offset: int = 0, str
 
 def probe_trace(probes: torch.Tensor, products: torch.Tensor, scale: float) -> torch.Tensor:
     """scale * sum over probes and features of probes * products per sample, in float64."""
-    return (probes.double() * products.double()).reshape(probes.shape[0], probes.shape[1], -1).sum((0, 2)) * scale
+    terms = probes.double() * products.double()
+    return (terms.flatten(2) if terms.dim() > 2 else terms[..., None]).sum((0, 2)) * scale
 
 
 def likelihood_step(x, model_output, model_output_prev, probes, products, delta_logp, trace_prev, *, c_x, c_model,

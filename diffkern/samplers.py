@@ -26,7 +26,7 @@ import torch
 from . import coefficients, ops
 from .noise import randn, resolve_device
 from .schedules import DDPMSchedule
-from .steps import _clip_range
+from .steps import _clip_range, check_real
 
 
 def model_output_of(out) -> torch.Tensor:
@@ -174,8 +174,7 @@ def sample_ddim(model, shape, sched: Optional[DDPMSchedule] = None, *, num_infer
     clip_range = _clip_range(clip_sample)
     if prev_timestep not in ("next", "stride"):
         raise ValueError(f"prev_timestep must be 'next' or 'stride', got {prev_timestep!r}")
-    if not eta >= 0:
-        raise ValueError(f"eta must be >= 0, got {eta}")
+    eta = check_real("eta", eta)
 
     def table_fn(abar, abar_prev, scale):
         return coefficients.ddim_rows(abar, abar_prev, eta=eta, prediction_type=prediction_type, clip_range=clip_range,
@@ -266,6 +265,12 @@ class _Run:
         if noise is not None and noise.dtype != dtype:
             noise = noise.to(dtype)
         out = self.output_for(x, into)
+        inputs = (x, model_output, model_output_uncond, third, predicted_variance, noise)
+        if out is not None and (torch.is_grad_enabled() and ops._any_requires_grad(*inputs)
+                                or _shares_memory(out, inputs[1:])):
+            # a differentiable run records every state; a model that returned (a view of) one of
+            # the run's buffers must not have it overwritten while it is read: allocate this step
+            out = None
         stream_noise = noisy and noise is None
         new, x0 = ops.fused_step(
             x, model_output, model_output_uncond, third, predicted_variance, noise, coefficients=table, row=row,
@@ -273,6 +278,11 @@ class _Run:
             step=self.next_noise_step() if stream_noise else 0, sample_offset=self.sample_offset,
             out=out, aux_out=self.output_for(x, "x0") if return_x0 and out is not None else None)
         return (new, x0) if return_x0 else new
+
+
+def _shares_memory(buffer: torch.Tensor, tensors) -> bool:
+    storage = buffer.untyped_storage().data_ptr()
+    return any(t is not None and t.untyped_storage().data_ptr() == storage for t in tensors)
 
 
 def _time_grid(sde, num_steps, eps):
@@ -357,6 +367,9 @@ def _edm_sampler(kind, denoiser, shape, sigmas, s_churn, s_tmin, s_tmax, s_noise
     from .sde import check_sigmas
 
     sigmas = check_sigmas(sigmas)
+    s_churn, s_noise = check_real("s_churn", s_churn), check_real("s_noise", s_noise)
+    s_tmin = check_real("s_tmin", s_tmin, allow_inf=True)
+    s_tmax = check_real("s_tmax", s_tmax, allow_inf=True)
     steps = len(sigmas) - 1
     run = _Run(shape, seed, device, dtype, sample_offset, reuse_buffers=callback is None)
     # EDM Alg. 2: raise sigma_i to sigma_hat = sigma_i (1 + gamma_i) by adding noise, then step.
@@ -415,6 +428,7 @@ def sample_euler_ancestral(denoiser, shape, sigmas, *, eta: float = 1.0, s_noise
     from .sde import check_sigmas
 
     sigmas = check_sigmas(sigmas)
+    eta, s_noise = check_real("eta", eta), check_real("s_noise", s_noise)
     run = _Run(shape, seed, device, dtype, sample_offset, reuse_buffers=callback is None)
     table = run.table(coefficients.euler_ancestral_rows(sigmas[:-1], sigmas[1:], eta, s_noise))
     sigma_batch, next_positive = run.per_step(sigmas), (sigmas[1:] > 0).tolist()
@@ -432,7 +446,7 @@ def _snr_langevin(run, x, score, score_scale, snr, alpha):
     norms of the score and the noise, x + eps s + sqrt(2 eps) z. The norms stay on the device."""
     z = randn(run.shape, seed=run.seed, step=run.next_noise_step(), sample_offset=run.sample_offset,
               device=run.device, dtype=x.dtype)
-    flat = (lambda a: a.reshape(run.batch, -1).to(torch.float64))
+    flat = (lambda a: a.reshape(run.batch, math.prod(run.shape[1:])).to(torch.float64))
     grad_norm = torch.linalg.vector_norm(flat(score), dim=1).mean() * abs(score_scale)
     noise_norm = torch.linalg.vector_norm(flat(z), dim=1).mean()
     step_size = 2 * alpha * (snr * noise_norm / grad_norm) ** 2
@@ -520,8 +534,7 @@ def sample_pc(score_fn, shape, sde, num_steps: int = 1000, *, predictor: str = "
     if corrector not in ("langevin", None):
         raise ValueError(f"corrector must be 'langevin' or None, got {corrector!r}")
     _check_positive_int("n_corrector_steps", n_corrector_steps)
-    if isinstance(snr, bool) or not isinstance(snr, (int, float)) or not snr > 0 or not math.isfinite(snr):
-        raise ValueError(f"snr must be a positive finite number, got {snr!r}")
+    snr = check_real("snr", snr, strict=True)
     _time_grid(sde, num_steps, eps)  # checks num_steps and eps
     run = _Run(shape, seed, device, dtype, sample_offset, reuse_buffers=callback is None)
     t, f_discrete, g_discrete, alpha = _pc_discretisation(sde, num_steps, eps)

@@ -64,7 +64,7 @@ class SDE:
 
     def prior_logp(self, z: torch.Tensor) -> torch.Tensor:
         """log N(z; 0, prior_std^2 I) per sample (sum over all but dim 0), in float64."""
-        z = z.reshape(z.shape[0], -1).double()
+        z = z.flatten(1).double() if z.dim() > 1 else z.reshape(-1, 1).double()
         d = z.shape[1]
         return -0.5 * d * math.log(2 * math.pi * self.prior_std ** 2) - (z ** 2).sum(1) / (2 * self.prior_std ** 2)
 

@@ -7,6 +7,7 @@ inside the kernel.
 """
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Optional, Union
 
@@ -47,14 +48,36 @@ def _check_int_timestep(name: str, t, T: int, allow_negative: bool = False) -> i
     return t
 
 
-def _check_tensor_timestep(name: str, t: torch.Tensor, batch: int, T: int, device: torch.device) -> torch.Tensor:
+def _check_tensor_timestep(name: str, t: torch.Tensor, batch: int, T: int, device: torch.device,
+                           low: int = 0) -> torch.Tensor:
+    """t as a contiguous int64 [1 or batch] tensor on device, its values checked to lie in [low, T):
+    here for CPU tensors, and by an asynchronous device assertion for others (no host sync)."""
     if t.dtype not in (torch.int64, torch.int32) or t.dim() > 1 or t.numel() not in (1, batch):
         raise ValueError(f"{name} as a tensor must be int64 of shape [batch] ({batch}) or one element, got "
                          f"{t.dtype} {tuple(t.shape)}")
-    if t.device.type == "cpu" and t.numel() and (int(t.min()) < 0 or int(t.max()) >= T):
-        raise ValueError(f"{name} has values outside the schedule's timesteps [0, {T}): "
+    if t.device.type == "cpu" and t.numel() and (int(t.min()) < low or int(t.max()) >= T):
+        raise ValueError(f"{name} has values outside the schedule's timesteps [{low}, {T}): "
                          f"min {int(t.min())}, max {int(t.max())}")
-    return t.to(device=device, dtype=torch.int64).reshape(-1).contiguous()
+    t = t.to(device=device, dtype=torch.int64).reshape(-1).contiguous()
+    if t.device.type not in ("cpu", "meta") and t.numel():
+        torch._assert_async(((t >= low) & (t < T)).all(), f"diffkern: {name} outside the schedule's timesteps")
+    return t
+
+
+def _check_prev_timestep(t: torch.Tensor, prev_t, batch: int, T: int, device: torch.device) -> torch.Tensor:
+    """prev_t (an int or a tensor) for a per-sample t: in [-1, T) (-1: the final step to x0) and below t."""
+    if isinstance(prev_t, torch.Tensor):
+        prev = _check_tensor_timestep("prev_t", prev_t, batch, T, device, low=-1)
+    else:
+        prev = torch.full((1,), _check_int_timestep("prev_t", prev_t, T, allow_negative=True), dtype=torch.int64,
+                          device=device).clamp_min(-1)
+    if prev.device.type == "cpu" and t.device.type == "cpu":
+        if bool((prev >= t).any()):
+            raise ValueError(f"prev_t must be smaller than t for every sample, got prev_t {prev.tolist()[:8]} for t "
+                             f"{t.tolist()[:8]}")
+    elif prev.device.type != "meta":
+        torch._assert_async((prev < t).all(), "diffkern: prev_t must be smaller than t for every sample")
+    return prev
 
 
 def _clip_range(clip_sample):
@@ -63,13 +86,17 @@ def _clip_range(clip_sample):
     if clip_sample is True:
         return (-1.0, 1.0)
     if isinstance(clip_sample, numbers.Real):
-        if clip_sample <= 0:
+        if not clip_sample > 0:  # also refuses nan, which would turn clipping off
             raise ValueError(f"clip_sample must be positive, got {clip_sample}")
         return (-float(clip_sample), float(clip_sample))
-    lo, hi = clip_sample
-    if not lo < hi:
+    try:
+        lo, hi = (float(v) for v in clip_sample)
+    except (TypeError, ValueError):
+        raise ValueError(f"clip_sample must be None, a bool, a positive number or a (lo, hi) pair, "
+                         f"got {clip_sample!r}") from None
+    if not lo < hi:  # also refuses nan
         raise ValueError(f"clip_sample range must have lo < hi, got {clip_sample}")
-    return (float(lo), float(hi))
+    return (lo, hi)
 
 
 def _as_x_dtype(name: str, t: Optional[torch.Tensor], x: torch.Tensor) -> Optional[torch.Tensor]:
@@ -79,6 +106,8 @@ def _as_x_dtype(name: str, t: Optional[torch.Tensor], x: torch.Tensor) -> Option
         raise ValueError(f"{name} must be a tensor, got {type(t).__name__}")
     if t.device != x.device:
         raise ValueError(f"{name} is on {t.device} but x_t is on {x.device}")
+    if not t.is_floating_point():  # a complex tensor would lose its imaginary part in the cast
+        raise ValueError(f"{name} must be a real floating-point tensor, got {t.dtype}")
     return t if t.dtype == x.dtype else t.to(x.dtype)
 
 
@@ -125,8 +154,7 @@ def _posterior_step(kind: str, build, options: tuple, model_output, t, prev_t, x
             table = _cached_table(sched, (kind, 1) + options, build, x_t.device, table_dtype)
             rows = t
         else:
-            prev = prev_t if isinstance(prev_t, torch.Tensor) else torch.full_like(t, int(prev_t))
-            prev = prev.to(x_t.device).reshape(-1)
+            prev = _check_prev_timestep(t, prev_t, batch, T, x_t.device)
             abar, abar_prev = sched.alphas_cumprod_at(t), sched.alphas_cumprod_at(prev)
             table = build(abar, abar_prev).to(table_dtype).reshape(-1, len(coefficients.FIELDS))
             row = 0 if table.shape[0] == 1 else -1  # one row for all samples, or row n for sample n
@@ -322,8 +350,44 @@ def _score_scale(parameterization: str, sde, t):
     raise ValueError(f"parameterization must be 'score' or 'epsilon', got {parameterization!r}")
 
 
-def _time_on(t, x):
-    return t.to(device=x.device, dtype=torch.float64).reshape(-1) if isinstance(t, torch.Tensor) else float(t)
+def check_real(name: str, value, low: float = 0.0, *, strict: bool = False, allow_inf: bool = False) -> float:
+    """value as a float, refused (naming it) unless it is a real number >= low (> low when strict),
+    finite unless allow_inf; nan is always refused."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a real number, got {value!r}")
+    value = float(value)
+    ok = value > low if strict else value >= low
+    if not ok or value != value or (math.isinf(value) and not allow_inf):
+        raise ValueError(f"{name} must be a {'finite ' if not allow_inf else ''}number "
+                         f"{'>' if strict else '>='} {low}, got {value!r}")
+    return value
+
+
+def _check_positive_values(name: str, value) -> None:
+    """A float or a tensor of per-sample values that must all be finite and > 0: checked here for
+    CPU tensors, by an asynchronous device assertion otherwise (no host sync)."""
+    if not isinstance(value, torch.Tensor):
+        check_real(name, value, strict=True)
+        return
+    if value.is_complex() or not (value.is_floating_point() or value.dtype in (torch.int32, torch.int64)):
+        raise ValueError(f"{name} must be a real tensor, got {value.dtype}")
+    ok = ((value > 0) & torch.isfinite(value)).all()
+    if value.device.type == "cpu":
+        if not bool(ok):
+            raise ValueError(f"{name} must be finite and > 0 for every sample, got {value.tolist()[:8]}")
+    elif value.device.type != "meta":
+        torch._assert_async(ok, f"diffkern: {name} must be finite and > 0 for every sample")
+
+
+def _time_on(t, x, name="t"):
+    """A time or noise level as a float, or a per-sample tensor [1 or batch] in float64 on x's device."""
+    if not isinstance(t, torch.Tensor):
+        return float(t)
+    batch = x.shape[0] if x.dim() else 1
+    if t.dim() > 1 or t.numel() not in (1, batch) or t.is_complex():
+        raise ValueError(f"{name} as a tensor must be real with 1 or batch ({batch}) elements, got {t.dtype} "
+                         f"{tuple(t.shape)}")
+    return t.to(device=x.device, dtype=torch.float64).reshape(-1)
 
 
 def _euler_maruyama_rows(sde, t, dt, parameterization, ode):
@@ -350,7 +414,8 @@ def euler_maruyama_step(model_output: torch.Tensor, x: torch.Tensor, t, dt: floa
 def euler_step(denoised: torch.Tensor, x: torch.Tensor, sigma, sigma_next, *, return_slope: bool = False):
     """The EDM / k-diffusion Euler step x + (sigma_next - sigma) (x - D) / sigma for the denoiser output
     D = ``denoised``; with ``return_slope`` also the slope (x - D) / sigma."""
-    spec = (coefficients.edm_euler_rows, _time_on(sigma, x), _time_on(sigma_next, x))
+    _check_positive_values("sigma", sigma)  # the slope divides by it
+    spec = (coefficients.edm_euler_rows, _time_on(sigma, x, "sigma"), _time_on(sigma_next, x, "sigma_next"))
     return _apply_rows(spec, x, denoised, needs_noise=False, aux="x0" if return_slope else "none")
 
 
@@ -361,7 +426,9 @@ def heun_correct(denoised_next: torch.Tensor, x: torch.Tensor, denoised: torch.T
     sigma_next must be > 0 (the last step to 0 is a plain Euler step)."""
     if not isinstance(sigma_next, torch.Tensor) and float(sigma_next) <= 0:
         raise ValueError("the Heun corrector needs sigma_next > 0 (the last step to 0 is a plain Euler step)")
-    spec = (coefficients.edm_heun_corrector_rows, _time_on(sigma, x), _time_on(sigma_next, x))
+    _check_positive_values("sigma", sigma)
+    _check_positive_values("sigma_next", sigma_next)
+    spec = (coefficients.edm_heun_corrector_rows, _time_on(sigma, x, "sigma"), _time_on(sigma_next, x, "sigma_next"))
     return _apply_rows(spec, x, denoised_next, slope=denoised, needs_noise=False)
 
 
@@ -381,7 +448,9 @@ def euler_ancestral_step(denoised: torch.Tensor, x: torch.Tensor, sigma, sigma_n
                          s_noise: float = 1.0, noise=None, seed=None, step=None, sample_offset: int = 0,
                          stream: int = 0) -> torch.Tensor:
     """Euler-ancestral (k-diffusion): step deterministically to sigma_down, then add s_noise sigma_up z."""
-    spec = (coefficients.euler_ancestral_rows, _time_on(sigma, x), _time_on(sigma_next, x), float(eta), float(s_noise))
+    _check_positive_values("sigma", sigma)
+    eta, s_noise = check_real("eta", eta), check_real("s_noise", s_noise)
+    spec = (coefficients.euler_ancestral_rows, _time_on(sigma, x, "sigma"), _time_on(sigma_next, x, "sigma_next"), float(eta), float(s_noise))
     needs_noise = isinstance(sigma_next, torch.Tensor) or (float(sigma_next) > 0 and eta > 0)
     return _apply_rows(spec, x, denoised, noise=noise, seed=seed, step=step, sample_offset=sample_offset,
                        stream=stream, needs_noise=needs_noise)
@@ -390,8 +459,7 @@ def euler_ancestral_step(denoised: torch.Tensor, x: torch.Tensor, sigma, sigma_n
 def langevin_step(score: torch.Tensor, x: torch.Tensor, step_size, *, noise=None, seed=None, step=None,
                   sample_offset: int = 0, stream: int = 0) -> torch.Tensor:
     """One Langevin step x + (step_size / 2) score + sqrt(step_size) z (step_size a float or a tensor [B])."""
-    step_size = _time_on(step_size, x)
-    if not isinstance(step_size, torch.Tensor) and step_size <= 0:
-        raise ValueError(f"step_size must be positive, got {step_size}")
+    _check_positive_values("step_size", step_size)
+    step_size = _time_on(step_size, x, "step_size")
     return _apply_rows((coefficients.langevin_rows, step_size), x, score, noise=noise, seed=seed, step=step,
                        sample_offset=sample_offset, stream=stream)

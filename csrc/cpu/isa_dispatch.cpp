@@ -3,8 +3,10 @@
 
 #include <c10/util/Exception.h>
 
+#include <cctype>
 #include <cstdlib>
 #include <cstring>
+#include <string>
 
 namespace diffkern {
 namespace cpu {
@@ -21,20 +23,23 @@ Isa detect_isa() {
   return Isa::kScalar;
 }
 
-Isa parse(const char* name, Isa best) {
-  if (std::strcmp(name, "auto") == 0 || name[0] == '\0') return best;
+// An instruction-set name, in any case; `source` names where it came from in errors.
+Isa parse(const char* name, Isa best, const char* source) {
+  std::string lower(name);
+  for (char& c : lower) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+  if (lower == "auto" || lower.empty()) return best;
   Isa isa;
-  if (std::strcmp(name, "scalar") == 0) {
+  if (lower == "scalar") {
     isa = Isa::kScalar;
-  } else if (std::strcmp(name, "avx2") == 0) {
+  } else if (lower == "avx2") {
     isa = Isa::kAvx2;
-  } else if (std::strcmp(name, "avx512") == 0) {
+  } else if (lower == "avx512") {
     isa = Isa::kAvx512;
   } else {
-    TORCH_CHECK(false, "diffkern: unknown CPU instruction set '", name, "' (auto, scalar, avx2, avx512)");
+    TORCH_CHECK(false, "diffkern: ", source, "'", name, "' is not a CPU instruction set (auto, scalar, avx2, avx512)");
   }
-  TORCH_CHECK(static_cast<int>(isa) <= static_cast<int>(best), "diffkern: this CPU does not support ", name,
-              " (best: ", isa_name(best), ")");
+  TORCH_CHECK(static_cast<int>(isa) <= static_cast<int>(best), "diffkern: ", source, "this CPU does not support ",
+              name, " (best: ", isa_name(best), ")");
   return isa;
 }
 
@@ -55,12 +60,12 @@ Isa best_isa() {
   static const Isa isa = [] {
     const Isa supported = detect_isa();
     const char* requested = std::getenv("DIFFKERN_CPU_ISA");
-    return requested ? parse(requested, supported) : supported;
+    return requested ? parse(requested, supported, "DIFFKERN_CPU_ISA=") : supported;
   }();
   return isa;
 }
 
-Isa isa_from_name(const char* name) { return parse(name, best_isa()); }
+Isa isa_from_name(const char* name) { return parse(name, best_isa(), ""); }
 
 }  // namespace cpu
 }  // namespace diffkern

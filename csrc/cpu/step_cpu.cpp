@@ -7,8 +7,10 @@
 #include <algorithm>
 #include <string>
 #include <tuple>
+#include <vector>
 
 #include "../ops_common.h"
+#include "diffkern/step_backward.h"
 #include "diffkern/step_body.h"
 #include "isa_dispatch.h"
 
@@ -82,6 +84,26 @@ void fused_step_out_cpu(DK_FUSED_STEP_PARAMS, at::Tensor& out, const std::option
   run_fused_step(s.args, best_isa());
 }
 
+std::vector<at::Tensor> fused_step_backward_cpu(const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_aux,
+                                                DK_FUSED_STEP_PARAMS, std::array<bool, 6> output_mask) {
+  TORCH_CHECK(x.device().is_cpu(), "diffkern::fused_step_backward: CPU kernel called for ", x.device());
+  FusedStepBackward s = prepare_fused_step_backward(grad_out, grad_aux, DK_FUSED_STEP_ARGS, output_mask);
+  const FusedStepArgs& a = s.args.step;
+  check_row_indices(a);
+  const int64_t blocks_per_row = (a.features + 3) / 4;
+  const int64_t threads = a.batch * blocks_per_row;
+  if (threads == 0) return s.grads;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "diffkern::fused_step_backward", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    at::parallel_for(0, threads, 2048, [&](int64_t begin, int64_t end) {
+      for (int64_t thread = begin; thread < end; ++thread)
+        fused_step_backward_block<scalar_t, acc_t>(thread, s.args,
+                                                    step_row_for<acc_t>(a, step_row_index(a, thread / blocks_per_row)));
+    });
+  });
+  return s.grads;
+}
+
 // Test hook: the same op on a chosen instruction set ("scalar" is the CUDA thread body).
 std::tuple<at::Tensor, at::Tensor> fused_step_cpu_isa(DK_FUSED_STEP_PARAMS, c10::string_view isa) {
   return fused_step_on(isa_from_name(std::string(isa).c_str()), DK_FUSED_STEP_ARGS);
@@ -93,6 +115,7 @@ TORCH_LIBRARY_IMPL(diffkern, CPU, m) {
   m.impl("fused_step", &fused_step_cpu);
   m.impl("fused_step.out", &fused_step_out_cpu);
   m.impl("_fused_step_cpu_isa", &fused_step_cpu_isa);
+  m.impl("fused_step_backward", &fused_step_backward_cpu);
 }
 
 }  // namespace cpu

@@ -38,6 +38,10 @@ DK_INLINE NoiseKey resolve_noise_key(const NoiseParams& p) {
   if (p.seed_step != nullptr) {
     seed = static_cast<uint64_t>(p.seed_step[0]);
     step = static_cast<uint64_t>(p.seed_step[1]);
+#if DK_DEVICE_CODE && defined(CUDA_KERNEL_ASSERT)
+    // the host checks CPU tensors; on the device the value is only known here
+    CUDA_KERNEL_ASSERT(step < (uint64_t{1} << 32) && "diffkern: the step in seed_step must lie in [0, 2^32)");
+#endif
   }
   return NoiseKey{static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32),
                   static_cast<uint32_t>(step), p.stream};

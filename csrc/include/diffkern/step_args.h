@@ -67,3 +67,17 @@ struct LinearStepArgs {
 };
 
 }  // namespace diffkern
+
+namespace diffkern {
+
+// The backward of one fused step: the forward's arguments (its out/aux pointers unused), the
+// gradients of its outputs, and where the gradients of its inputs go.
+enum StepGrad : int { kGradX = 0, kGradM, kGradMUncond, kGradG, kGradV, kGradNoise, kStepGrads };
+
+struct FusedStepBackwardArgs {
+  FusedStepArgs step;
+  StepInput grad_out, grad_aux;  // grad_aux.data is null when the aux output has no gradient
+  void* grads[kStepGrads];       // [batch, features] contiguous, or null when not wanted
+};
+
+}  // namespace diffkern

@@ -55,7 +55,12 @@ DK_INLINE double fused_multiply_add(double a, double b, double c) { return fma(a
 // exp(x) for the learned-variance sigma, as a fixed float32 sequence (bitwise equal on CPU and
 // CUDA, unlike each platform's expf): x = k ln 2 + r, e^r by its Taylor polynomial to r^7 on
 // |r| <= ln2 / 2 (relative error < 1e-8 before rounding), times 2^k through the exponent bits.
-DK_INLINE float exp_fixed(float x) {
+// NaN in gives NaN out, without converting NaN to an integer (undefined behaviour): the
+// polynomial runs on 0 instead and the result is selected at the end, which keeps the loop
+// branch-free for the vectoriser.
+DK_INLINE float exp_fixed(float x_in) {
+  const bool is_nan = !(x_in == x_in);
+  float x = is_nan ? 0.0f : x_in;
   x = x < -80.0f ? -80.0f : (x > 80.0f ? 80.0f : x);  // keeps 2^k normal
   const float k = rintf(x * 1.44269504088896341f);
   const float r = fmaf(k, -0.693145751953125f, fmaf(k, -1.428606765330187e-06f, x));
@@ -67,7 +72,8 @@ DK_INLINE float exp_fixed(float x) {
   p = fmaf(p, r, 0.5f);
   p = fmaf(p, r, 1.0f);
   p = fmaf(p, r, 1.0f);
-  return float_of(bits_of(p) + (static_cast<uint32_t>(static_cast<int32_t>(k)) << 23));
+  const float result = float_of(bits_of(p) + (static_cast<uint32_t>(static_cast<int32_t>(k)) << 23));
+  return is_nan ? x_in : result;
 }
 DK_INLINE double exp_fixed(double x) { return exp(x); }
 
