@@ -151,6 +151,14 @@ def extension():
     if "OpenMP" in torch.__config__.parallel_info() and sys.platform.startswith("linux"):
         cxx.append("-fopenmp")
         link.append("-fopenmp")
+    if os.environ.get("DIFFKERN_SANITIZE", "").strip() not in ("", "0"):
+        # AddressSanitizer + UndefinedBehaviorSanitizer on the CPU kernels (tools/sanitize.sh: load
+        # libasan first with LD_PRELOAD). Every UB report is fatal, so a test run fails on it.
+        sanitize = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined", "-fno-omit-frame-pointer",
+                    "-g"]
+        cxx += sanitize
+        link += sanitize
+        print("diffkern setup: sanitizers ON (address, undefined)")
     include_dirs = [os.path.join(ROOT, csrc, "include")]
     if not WITH_CUDA:
         return CppExtension("diffkern._C", sources, include_dirs=include_dirs,

@@ -396,7 +396,7 @@ def _check_fused_step_fake(x, inputs, coefficients, rows, aux, seed_step=None):
                          f"{len(_step_row_fields())}] on {x.device}, got {coefficients.dtype} "
                          f"{tuple(coefficients.shape)} on {coefficients.device}")
     torch._check(rows is None or (rows.device == x.device and rows.dtype == torch.int64),
-                 lambda: f"diffkern::fused_step: rows must be int64 on {x.device}")
+                 lambda: f"diffkern::fused_step: rows must be int64 on {x.device}, got {rows.dtype} on {rows.device}")
     torch._check(aux in (0, 1, 2), lambda: "diffkern::fused_step: aux must be 0 (none), 1 (x0) or 2 (noise)")
     torch._check(x.dtype in NOISE_DTYPES, lambda: f"diffkern::fused_step: x must be float16, bfloat16, float32 or "
                                                   f"float64, got {x.dtype}")
