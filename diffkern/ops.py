@@ -628,9 +628,9 @@ def _linear_step_backward(ctx, grads):
     s = [r[n + 3 + j * (n + 2) + n + 1] for j in range(outputs)]
     through_x0 = x0_grad + sum(c[j] * output_grads[j] for j in range(outputs))
     if clip:
-        if noise is None and stream_noise and bool((r[n] != 0).item()):
-            noise = torch.ops.diffkern.randn(list(x.shape), seed_to_int64(seed) if seed >= 0 else seed, step,
-                                             sample_offset, stream, seed_step, x.dtype, x.device)
+        if noise is None and stream_noise:  # the forward drew it in the kernel: the same stream again
+            noise = torch.ops.diffkern.randn(list(x.shape), seed, step, sample_offset, stream, seed_step, x.dtype,
+                                             x.device)
         pre = sum(r[i] * tensors[i].to(acc) for i in range(n))
         if noise is not None:
             pre = pre + r[n] * noise.to(acc)
