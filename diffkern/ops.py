@@ -213,7 +213,10 @@ def fused_step(x: torch.Tensor, model_output: Optional[torch.Tensor] = None,
 
 
 def _any_requires_grad(*tensors) -> bool:
-    return any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
+    for t in tensors:  # a plain loop: this runs on every step of every sampler
+        if getattr(t, "requires_grad", False):
+            return True
+    return False
 
 
 def _check_fused_step(x, model_output, model_output_uncond, guidance_grad, predicted_variance, noise, coefficients,
