@@ -27,14 +27,16 @@ import torch
 from . import coefficients, ops
 from .noise import randn, resolve_device
 from .samplers import _progress
-from .solvers import _check_choice, _check_number, _check_steps
+from .samplers import _check_positive_int
+from .solvers import _check_choice
+from .steps import check_real
 
 SOLVERS = ("euler", "heun")
 TIMES = ("z", "log_z")
 
 
 def _check_positive(name, value):
-    value = _check_number(name, value)
+    value = check_real(name, value)
     if value <= 0:
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
     return value
@@ -48,7 +50,7 @@ def _check_levels(z_min, z_max):
 
 
 def _check_options(num_steps, solver, time):
-    _check_steps("num_steps", num_steps)
+    _check_positive_int("num_steps", num_steps)
     _check_choice("solver", solver, SOLVERS)
     _check_choice("time", time, TIMES)
 

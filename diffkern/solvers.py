@@ -10,13 +10,13 @@ step=i + 1, sample_offset)`` inside the kernel, so a batch split into calls with
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Callable, Optional, Sequence
 
 import torch
 
 from . import coefficients, ops
-from .samplers import _progress, _score_scales, _time_grid, call_model, model_output_of
+from .samplers import _check_positive_int, _progress, _score_scales, _time_grid, call_model, model_output_of
+from .steps import check_real
 from .noise import randn, resolve_device
 from .schedules import DDPMSchedule
 from .sde import SDE, check_sigmas
@@ -37,18 +37,6 @@ class _Grid:
 def _check_choice(name, value, choices):
     if value not in choices:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")
-
-
-def _check_number(name, value, low=0.0):
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value < low:
-        raise ValueError(f"{name} must be a finite number >= {low}, got {value!r}")
-    return float(value)
-
-
-def _check_steps(name, value):
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-    return value
 
 
 def _check_timesteps(timesteps, T: int) -> list:
@@ -103,7 +91,7 @@ def _dpmpp_grid(sigmas, sched, sde, num_steps, timesteps, timestep_spacing, pred
         raise ValueError("timesteps= goes with sched=")
     if not isinstance(sde, SDE):
         raise TypeError(f"sde must be a diffkern SDE (VPSDE, SubVPSDE, VESDE), got {type(sde).__name__}")
-    t = _time_grid(sde, _check_steps("num_steps", 100 if num_steps is None else num_steps), eps)
+    t = _time_grid(sde, _check_positive_int("num_steps", 100 if num_steps is None else num_steps), eps)
     scale = _score_scales(parameterization, sde, t)  # the model output times scale is the score
     alphas, stds = sde.mean_coef(t), sde.marginal_std(t)
 
@@ -163,7 +151,7 @@ def sample_dpmpp(model, shape, sigmas=None, *, sched: Optional[DDPMSchedule] = N
     """
     _check_choice("order", order, (1, 2, 3))
     _check_choice("solver_type", solver_type, ("midpoint", "heun"))
-    eta, s_noise = _check_number("eta", eta), _check_number("s_noise", s_noise)
+    eta, s_noise = check_real("eta", eta), check_real("s_noise", s_noise)
     if not isinstance(lower_order_final, bool):
         raise ValueError(f"lower_order_final must be a bool, got {lower_order_final!r}")
     grid = _dpmpp_grid(sigmas, sched, sde, num_steps, timesteps, timestep_spacing, prediction_type, parameterization,
@@ -218,8 +206,8 @@ def sample_flow(velocity_fn, shape, sigmas=None, *, num_steps: int = 50, shift: 
     """
     _check_choice("solver", solver, ("euler", "heun"))
     if sigmas is None:
-        num_steps = _check_steps("num_steps", num_steps)
-        shift = _check_number("shift", shift)
+        num_steps = _check_positive_int("num_steps", num_steps)
+        shift = check_real("shift", shift)
         if shift <= 0:
             raise ValueError(f"shift must be > 0, got {shift}")
         t = torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64)
