@@ -5,8 +5,11 @@
 #include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
 
+#include <cmath>
 #include <optional>
+#include <vector>
 
+#include "diffkern/rk_stage.h"
 #include "diffkern/trace_math.h"
 
 namespace diffkern {
@@ -97,6 +100,114 @@ inline LikelihoodCall prepare_likelihood_step(DK_LIKELIHOOD_STEP_PARAMS) {
   call.delta_next = at::empty({a.batch}, delta_logp.options());
   a.x_out = call.x_next.mutable_data_ptr();
   a.delta_out = call.delta_next.mutable_data_ptr<double>();
+  return call;
+}
+
+#define DK_RK_STAGE_PARAMS                                                                                     \
+  at::TensorList inputs, const std::optional<at::Tensor>&probes, const std::optional<at::Tensor>&products,       \
+      const at::Tensor &coefficients, at::TensorList traces, const std::optional<at::Tensor>&log_density,        \
+      int64_t outputs, bool error, double trace_scale, double atol, double rtol
+#define DK_RK_STAGE_ARGS inputs, probes, products, coefficients, traces, log_density, outputs, error, trace_scale, atol, rtol
+
+struct RkStageCall {
+  RkStageArgs args;
+  std::vector<at::Tensor> outputs;
+  at::Tensor trace, log_density_next, norm;
+};
+
+// Checks the arguments of diffkern::rk_stage (diffkern/rk_stage.h) and allocates its outputs.
+inline RkStageCall prepare_rk_stage(DK_RK_STAGE_PARAMS) {
+  const char* op = "diffkern::rk_stage";
+  TORCH_CHECK(!inputs.empty() && static_cast<int64_t>(inputs.size()) <= kRkMaxInputs, op, ": takes 1 to ",
+              kRkMaxInputs, " inputs, got ", inputs.size());
+  TORCH_CHECK(outputs >= 0 && outputs <= kRkMaxOutputs, op, ": outputs must be 0, 1 or 2, got ", outputs);
+  TORCH_CHECK(static_cast<int64_t>(traces.size()) <= kRkMaxTraces, op, ": takes at most ", kRkMaxTraces,
+              " traces, got ", traces.size());
+  const at::Tensor& x = inputs[0];
+  const at::ScalarType dtype = x.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16, op,
+              ": inputs must be float16, bfloat16, float32 or float64, got ", dtype);
+  TORCH_CHECK(x.dim() >= 1, op, ": inputs must be [batch, ...], got a 0-d tensor");
+  for (size_t i = 0; i < inputs.size(); ++i) {
+    const at::Tensor& t = inputs[i];
+    TORCH_CHECK(t.sizes() == x.sizes() && t.scalar_type() == dtype && t.device() == x.device() && t.is_contiguous(),
+                op, ": inputs[", i, "] must be a contiguous ", dtype, " tensor of shape ", x.sizes(), " on ",
+                x.device(), ", got ", t.scalar_type(), " ", t.sizes(), " on ", t.device());
+  }
+  RkStageArgs a{};
+  a.dtype = static_cast<int>(dtype);
+  a.batch = x.size(0);
+  a.features = a.batch > 0 ? x.numel() / a.batch : 1;
+  for (int64_t d = 1; d < x.dim(); ++d) TORCH_CHECK(x.size(d) > 0 || a.batch == 0, op, ": empty feature dims");
+  a.num_inputs = static_cast<int>(inputs.size());
+  a.num_outputs = static_cast<int>(outputs);
+  a.num_traces = static_cast<int>(traces.size());
+  a.error = error;
+  for (size_t i = 0; i < inputs.size(); ++i) a.inputs[i] = inputs[i].const_data_ptr();
+  TORCH_CHECK(probes.has_value() == products.has_value(), op, ": give both probes and products or neither");
+  if (probes.has_value()) {
+    TORCH_CHECK(probes->sizes() == products->sizes() && probes->dim() == x.dim() + 1 &&
+                    probes->sizes().slice(1) == x.sizes(),
+                op, ": probes and products must be [num_probes, ", x.sizes(), "], got ", probes->sizes(), " and ",
+                products->sizes());
+    TORCH_CHECK(probes->scalar_type() == dtype && products->scalar_type() == dtype && probes->device() == x.device() &&
+                    products->device() == x.device(),
+                op, ": probes and products must be ", dtype, " tensors on ", x.device());
+    a.num_probes = probes->size(0);
+    a.probes = probe_view(*probes, "probes");
+    a.products = probe_view(*products, "products");
+  }
+  if (error) {
+    TORCH_CHECK(a.num_inputs >= 3, op, ": the error norm reads inputs[0] (x_{n+1}) and inputs[2] (x_n): give 3 or "
+                "more inputs");
+    TORCH_CHECK(std::isfinite(atol) && atol > 0 && std::isfinite(rtol) && rtol >= 0, op,
+                ": need atol > 0 and rtol >= 0, finite, got atol=", atol, " rtol=", rtol);
+  }
+  TORCH_CHECK(error || (traces.empty() && !log_density.has_value()), op,
+              ": traces and log_density are read by the error stage only (error=True)");
+  const auto check_vector = [&](const at::Tensor& t, const char* name) {
+    TORCH_CHECK(t.scalar_type() == at::kDouble && t.dim() == 1 && t.size(0) == a.batch && t.is_contiguous() &&
+                    t.device() == x.device(),
+                op, ": ", name, " must be a contiguous float64 tensor [", a.batch, "] on ", x.device(), ", got ",
+                t.scalar_type(), " ", t.sizes(), " on ", t.device());
+  };
+  for (size_t j = 0; j < traces.size(); ++j) {
+    check_vector(traces[j], "each of traces");
+    a.traces[j] = traces[j].const_data_ptr<double>();
+  }
+  if (log_density.has_value()) {
+    check_vector(*log_density, "log_density");
+    a.log_density = log_density->const_data_ptr<double>();
+  }
+  a.width = rk_row_width(a.num_inputs, outputs, a.num_traces, error);
+  TORCH_CHECK(coefficients.scalar_type() == at::kDouble && coefficients.dim() == 2 && coefficients.is_contiguous() &&
+                  coefficients.size(1) == a.width &&
+                  (coefficients.size(0) == 1 || (coefficients.size(0) == a.batch && a.batch > 0)),
+              op, ": coefficients must be a contiguous float64 tensor [1 or batch, ", a.width, "] for ", a.num_inputs,
+              " inputs, ", outputs, " outputs and ", a.num_traces, " traces", error ? " with the error row" : "",
+              ", got ", coefficients.scalar_type(), " ", coefficients.sizes());
+  TORCH_CHECK(coefficients.device() == x.device(), op, ": coefficients are on ", coefficients.device(),
+              " but the inputs are on ", x.device());
+  a.coefficients = coefficients.const_data_ptr<double>();
+  a.coefficient_rows = coefficients.size(0);
+  a.trace_scale = trace_scale;
+  a.atol = atol;
+  a.rtol = rtol;
+
+  RkStageCall call{};
+  for (int64_t j = 0; j < outputs; ++j) {
+    call.outputs.push_back(at::empty(x.sizes(), x.options()));
+    a.out[j] = call.outputs.back().mutable_data_ptr();
+  }
+  const at::TensorOptions vector = x.options().dtype(at::kDouble);
+  call.trace = at::empty({a.batch}, vector);
+  a.trace_out = call.trace.mutable_data_ptr<double>();
+  const bool has_q = error && log_density.has_value();
+  call.log_density_next = at::empty({has_q ? a.batch : 0}, vector);
+  a.log_density_out = has_q ? call.log_density_next.mutable_data_ptr<double>() : nullptr;
+  call.norm = at::empty({error ? a.batch : 0}, vector);
+  a.norm_out = error ? call.norm.mutable_data_ptr<double>() : nullptr;
+  call.args = a;
   return call;
 }
 

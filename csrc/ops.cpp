@@ -162,6 +162,16 @@ TORCH_LIBRARY(diffkern, m) {
       "Tensor delta_logp, Tensor? trace_prev, float c_x, float c_model, float c_prev, float l0, float l_prev, "
       "float l_trace, float trace_scale) -> (Tensor, Tensor, Tensor)");
 
+  // One stage of an embedded Runge-Kutta pair on the likelihood ODE (diffkern/rk_stage.h): outputs
+  // sum_i C_ji inputs[i]; the trace c0 + c1 trace_scale sum v Jv (probes and products optional); with
+  // error, the log-density update from the earlier stages' traces and the error norm per sample.
+  // coefficients: float64 [1 or batch, width]. Returns (outputs, trace, log_density_next, norm);
+  // the last two are empty without error (log_density_next also without log_density).
+  m.def(
+      "rk_stage(Tensor[] inputs, Tensor? probes, Tensor? products, Tensor coefficients, Tensor[] traces, "
+      "Tensor? log_density, int outputs, bool error, float trace_scale, float atol, float rtol) "
+      "-> (Tensor[], Tensor, Tensor, Tensor)");
+
   // Test hooks: CPU randn (or Rademacher signs) on a given instruction set ("auto", "scalar", "avx2",
   // "avx512").
   m.def(

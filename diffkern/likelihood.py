@@ -14,12 +14,18 @@ from typing import Callable, NamedTuple, Optional
 
 import torch
 
-from . import ops
+from . import ops, rk
 from .noise import rademacher, randn
 from .samplers import _progress, model_output_of
+from .steps import check_real
 
 PROBE_STREAM = 1  # the probes' stream id: distinct from the sampling noise (stream 0)
 DISTRIBUTIONS = ("rademacher", "gaussian")
+FIXED_GRID_SOLVERS = ("euler", "heun")
+ADAPTIVE_SOLVERS = tuple(rk.TABLEAUS)  # dopri5, bosh3
+SOLVERS = ("auto",) + FIXED_GRID_SOLVERS + ADAPTIVE_SOLVERS
+ERROR_NORMS = ("batch", "sample")
+DEFAULT_RTOL = DEFAULT_ATOL = 1e-5  # score_sde's likelihood tolerances
 
 
 class LogLikelihood(NamedTuple):
@@ -30,6 +36,7 @@ class LogLikelihood(NamedTuple):
     prior_log_p: torch.Tensor    # log density of the ODE's end point under the prior / base
     delta_log_p: torch.Tensor    # the integral of tr(dF/dx) dt
     x_end: torch.Tensor          # the ODE's end point (the latent)
+    num_evals: int = 0           # model evaluations (batched calls, each with its Jacobian products)
 
 
 def _check_x(x) -> None:
@@ -123,18 +130,10 @@ def exact_trace(fn: Callable, x: torch.Tensor, mode: str = "vjp") -> torch.Tenso
 
 def _integrate(velocity_terms, model_at, x, t_grid, solver, trace, num_probes, distribution, seed, mode,
                sample_offset, progress, desc):
-    """Integrate dx/dt = a(t) x + b(t) m(x, t) and the log-density change from t_grid[0] to t_grid[-1].
-    velocity_terms(t) -> (a, b); model_at(t) -> the network m(., t) as a function of x."""
-    if solver not in ("euler", "heun"):
-        raise ValueError(f"solver must be 'euler' or 'heun', got {solver!r}")
-    if trace not in ("hutchinson", "exact"):
-        raise ValueError(f"trace must be 'hutchinson' or 'exact', got {trace!r}")
+    """Integrate dx/dt = a(t) x + b(t) m(x, t) and the log-density change from t_grid[0] to t_grid[-1]
+    on the fixed grid. velocity_terms(t) -> (a, b); model_at(t) -> the network m(., t) as a function of x."""
     features = math.prod(x.shape[1:])
-    if trace == "exact":
-        v, scale = basis_probes(x), 1.0
-    else:
-        # one set of probes for the whole solve, as FFJORD and score_sde do
-        v, scale = probes(x, num_probes, distribution, seed, 0, sample_offset), 1.0 / num_probes
+    v, scale = _trace_probes(x, trace, num_probes, distribution, seed, sample_offset)
     delta = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
     time_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     for i in _progress(range(len(t_grid) - 1), progress, desc):
@@ -156,12 +155,88 @@ def _integrate(velocity_terms, model_at, x, t_grid, solver, trace, num_probes, d
             x, m1, m0, v, jv1, delta, trace0, c_x=1 + 0.5 * dt * (a0 + a1 * (1 + dt * a0)), c_model=0.5 * dt * b1,
             c_prev=0.5 * dt * b0 * (1 + dt * a1), l0=0.5 * dt * (a0 + a1) * features, l_prev=0.5 * dt * b0,
             l_trace=0.5 * dt * b1, trace_scale=scale)
-    return x, delta
+    return x, delta, (len(t_grid) - 1) * (1 if solver == "euler" else 2)
 
 
-def _result(x_end, delta, prior_log_p, features, bits_offset):
+def _result(x_end, delta, prior_log_p, features, bits_offset, num_evals):
     log_p = prior_log_p + delta
-    return LogLikelihood(log_p, -log_p / (features * math.log(2)) + bits_offset, prior_log_p, delta, x_end)
+    return LogLikelihood(log_p, -log_p / (features * math.log(2)) + bits_offset, prior_log_p, delta, x_end, num_evals)
+
+
+class _SolverChoice(NamedTuple):
+    solver: str
+    num_steps: Optional[int]
+    rtol: float
+    atol: float
+    error_norm: str
+
+
+def resolve_solver(solver, num_steps, rtol, atol, error_norm, max_num_evals, fixed_grid_options=()) -> _SolverChoice:
+    """Checks the solver arguments of log_likelihood / cnf_log_likelihood / sample_ode. "auto" is
+    dopri5 unless num_steps is given (then Heun on that grid, as before the adaptive solvers).
+    fixed_grid_options: (name, value, default) of arguments only the fixed grids read."""
+    if solver not in SOLVERS:
+        raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
+    if isinstance(max_num_evals, bool) or not isinstance(max_num_evals, int) or max_num_evals < 1:
+        raise ValueError(f"max_num_evals must be an int >= 1, got {max_num_evals!r}")
+    if solver == "auto":
+        solver = "dopri5" if num_steps is None else "heun"
+    if solver in FIXED_GRID_SOLVERS or num_steps is not None:
+        for name, value in (("rtol", rtol), ("atol", atol), ("error_norm", error_norm)):
+            if value is not None:
+                raise ValueError(f"{name} goes with adaptive steps (solver in {ADAPTIVE_SOLVERS} without num_steps); "
+                                 f"solver={solver!r} with num_steps takes fixed steps")
+        num_steps = 100 if num_steps is None else num_steps
+        if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
+            raise ValueError(f"num_steps must be an int >= 1, got {num_steps!r}")
+        return _SolverChoice(solver, num_steps, 0.0, 0.0, "batch")
+    for name, value, default in fixed_grid_options:
+        if value != default:
+            raise ValueError(f"{name} goes with the fixed-grid solvers {FIXED_GRID_SOLVERS}, not solver={solver!r}")
+    rtol = DEFAULT_RTOL if rtol is None else check_real("rtol", rtol)
+    atol = DEFAULT_ATOL if atol is None else check_real("atol", atol)
+    if not 0 <= rtol < 1:
+        raise ValueError(f"rtol must lie in [0, 1), got {rtol}")
+    if not atol > 0:
+        raise ValueError(f"atol must be > 0, got {atol}")
+    error_norm = "batch" if error_norm is None else error_norm
+    if error_norm not in ERROR_NORMS:
+        raise ValueError(f"error_norm must be one of {ERROR_NORMS}, got {error_norm!r}")
+    return _SolverChoice(solver, None, rtol, atol, error_norm)
+
+
+def _trace_probes(x, trace, num_probes, distribution, seed, sample_offset):
+    if trace not in ("hutchinson", "exact"):
+        raise ValueError(f"trace must be 'hutchinson' or 'exact', got {trace!r}")
+    if trace == "exact":
+        return basis_probes(x), 1.0
+    # one set of probes for the whole solve, as FFJORD and score_sde do
+    return probes(x, num_probes, distribution, seed, 0, sample_offset), 1.0 / num_probes
+
+
+def _adaptive(choice, velocity_terms, model_at, x, t0, t1, trace, num_probes, distribution, seed, mode, sample_offset,
+              max_num_evals, progress, desc, grid=None):
+    """(x(t1), the integral of tr(dF/dx) dt, model evaluations) with an embedded Runge-Kutta pair:
+    adaptive steps, or one step per interval of ``grid``."""
+    v, scale = _trace_probes(x, trace, num_probes, distribution, seed, sample_offset)
+    time_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+
+    def evaluate(y, t, need_products):
+        t_batch = (t.to(time_dtype) if isinstance(t, torch.Tensor)
+                   else torch.full((x.shape[0],), t, dtype=time_dtype, device=x.device))
+        if need_products:
+            return jacobian_products(model_at(t_batch), y, v, mode)
+        output = model_at(t_batch)(y)
+        if not isinstance(output, torch.Tensor) or output.shape != y.shape:
+            raise ValueError(f"the model must return a tensor of x's shape {tuple(y.shape)}, got "
+                             f"{tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__}")
+        return output.to(y.dtype), None
+
+    x_end, delta, num_evals = rk.solve(velocity_terms, evaluate, x, float(t0), float(t1),
+                                       tableau=rk.TABLEAUS[choice.solver], rtol=choice.rtol, atol=choice.atol,
+                                       error_norm=choice.error_norm, probes=v, trace_scale=scale,
+                                       max_num_evals=max_num_evals, progress=progress, desc=desc, grid=grid)
+    return x_end, delta, num_evals
 
 
 def likelihood_time_grid(sde, num_steps: int, eps: float, time_grid: str = "auto") -> torch.Tensor:
@@ -183,41 +258,70 @@ def likelihood_time_grid(sde, num_steps: int, eps: float, time_grid: str = "auto
     return eps + (sde.T - eps) * u
 
 
-def log_likelihood(score_fn: Callable, x: torch.Tensor, sde, num_steps: int = 100, *, solver: str = "heun",
-                   num_probes: int = 1, seed: int = 0, eps: float = 1e-5, trace: str = "hutchinson",
-                   distribution: str = "rademacher", mode: str = "vjp", parameterization: str = "score",
-                   bits_offset: float = 0.0, time_grid: str = "auto", sample_offset: int = 0,
-                   progress: bool = False) -> LogLikelihood:
+def log_likelihood(score_fn: Callable, x: torch.Tensor, sde, num_steps: Optional[int] = None, *,
+                   solver: str = "auto", rtol: Optional[float] = None, atol: Optional[float] = None,
+                   error_norm: Optional[str] = None, num_probes: int = 1, seed: int = 0, eps: float = 1e-5,
+                   trace: str = "hutchinson", distribution: str = "rademacher", mode: str = "vjp",
+                   parameterization: str = "score", bits_offset: float = 0.0, time_grid: str = "auto",
+                   sample_offset: int = 0, max_num_evals: int = 10000, progress: bool = False) -> LogLikelihood:
     """log p_eps(x) of a score model through the probability-flow ODE dx/dt = f(t) x - g(t)^2 s(x, t) / 2,
-    integrated from t = eps to T in num_steps fixed steps (every rank of a distributed run makes the
-    same number of model calls), with the trace of dF/dx = f(t) I - g(t)^2 ds/dx / 2 estimated by
-    Hutchinson (num_probes probes) or computed exactly.
+    integrated from t = eps to T, with the trace of dF/dx = f(t) I - g(t)^2 ds/dx / 2 estimated by
+    Hutchinson (num_probes probes, fixed for the whole solve) or computed exactly (``trace="exact"``).
+
+    Solvers (``diffkern.likelihood.SOLVERS``):
+
+    * ``"dopri5"`` (Dormand-Prince 5(4)) and ``"bosh3"`` (Bogacki-Shampine 3(2)): adaptive steps to
+      the tolerances ``rtol`` and ``atol`` (default 1e-5 each, as score_sde), as torchdiffeq's and
+      scipy's solvers read them; the log-density is held to ``atol`` nats per dimension. Each stage
+      is one model evaluation and one fused launch. ``error_norm="batch"`` (default) steps the whole
+      batch together with the worst sample's error: fewest model evaluations, but the steps (so the
+      results, at the level of the tolerance) depend on which samples share the batch.
+      ``error_norm="sample"`` gives every sample its own steps (the model sees per-sample times):
+      results independent of the batch split, at a few more evaluations. ``max_num_evals`` bounds
+      the model evaluations. With ``num_steps`` they take that many fixed steps on ``time_grid``
+      instead (fifth / third order, no error control, batch-independent).
+    * ``"heun"`` (second order, two evaluations per step) and ``"euler"``: ``num_steps`` fixed steps
+      (default 100) on ``time_grid`` (see likelihood_time_grid), no host decision per step, the same
+      number of model calls on every rank of a distributed run. Fixed steps refuse ``rtol``, ``atol``
+      and ``error_norm``; adaptive steps refuse ``time_grid``.
+    * ``"auto"`` (default): ``"dopri5"``, or ``"heun"`` when ``num_steps`` is given. dopri5 is the
+      default because it reaches a given accuracy with the fewest model evaluations of these solvers
+      (measured on Gaussian data and an MLP: benchmarks/test_bench_likelihood_accuracy.py and the
+      README's table); for bits/dim, rtol = atol = 1e-4 keeps the solver's error near 1e-4 nats/dim.
 
     Bits per dimension: -log_p / (d ln 2) + bits_offset. As in score_sde, for 8-bit data with uniform
     dequantisation noise the discrete likelihood adds log2 of the number of bins per unit of the
     data's scale: bits_offset = 7 for data scaled to [-1, 1], 8 for [0, 1] (the default 0 reports the
-    density itself). ``parameterization="epsilon"`` for noise-prediction models; ``time_grid`` as in
-    likelihood_time_grid.
+    density itself). ``parameterization="epsilon"`` for noise-prediction models. The result's
+    ``num_evals`` counts model evaluations.
     """
     from .samplers import _score_scales
 
     _check_x(x)
-    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
-        raise ValueError(f"num_steps must be an int >= 1, got {num_steps!r}")
+    choice = resolve_solver(solver, num_steps, rtol, atol, error_norm, max_num_evals,
+                            (("time_grid", time_grid, "auto"),))
     if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not 0 < eps < sde.T:
         raise ValueError(f"eps must lie in (0, {sde.T}), got {eps!r}")
-    t_grid = likelihood_time_grid(sde, num_steps, eps, time_grid)
 
     def velocity_terms(t):
+        if isinstance(t, torch.Tensor):
+            t64 = t.to(torch.float64)
+            return sde.drift_coef(t64), -0.5 * sde.diffusion(t64) ** 2 * _score_scales(parameterization, sde, t64)
         scale = float(_score_scales(parameterization, sde, torch.tensor(t, dtype=torch.float64)))
         return float(sde.drift_coef(t)), -0.5 * float(sde.diffusion(t)) ** 2 * scale
 
     def model_at(t_batch):
         return lambda y: model_output_of(score_fn(y, t_batch))
 
-    x_end, delta = _integrate(velocity_terms, model_at, x, t_grid, solver, trace, num_probes, distribution, seed,
-                              mode, sample_offset, progress, "log-likelihood")
-    return _result(x_end, delta, sde.prior_logp(x_end), math.prod(x.shape[1:]), bits_offset)
+    t_grid = None if choice.num_steps is None else likelihood_time_grid(sde, choice.num_steps, eps, time_grid)
+    if choice.solver in ADAPTIVE_SOLVERS:
+        x_end, delta, num_evals = _adaptive(choice, velocity_terms, model_at, x, eps, sde.T, trace, num_probes,
+                                            distribution, seed, mode, sample_offset, max_num_evals, progress,
+                                            f"log-likelihood ({choice.solver})", t_grid)
+    else:
+        x_end, delta, num_evals = _integrate(velocity_terms, model_at, x, t_grid, choice.solver, trace, num_probes,
+                                             distribution, seed, mode, sample_offset, progress, "log-likelihood")
+    return _result(x_end, delta, sde.prior_logp(x_end), math.prod(x.shape[1:]), bits_offset, num_evals)
 
 
 def standard_normal_logp(z: torch.Tensor) -> torch.Tensor:
@@ -225,28 +329,41 @@ def standard_normal_logp(z: torch.Tensor) -> torch.Tensor:
     return -0.5 * z.shape[1] * math.log(2 * math.pi) - 0.5 * (z ** 2).sum(1)
 
 
-def cnf_log_likelihood(f: Callable, x: torch.Tensor, t0: float = 0.0, t1: float = 1.0, num_steps: int = 100, *,
-                       solver: str = "heun", num_probes: int = 1, seed: int = 0, trace: str = "hutchinson",
-                       distribution: str = "rademacher", mode: str = "vjp",
+def cnf_log_likelihood(f: Callable, x: torch.Tensor, t0: float = 0.0, t1: float = 1.0,
+                       num_steps: Optional[int] = None, *, solver: str = "auto", rtol: Optional[float] = None,
+                       atol: Optional[float] = None, error_norm: Optional[str] = None, num_probes: int = 1,
+                       seed: int = 0, trace: str = "hutchinson", distribution: str = "rademacher", mode: str = "vjp",
                        base_logp: Optional[Callable] = None, bits_offset: float = 0.0, sample_offset: int = 0,
-                       progress: bool = False) -> LogLikelihood:
+                       max_num_evals: int = 10000, progress: bool = False) -> LogLikelihood:
     """log p(x) of a continuous normalizing flow dz/dt = f(z, t) (FFJORD): the flow carries x at t0 to
     z at t1, where the base density (default N(0, I)) is evaluated, and
-    log p(x) = base_logp(z(t1)) + integral_{t0}^{t1} tr(df/dz) dt. f(z, t) gets t as a float tensor [B]."""
+    log p(x) = base_logp(z(t1)) + integral_{t0}^{t1} tr(df/dz) dt. f(z, t) gets t as a float tensor [B]
+    (per-sample times with ``error_norm="sample"``). Solvers, tolerances and ``num_evals`` as in
+    log_likelihood: adaptive dopri5 by default, ``num_steps`` uniform Heun steps when given."""
     _check_x(x)
-    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
-        raise ValueError(f"num_steps must be an int >= 1, got {num_steps!r}")
+    choice = resolve_solver(solver, num_steps, rtol, atol, error_norm, max_num_evals)
     for name, value in (("t0", t0), ("t1", t1)):
         if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
             raise ValueError(f"{name} must be a finite number, got {value!r}")
     if t0 == t1:
         raise ValueError(f"t0 and t1 must differ (the flow's interval), got {t0} and {t1}")
-    t_grid = torch.linspace(float(t0), float(t1), num_steps + 1, dtype=torch.float64)
+
+    def velocity_terms(t):
+        if isinstance(t, torch.Tensor):
+            return torch.zeros_like(t, dtype=torch.float64), torch.ones_like(t, dtype=torch.float64)
+        return 0.0, 1.0
 
     def model_at(t_batch):
         return lambda y: model_output_of(f(y, t_batch))
 
-    z, delta = _integrate(lambda t: (0.0, 1.0), model_at, x, t_grid, solver, trace, num_probes, distribution, seed,
-                          mode, sample_offset, progress, "CNF log-likelihood")
+    t_grid = (None if choice.num_steps is None
+              else torch.linspace(float(t0), float(t1), choice.num_steps + 1, dtype=torch.float64))
+    if choice.solver in ADAPTIVE_SOLVERS:
+        z, delta, num_evals = _adaptive(choice, velocity_terms, model_at, x, t0, t1, trace, num_probes, distribution,
+                                        seed, mode, sample_offset, max_num_evals, progress,
+                                        f"CNF log-likelihood ({choice.solver})", t_grid)
+    else:
+        z, delta, num_evals = _integrate(velocity_terms, model_at, x, t_grid, choice.solver, trace, num_probes,
+                                         distribution, seed, mode, sample_offset, progress, "CNF log-likelihood")
     base = (base_logp or standard_normal_logp)(z)
-    return _result(z, delta, base.double(), math.prod(x.shape[1:]), bits_offset)
+    return _result(z, delta, base.double(), math.prod(x.shape[1:]), bits_offset, num_evals)

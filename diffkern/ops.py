@@ -372,6 +372,31 @@ def likelihood_step(x: torch.Tensor, model_output: torch.Tensor, model_output_pr
         float(l_prev), float(l_trace), float(trace_scale))
 
 
+RK_MAX_INPUTS, RK_MAX_OUTPUTS, RK_MAX_TRACES = 10, 2, 8
+
+
+def rk_row_width(inputs: int, outputs: int, traces: int, error: bool) -> int:
+    """Width of a coefficient row of rk_stage: [c0, c1, C_0 .. C_{outputs-1} (inputs each), E (inputs),
+    beta (traces + 1), eps (traces + 1)], the last three with error only (csrc/include/diffkern/rk_stage.h)."""
+    return 2 + outputs * inputs + (inputs + 2 * (traces + 1) if error else 0)
+
+
+def rk_stage(inputs: Sequence[torch.Tensor], coefficients: torch.Tensor, *, probes: Optional[torch.Tensor] = None,
+             products: Optional[torch.Tensor] = None, traces: Sequence[torch.Tensor] = (),
+             log_density: Optional[torch.Tensor] = None, outputs: int = 1, error: bool = False,
+             trace_scale: float = 1.0, atol: float = 1e-5, rtol: float = 1e-5):
+    """One fused stage of an embedded Runge-Kutta pair on the likelihood ODE: (outputs, trace,
+    log_density_next, norm). See csrc/include/diffkern/rk_stage.h for the formulas; coefficients is a
+    float64 tensor [1 or batch, rk_row_width(...)] on the inputs' device."""
+    inputs = list(inputs)
+    if probes is not None or products is not None:
+        _check_probe_tensors(probes, products)
+        probes, products = _features_contiguous(probes), _features_contiguous(products)
+    return torch.ops.diffkern.rk_stage([t.contiguous() for t in inputs], probes, products, coefficients.contiguous(),
+                                       list(traces), log_density, int(outputs), bool(error), float(trace_scale),
+                                       float(atol), float(rtol))
+
+
 # ---- fake kernels: what the real kernels check (shapes, dtypes, devices, the table's width), with
 # torch._check, for torch.compile / FakeTensor / meta tensors ----
 
@@ -548,6 +573,49 @@ def _likelihood_step_fake_checked(x, model_output, model_output_prev, probes, pr
 
 
 torch.library.register_fake("diffkern::likelihood_step", _likelihood_step_fake_checked)
+
+
+@torch.library.register_fake("diffkern::rk_stage")
+def _rk_stage_fake(inputs, probes, products, coefficients, traces, log_density, outputs, error, trace_scale, atol,
+                   rtol):
+    torch._check(1 <= len(inputs) <= RK_MAX_INPUTS and 0 <= outputs <= RK_MAX_OUTPUTS and len(traces) <= RK_MAX_TRACES,
+                 lambda: f"diffkern::rk_stage: takes 1 to {RK_MAX_INPUTS} inputs, 0 to {RK_MAX_OUTPUTS} outputs and at "
+                         f"most {RK_MAX_TRACES} traces, got {len(inputs)}, {outputs} and {len(traces)}")
+    x = inputs[0]
+    torch._check(x.dtype in NOISE_DTYPES and x.dim() >= 1,
+                 lambda: f"diffkern::rk_stage: inputs must be floating-point [batch, ...], got {x.dtype} {tuple(x.shape)}")
+    for i, t in enumerate(inputs):
+        torch._check(t.shape == x.shape and t.dtype == x.dtype,
+                     lambda: f"diffkern::rk_stage: inputs[{i}] must be a {x.dtype} tensor of shape {tuple(x.shape)}")
+    _check_devices("rk_stage", x.device, probes=probes, products=products, coefficients=coefficients,
+                   log_density=log_density, **{f"inputs[{i}]": t for i, t in enumerate(inputs)},
+                   **{f"traces[{j}]": t for j, t in enumerate(traces)})
+    torch._check((probes is None) == (products is None),
+                 lambda: "diffkern::rk_stage: give both probes and products or neither")
+    if probes is not None:
+        torch._check(probes.shape == products.shape and tuple(probes.shape[1:]) == tuple(x.shape)
+                     and probes.dtype == x.dtype and products.dtype == x.dtype,
+                     lambda: f"diffkern::rk_stage: probes and products must be {x.dtype} [num_probes, "
+                             f"{', '.join(map(str, x.shape))}], got {tuple(probes.shape)} and {tuple(products.shape)}")
+    torch._check(not error or (len(inputs) >= 3 and math.isfinite(atol) and atol > 0 and math.isfinite(rtol)
+                               and rtol >= 0),
+                 lambda: "diffkern::rk_stage: the error stage needs 3 or more inputs, atol > 0 and rtol >= 0")
+    torch._check(error or (not traces and log_density is None),
+                 lambda: "diffkern::rk_stage: traces and log_density are read by the error stage only (error=True)")
+    for j, t in enumerate(list(traces) + ([log_density] if log_density is not None else [])):
+        torch._check(t.dtype == torch.float64 and t.dim() == 1 and t.shape[0] == x.shape[0],
+                     lambda: f"diffkern::rk_stage: traces and log_density must be float64 [batch], got {t.dtype} "
+                             f"{tuple(t.shape)}")
+    width = rk_row_width(len(inputs), outputs, len(traces), error)
+    torch._check(coefficients.dtype == torch.float64 and coefficients.dim() == 2 and coefficients.shape[1] == width
+                 and (coefficients.shape[0] == 1 or (coefficients.shape[0] == x.shape[0] and x.shape[0] > 0)),
+                 lambda: f"diffkern::rk_stage: coefficients must be float64 [1 or batch, {width}], got "
+                         f"{coefficients.dtype} {tuple(coefficients.shape)}")
+    vector = (x.shape[0],)
+    return ([torch.empty_like(x, memory_format=torch.contiguous_format) for _ in range(outputs)],
+            x.new_empty(vector, dtype=torch.float64),
+            x.new_empty(vector if error and log_density is not None else (0,), dtype=torch.float64),
+            x.new_empty(vector if error else (0,), dtype=torch.float64))
 
 
 @torch.library.register_fake("diffkern::fused_step_backward")

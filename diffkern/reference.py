@@ -138,6 +138,37 @@ def likelihood_step(x, model_output, model_output_prev, probes, products, delta_
     return x_next.to(x.dtype), delta_next, trace
 
 
+def rk_stage(inputs, coefficients, *, probes=None, products=None, traces=(), log_density=None, outputs=1,
+             error=False, trace_scale=1.0, atol=1e-5, rtol=1e-5):
+    """ops.rk_stage in float64 PyTorch: (outputs, trace, log_density_next, norm), from the formulas of
+    csrc/include/diffkern/rk_stage.h (sums in any order)."""
+    u = torch.stack([t.double().flatten(1) for t in inputs])  # [n, B, F]
+    n, batch = u.shape[0], u.shape[1]
+    rows = coefficients.double().expand(batch, -1)
+    outs = [torch.einsum("bi,ibf->bf", rows[:, 2 + j * n:2 + (j + 1) * n], u).to(inputs[0].dtype).view(inputs[0].shape)
+            for j in range(outputs)]
+    raw = ((probes.double() * products.double()).flatten(2).sum((0, 2)) if probes is not None
+           else torch.zeros(batch, dtype=torch.float64))
+    trace = rows[:, 0] + (rows[:, 1] * raw * trace_scale if probes is not None else 0.0)
+    empty = torch.zeros(0, dtype=torch.float64)
+    if not error:
+        return outs, trace, empty, empty
+    e = torch.einsum("bi,ibf->bf", rows[:, 2 + outputs * n:2 + (outputs + 1) * n], u)
+    scale = atol + rtol * torch.maximum(u[0].abs(), u[2].abs())
+    norm = (e / scale).pow(2).mean(1).sqrt()
+    q_next = empty
+    if log_density is not None:
+        m = len(traces)
+        beta = rows[:, 2 + (outputs + 1) * n:][:, :m + 1]
+        eps = rows[:, 2 + (outputs + 1) * n + m + 1:][:, :m + 1]
+        all_traces = torch.stack(list(traces) + [trace], 1)
+        q_next = log_density + (beta * all_traces).sum(1)
+        q_err = (eps * all_traces).sum(1)
+        r_q = q_err.abs() / (u.shape[2] * atol + rtol * torch.maximum(log_density.abs(), q_next.abs()))
+        norm = torch.maximum(norm, r_q)
+    return outs, trace, q_next, norm
+
+
 def fused_step(x: torch.Tensor, model_output: Optional[torch.Tensor] = None,
                model_output_uncond: Optional[torch.Tensor] = None, guidance_grad: Optional[torch.Tensor] = None,
                predicted_variance: Optional[torch.Tensor] = None, noise: Optional[torch.Tensor] = None, *,

@@ -19,6 +19,7 @@ with sample_offset 0 and 8. No host sync inside the loop.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Callable, Optional
 
 import torch
@@ -332,15 +333,29 @@ def sample_euler_maruyama(score_fn, shape, sde, num_steps: int = 1000, *, eps: f
     return x
 
 
-def sample_ode(score_fn, shape, sde, num_steps: int = 100, *, solver: str = "heun", eps: float = 1e-3,
-               parameterization: str = "score", seed: int = 0, device=None, dtype: torch.dtype = torch.float32,
-               sample_offset: int = 0, x_T=None, progress: bool = False, callback: Optional[Callable] = None):
-    """The probability-flow ODE dx = [f(x, t) - g(t)^2 s(x, t) / 2] dt from T to eps in num_steps
-    fixed steps, with ``solver`` "euler" (one model call per step) or "heun" (two; second order).
-    Deterministic given x_T (drawn from the prior with ``seed``)."""
-    if solver not in ("euler", "heun"):
-        raise ValueError(f"solver must be 'euler' or 'heun', got {solver!r}")
+def sample_ode(score_fn, shape, sde, num_steps: Optional[int] = None, *, solver: str = "heun", eps: float = 1e-3,
+               rtol: Optional[float] = None, atol: Optional[float] = None, error_norm: Optional[str] = None,
+               max_num_evals: int = 10000, parameterization: str = "score", seed: int = 0, device=None,
+               dtype: torch.dtype = torch.float32, sample_offset: int = 0, x_T=None, progress: bool = False,
+               callback: Optional[Callable] = None):
+    """The probability-flow ODE dx = [f(x, t) - g(t)^2 s(x, t) / 2] dt from T to eps. ``solver``:
+    "euler" (one model call per step) or "heun" (two; second order) on num_steps (default 100) equal
+    steps; or the embedded Runge-Kutta pairs "dopri5" / "bosh3" of log_likelihood, adaptive to
+    ``rtol`` / ``atol`` (default 1e-5; ``error_norm`` "batch" or "sample", ``max_num_evals``) or, with
+    num_steps, on the same fixed grid. ``callback(i, t, x)`` sees each fixed step (adaptive steps
+    refuse it). Deterministic given x_T (drawn from the prior with ``seed``)."""
+    from .likelihood import ADAPTIVE_SOLVERS, resolve_solver
+
+    if solver not in ("euler", "heun") + ADAPTIVE_SOLVERS:
+        raise ValueError(f"solver must be one of {('euler', 'heun') + ADAPTIVE_SOLVERS}, got {solver!r}")
+    choice = resolve_solver(solver, num_steps, rtol, atol, error_norm, max_num_evals)
     run = _Run(shape, seed, device, dtype, sample_offset, reuse_buffers=callback is None)
+    if choice.solver in ADAPTIVE_SOLVERS:
+        if callback is not None and choice.num_steps is None:
+            raise ValueError("callback goes with fixed steps (give num_steps); adaptive steps are not known ahead")
+        return _sample_ode_rk(score_fn, sde, choice, eps, parameterization, run, x_T, max_num_evals, progress,
+                              callback)
+    num_steps = choice.num_steps
     t = _time_grid(sde, num_steps, eps)
     dt = t[1:] - t[:-1]
     scale = _score_scales(parameterization, sde, t)
@@ -359,6 +374,45 @@ def sample_ode(score_fn, shape, sde, num_steps: int = 100, *, solver: str = "heu
             x = run.step(x, heun, i, m_next, third=m)
         if callback is not None:
             callback(i, float(t[i]), x)
+    return x
+
+
+def _sample_ode_rk(score_fn, sde, choice, eps, parameterization, run, x_T, max_num_evals, progress, callback):
+    from . import rk
+
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not 0 < eps < sde.T:
+        raise ValueError(f"eps must lie in (0, {sde.T}), got {eps!r}")
+    x = run.initial(x_T, sde.prior_std)
+    time_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+
+    def velocity_terms(t):
+        if isinstance(t, torch.Tensor):
+            t64 = t.to(torch.float64)
+            return sde.drift_coef(t64), -0.5 * sde.diffusion(t64) ** 2 * _score_scales(parameterization, sde, t64)
+        t64 = torch.tensor(t, dtype=torch.float64)
+        return float(sde.drift_coef(t64)), -0.5 * float(sde.diffusion(t64)) ** 2 * float(
+            _score_scales(parameterization, sde, t64))
+
+    def evaluate(y, t, need_products):
+        t_batch = (t.to(time_dtype) if isinstance(t, torch.Tensor)
+                   else torch.full((y.shape[0],), t, dtype=time_dtype, device=y.device))
+        output = model_output_of(score_fn(y, t_batch))
+        if not isinstance(output, torch.Tensor) or output.shape != y.shape:
+            raise ValueError(f"the model returned shape {tuple(getattr(output, 'shape', ()))} for x of shape "
+                             f"{tuple(y.shape)}")
+        return output.to(y.dtype), None
+
+    grid = None if choice.num_steps is None else _time_grid(sde, choice.num_steps, eps).tolist()
+    if callback is not None:  # fixed steps: one step at a time, seen by the callback
+        for i in range(len(grid) - 1):
+            x, _, _ = rk.solve(velocity_terms, evaluate, x, grid[i], grid[i + 1], tableau=rk.TABLEAUS[choice.solver],
+                               rtol=0.0, atol=1.0, error_norm="batch", probes=None, trace_scale=1.0,
+                               max_num_evals=max_num_evals, progress=False, desc="", grid=grid[i:i + 2])
+            callback(i, grid[i], x)
+        return x
+    x, _, _ = rk.solve(velocity_terms, evaluate, x, float(sde.T), float(eps), tableau=rk.TABLEAUS[choice.solver],
+                       rtol=choice.rtol, atol=choice.atol, error_norm=choice.error_norm, probes=None, trace_scale=1.0,
+                       max_num_evals=max_num_evals, progress=progress, desc=f"ODE ({choice.solver})", grid=grid)
     return x
 
 

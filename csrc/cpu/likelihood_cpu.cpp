@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <tuple>
+#include <vector>
 
 #include "../likelihood_common.h"
 #include "diffkern/trace_math.h"
@@ -121,11 +122,105 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> likelihood_step_cpu(DK_LIKELIHOOD
   return {call.x_next, call.delta_next, call.trace};
 }
 
+// Sample n's outputs and its sum of squared scaled errors, with the sums of rk_stage_element done
+// term by term over blocks of features (loops the compiler vectorises), and the squares summed as
+// chunk_tree_sum sums products: lane l takes features first + l, first + l + kTraceLanes, ... of
+// each chunk in increasing order, then the tree.
+template <class T, class acc_t>
+acc_t rk_sample_outputs(const RkStageArgs& a, int64_t n, acc_t* partial) {
+  constexpr int64_t kBlock = 2 * kTraceLanes;
+  const double* row = rk_row(a, n);
+  const int n_in = a.num_inputs;
+  const T* u[kRkMaxInputs];
+  for (int i = 0; i < n_in; ++i) u[i] = static_cast<const T*>(a.inputs[i]) + n * a.features;
+  alignas(64) acc_t sum[kBlock];
+  const auto combine = [&](const double* c, int64_t first, int64_t count) {
+    bool started = false;
+    for (int i = 0; i < n_in; ++i) {
+      const acc_t ci = static_cast<acc_t>(c[i]);
+      if (ci == acc_t(0)) continue;
+      const T* ui = u[i] + first;
+      if (started) {
+        for (int64_t f = 0; f < count; ++f) sum[f] = sum[f] + ci * static_cast<acc_t>(ui[f]);
+      } else {
+        for (int64_t f = 0; f < count; ++f) sum[f] = ci * static_cast<acc_t>(ui[f]);
+      }
+      started = true;
+    }
+    if (!started)
+      for (int64_t f = 0; f < count; ++f) sum[f] = acc_t(0);
+  };
+  const acc_t atol = static_cast<acc_t>(a.atol), rtol = static_cast<acc_t>(a.rtol);
+  acc_t total = acc_t(0);
+  for (int64_t chunk = 0; chunk < trace_chunks(a.features); ++chunk) {
+    const int64_t begin = chunk * kTraceChunk, end = std::min(a.features, begin + kTraceChunk);
+    int used = kTraceLanes;
+    if (end - begin < kTraceLanes) {
+      used = 1;
+      while (used < end - begin) used *= 2;
+    }
+    for (int lane = 0; lane < used; ++lane) partial[lane] = acc_t(0);
+    for (int64_t first = begin; first < end; first += kBlock) {
+      const int64_t count = std::min(kBlock, end - first);
+      for (int j = 0; j < a.num_outputs; ++j) {
+        combine(row + rk_output_field(n_in, j), first, count);
+        T* out = static_cast<T*>(a.out[j]) + n * a.features + first;
+        for (int64_t f = 0; f < count; ++f) out[f] = static_cast<T>(sum[f]);
+      }
+      if (!a.error) continue;
+      combine(row + rk_error_field(n_in, a.num_outputs), first, count);
+      for (int64_t f = 0; f < count; ++f) {
+        const int lane = static_cast<int>((first - begin + f) % kTraceLanes);
+        partial[lane] = partial[lane] + rk_scaled_square(sum[f], static_cast<acc_t>(u[0][first + f]),
+                                                         static_cast<acc_t>(u[2][first + f]), atol, rtol);
+      }
+    }
+    for (int stride = used / 2; stride > 0; stride /= 2)
+      for (int lane = 0; lane < stride; ++lane) trace_tree_level(partial, lane, stride);
+    total = total + partial[0];
+  }
+  return total;
+}
+
+void run_rk_stage(const RkStageArgs& a) {
+  // the probe sums as probe_trace computes them (scale 1), into raw_trace
+  std::vector<double> raw_trace(a.num_probes > 0 ? a.batch : 0);
+  LikelihoodArgs probe_args{};
+  probe_args.dtype = a.dtype;
+  probe_args.batch = a.batch;
+  probe_args.features = a.features;
+  probe_args.num_probes = a.num_probes;
+  probe_args.probes = a.probes;
+  probe_args.products = a.products;
+  probe_args.trace_out = raw_trace.data();
+  probe_args.trace_scale = 1.0;
+  const int64_t work_per_sample = std::max<int64_t>(1, a.features * (a.num_probes + a.num_inputs));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, static_cast<at::ScalarType>(a.dtype),
+                                  "diffkern::rk_stage", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    at::parallel_for(0, a.batch, std::max<int64_t>(1, 32768 / work_per_sample), [&](int64_t begin, int64_t end) {
+      if (a.num_probes > 0) likelihood_rows<scalar_t, acc_t>(probe_args, begin, end);
+      alignas(64) acc_t partial[kTraceLanes];
+      for (int64_t n = begin; n < end; ++n) {
+        const acc_t squares = rk_sample_outputs<scalar_t, acc_t>(a, n, partial);
+        rk_stage_finish(a, n, a.num_probes > 0 ? raw_trace[n] : 0.0, static_cast<double>(squares));
+      }
+    });
+  });
+}
+
+std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tensor> rk_stage_cpu(DK_RK_STAGE_PARAMS) {
+  RkStageCall call = prepare_rk_stage(DK_RK_STAGE_ARGS);
+  run_rk_stage(call.args);
+  return {call.outputs, call.trace, call.log_density_next, call.norm};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(diffkern, CPU, m) {
   m.impl("probe_trace", &probe_trace_cpu);
   m.impl("likelihood_step", &likelihood_step_cpu);
+  m.impl("rk_stage", &rk_stage_cpu);
 }
 
 }  // namespace cpu

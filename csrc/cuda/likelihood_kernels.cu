@@ -10,6 +10,7 @@
 #include <torch/library.h>
 
 #include <tuple>
+#include <vector>
 
 #include "../likelihood_common.h"
 #include "diffkern/trace_math.h"
@@ -89,11 +90,82 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> likelihood_step_cuda(DK_LIKELIHOO
   return {call.x_next, call.delta_next, call.trace};
 }
 
+// Block (n, c) of an Runge-Kutta stage: sample n's chunk c. Writes the outputs of the chunk's features
+// and its two sums (probes, squared errors) to chunk_sums[2 (n * chunks + c) + {0, 1}].
+template <class T, class acc_t>
+__global__ void rk_stage_chunk_kernel(RkStageArgs a, acc_t* chunk_sums) {
+  __shared__ acc_t partial[kTraceLanes];
+  const int64_t n = blockIdx.x, c = blockIdx.y, chunks = gridDim.y;
+  const int lane = threadIdx.x;
+  const int64_t first = c * kTraceChunk, last = min(a.features, first + kTraceChunk);
+  acc_t probe_sum = acc_t(0);
+  for (int64_t k = 0; k < a.num_probes; ++k) {
+    partial[lane] = trace_lane<T, acc_t>(probe_row<T>(a.probes, k, n), probe_row<T>(a.products, k, n), first, last, lane);
+    __syncthreads();
+    for (int stride = kTraceLanes / 2; stride > 0; stride /= 2) {
+      trace_tree_level(partial, lane, stride);
+      __syncthreads();
+    }
+    if (lane == 0) probe_sum = probe_sum + partial[0];
+    __syncthreads();
+  }
+  acc_t squares = acc_t(0);
+  for (int64_t f = first + lane; f < last; f += kTraceLanes) squares = squares + rk_stage_element<T, acc_t>(a, n, f);
+  partial[lane] = squares;
+  __syncthreads();
+  for (int stride = kTraceLanes / 2; stride > 0; stride /= 2) {
+    trace_tree_level(partial, lane, stride);
+    __syncthreads();
+  }
+  if (lane == 0) {
+    chunk_sums[2 * (n * chunks + c)] = probe_sum;
+    chunk_sums[2 * (n * chunks + c) + 1] = partial[0];
+  }
+}
+
+// Thread n: sample n's chunk sums in increasing order, then its trace, log-density and error norm.
+template <class acc_t>
+__global__ void rk_stage_finish_kernel(RkStageArgs a, const acc_t* chunk_sums, int64_t chunks) {
+  const int64_t n = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (n >= a.batch) return;
+  acc_t probes = acc_t(0), squares = acc_t(0);
+  for (int64_t c = 0; c < chunks; ++c) {
+    probes = probes + chunk_sums[2 * (n * chunks + c)];
+    squares = squares + chunk_sums[2 * (n * chunks + c) + 1];
+  }
+  rk_stage_finish(a, n, static_cast<double>(probes), static_cast<double>(squares));
+}
+
+std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tensor> rk_stage_cuda(DK_RK_STAGE_PARAMS) {
+  RkStageCall call = prepare_rk_stage(DK_RK_STAGE_ARGS);
+  const RkStageArgs& a = call.args;
+  if (a.batch == 0) return {call.outputs, call.trace, call.log_density_next, call.norm};
+  const c10::cuda::CUDAGuard guard(inputs[0].device());
+  const int64_t chunks = trace_chunks(a.features);
+  TORCH_CHECK(a.batch <= 0x7fffffff && chunks <= 65535, "diffkern::rk_stage: batch or sample too large for one launch");
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, static_cast<at::ScalarType>(a.dtype), "diffkern::rk_stage", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    const at::Tensor chunk_sums = at::empty({2 * a.batch * chunks},
+        inputs[0].options().dtype(std::is_same_v<acc_t, double> ? at::kDouble : at::kFloat));
+    acc_t* sums = static_cast<acc_t*>(chunk_sums.mutable_data_ptr());
+    rk_stage_chunk_kernel<scalar_t, acc_t><<<dim3(static_cast<unsigned>(a.batch), static_cast<unsigned>(chunks)),
+                                             kTraceLanes, 0, stream>>>(a, sums);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    constexpr int kFinishThreads = 128;
+    rk_stage_finish_kernel<acc_t><<<static_cast<unsigned>((a.batch + kFinishThreads - 1) / kFinishThreads),
+                                    kFinishThreads, 0, stream>>>(a, sums, chunks);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {call.outputs, call.trace, call.log_density_next, call.norm};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(diffkern, CUDA, m) {
   m.impl("probe_trace", &probe_trace_cuda);
   m.impl("likelihood_step", &likelihood_step_cuda);
+  m.impl("rk_stage", &rk_stage_cuda);
 }
 
 }  // namespace cuda
