@@ -295,7 +295,7 @@ def log_likelihood(score_fn: Callable, x: torch.Tensor, sde, num_steps: Optional
     density itself). ``parameterization="epsilon"`` for noise-prediction models. The result's
     ``num_evals`` counts model evaluations.
     """
-    from .samplers import _score_scales
+    from .samplers import probability_flow_terms
 
     _check_x(x)
     choice = resolve_solver(solver, num_steps, rtol, atol, error_norm, max_num_evals,
@@ -303,12 +303,7 @@ def log_likelihood(score_fn: Callable, x: torch.Tensor, sde, num_steps: Optional
     if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not 0 < eps < sde.T:
         raise ValueError(f"eps must lie in (0, {sde.T}), got {eps!r}")
 
-    def velocity_terms(t):
-        if isinstance(t, torch.Tensor):
-            t64 = t.to(torch.float64)
-            return sde.drift_coef(t64), -0.5 * sde.diffusion(t64) ** 2 * _score_scales(parameterization, sde, t64)
-        scale = float(_score_scales(parameterization, sde, torch.tensor(t, dtype=torch.float64)))
-        return float(sde.drift_coef(t)), -0.5 * float(sde.diffusion(t)) ** 2 * scale
+    velocity_terms = probability_flow_terms(sde, parameterization)
 
     def model_at(t_batch):
         return lambda y: model_output_of(score_fn(y, t_batch))

@@ -98,7 +98,7 @@ def _stage_rows(tableau: Tableau, features: int, device, with_trace: bool) -> di
     for i in range(1, s - 1):  # inputs [x_i, m_i, x_n, k_0 .. k_{i-1}] -> k_i, x_{i+1}
         n = 3 + i
         r = trace_terms(_Rows(ops.rk_row_width(n, 2, 0, False), device))
-        k_i, x_next = ops_output(n, 0), ops_output(n, 1)
+        k_i, x_next = _output_field(n, 0), _output_field(n, 1)
         r.set(k_i + 0, _A, 1.0).set(k_i + 1, _B, 1.0)
         coefficient = tableau.a[i + 1][i]
         r.set(x_next + 0, _HA, coefficient).set(x_next + 1, _HB, coefficient).set(x_next + 2, _ONE, 1.0)
@@ -108,7 +108,7 @@ def _stage_rows(tableau: Tableau, features: int, device, with_trace: bool) -> di
     # the last stage at x_{n+1}: inputs [x_{n+1}, m, x_n, k_0 .. k_{s-2}] -> k_{s-1}; error, q update
     n, traces = s + 2, (s - 1 if with_trace else 0)
     r = trace_terms(_Rows(ops.rk_row_width(n, 1, traces, True), device))
-    k_last, err = ops_output(n, 0), ops_output(n, 1)
+    k_last, err = _output_field(n, 0), _output_field(n, 1)
     r.set(k_last + 0, _A, 1.0).set(k_last + 1, _B, 1.0)
     r.set(err + 0, _HA, tableau.error[s - 1]).set(err + 1, _HB, tableau.error[s - 1])
     for j in range(s - 1):
@@ -121,7 +121,7 @@ def _stage_rows(tableau: Tableau, features: int, device, with_trace: bool) -> di
     return rows
 
 
-def ops_output(inputs: int, j: int) -> int:
+def _output_field(inputs: int, j: int) -> int:
     """Offset of output j's coefficients in a row (output `outputs` is the error row)."""
     return 2 + j * inputs
 
@@ -204,9 +204,11 @@ def solve(velocity_coefs: Callable, evaluate: Callable, x: torch.Tensor, t0: flo
         if per_sample:
             remaining = (end - t).abs()
             active = remaining > 1e-12 * span
-            if not bool(active.any()):
-                break
             h = torch.minimum(h, remaining)
+            # the one host sync of a step: the smallest step of the samples left (inf when none is)
+            smallest = float(torch.where(active, h, math.inf).min())
+            if smallest == math.inf:
+                break
             step = torch.where(active, direction * h, torch.zeros_like(h))
             last_step = h >= remaining
         else:
@@ -214,8 +216,8 @@ def solve(velocity_coefs: Callable, evaluate: Callable, x: torch.Tensor, t0: flo
             if remaining <= 1e-12 * span:
                 break
             h = min(h, remaining)
-            step, last_step = direction * h, h >= remaining
-        if (h if not per_sample else h[active].min()) < 1e-12 * span:
+            step, last_step, smallest = direction * h, h >= remaining, h
+        if smallest < 1e-12 * span:
             raise RuntimeError(f"the adaptive step size fell below {1e-12 * span:.3g} at t = {_where(t)}: the model "
                                "output is probably non-finite or the ODE very stiff there")
         x_stage, q_next, k_last, tr_last, norm = _step(stage, call, velocity_coefs, tableau, x_n, q, k0, tr0, t, step,
@@ -231,7 +233,8 @@ def solve(velocity_coefs: Callable, evaluate: Callable, x: torch.Tensor, t0: flo
             t = torch.where(accept, new_t, t)
             factor = _factor(norm, tableau.order)
             h = h * torch.where(accept, factor, factor.clamp(max=1.0))
-            bar(float((t - t0).abs().min()))
+            if progress:  # a host sync, only for the bar
+                bar(float((t - t0).abs().min()))
         else:
             r = float(norm.max()) if batch else 0.0
             accepted = r <= 1.0

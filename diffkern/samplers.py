@@ -308,6 +308,19 @@ def _score_scales(parameterization, sde, t):
     raise ValueError(f"parameterization must be 'score' or 'epsilon', got {parameterization!r}")
 
 
+def probability_flow_terms(sde, parameterization: str):
+    """(a(t), b(t)) of the probability-flow ODE dx/dt = a(t) x + b(t) m(x, t), m the model output:
+    a = f(t), b = -g(t)^2 scale(t) / 2 (scale turns m into the score). Floats for a float t, float64
+    tensors for a tensor t (per-sample times)."""
+    _score_scales(parameterization, sde, torch.zeros(1, dtype=torch.float64))  # checks parameterization
+
+    def terms(t):
+        t64 = t.to(torch.float64) if isinstance(t, torch.Tensor) else torch.tensor(t, dtype=torch.float64)
+        a, b = sde.drift_coef(t64), -0.5 * sde.diffusion(t64) ** 2 * _score_scales(parameterization, sde, t64)
+        return (a, b) if isinstance(t, torch.Tensor) else (float(a), float(b))
+    return terms
+
+
 def sample_euler_maruyama(score_fn, shape, sde, num_steps: int = 1000, *, eps: float = 1e-3,
                           parameterization: str = "score", seed: int = 0, device=None,
                           dtype: torch.dtype = torch.float32, sample_offset: int = 0, x_T=None, denoise: bool = True,
@@ -385,14 +398,7 @@ def _sample_ode_rk(score_fn, sde, choice, eps, parameterization, run, x_T, max_n
     x = run.initial(x_T, sde.prior_std)
     time_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
 
-    def velocity_terms(t):
-        if isinstance(t, torch.Tensor):
-            t64 = t.to(torch.float64)
-            return sde.drift_coef(t64), -0.5 * sde.diffusion(t64) ** 2 * _score_scales(parameterization, sde, t64)
-        t64 = torch.tensor(t, dtype=torch.float64)
-        return float(sde.drift_coef(t64)), -0.5 * float(sde.diffusion(t64)) ** 2 * float(
-            _score_scales(parameterization, sde, t64))
-
+    velocity_terms = probability_flow_terms(sde, parameterization)
     def evaluate(y, t, need_products):
         t_batch = (t.to(time_dtype) if isinstance(t, torch.Tensor)
                    else torch.full((y.shape[0],), t, dtype=time_dtype, device=y.device))

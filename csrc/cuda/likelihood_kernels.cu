@@ -19,6 +19,31 @@ namespace diffkern {
 namespace cuda {
 namespace {
 
+// The tree sum of a block's lane values (partial[lane] set by every lane): the result in partial[0].
+template <class acc_t>
+__device__ void block_tree_sum(acc_t* partial, int lane) {
+  __syncthreads();
+  for (int stride = kTraceLanes / 2; stride > 0; stride /= 2) {
+    trace_tree_level(partial, lane, stride);
+    __syncthreads();
+  }
+}
+
+// Sample n's probe sum over features [first, last) in the documented order (valid in lane 0).
+template <class T, class acc_t>
+__device__ acc_t block_probe_sum(const ProbeView& probes, const ProbeView& products, int64_t num_probes, int64_t n,
+                                 int64_t first, int64_t last, acc_t* partial) {
+  const int lane = threadIdx.x;
+  acc_t sum = acc_t(0);
+  for (int64_t k = 0; k < num_probes; ++k) {
+    partial[lane] = trace_lane<T, acc_t>(probe_row<T>(probes, k, n), probe_row<T>(products, k, n), first, last, lane);
+    block_tree_sum(partial, lane);
+    if (lane == 0) sum = sum + partial[0];
+    __syncthreads();
+  }
+  return sum;
+}
+
 // Block (n, c): sample n's chunk c. Its sum over probes goes to chunk_sums[n * chunks + c], and it
 // writes the likelihood-ODE update of the chunk's features.
 template <class T, class acc_t>
@@ -27,17 +52,7 @@ __global__ void trace_chunk_kernel(LikelihoodArgs a, acc_t* chunk_sums) {
   const int64_t n = blockIdx.x, c = blockIdx.y, chunks = gridDim.y;
   const int lane = threadIdx.x;
   const int64_t first = c * kTraceChunk, last = min(a.features, first + kTraceChunk);
-  acc_t chunk_sum = acc_t(0);
-  for (int64_t k = 0; k < a.num_probes; ++k) {
-    partial[lane] = trace_lane<T, acc_t>(probe_row<T>(a.probes, k, n), probe_row<T>(a.products, k, n), first, last, lane);
-    __syncthreads();
-    for (int stride = kTraceLanes / 2; stride > 0; stride /= 2) {
-      trace_tree_level(partial, lane, stride);
-      __syncthreads();
-    }
-    if (lane == 0) chunk_sum = chunk_sum + partial[0];
-    __syncthreads();
-  }
+  const acc_t chunk_sum = block_probe_sum<T, acc_t>(a.probes, a.products, a.num_probes, n, first, last, partial);
   if (lane == 0) chunk_sums[n * chunks + c] = chunk_sum;
   if (a.x != nullptr) {
     T* x_out = static_cast<T*>(a.x_out);
@@ -90,7 +105,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> likelihood_step_cuda(DK_LIKELIHOO
   return {call.x_next, call.delta_next, call.trace};
 }
 
-// Block (n, c) of an Runge-Kutta stage: sample n's chunk c. Writes the outputs of the chunk's features
+// Block (n, c) of a Runge-Kutta stage: sample n's chunk c. Writes the outputs of the chunk's features
 // and its two sums (probes, squared errors) to chunk_sums[2 (n * chunks + c) + {0, 1}].
 template <class T, class acc_t>
 __global__ void rk_stage_chunk_kernel(RkStageArgs a, acc_t* chunk_sums) {
@@ -98,25 +113,11 @@ __global__ void rk_stage_chunk_kernel(RkStageArgs a, acc_t* chunk_sums) {
   const int64_t n = blockIdx.x, c = blockIdx.y, chunks = gridDim.y;
   const int lane = threadIdx.x;
   const int64_t first = c * kTraceChunk, last = min(a.features, first + kTraceChunk);
-  acc_t probe_sum = acc_t(0);
-  for (int64_t k = 0; k < a.num_probes; ++k) {
-    partial[lane] = trace_lane<T, acc_t>(probe_row<T>(a.probes, k, n), probe_row<T>(a.products, k, n), first, last, lane);
-    __syncthreads();
-    for (int stride = kTraceLanes / 2; stride > 0; stride /= 2) {
-      trace_tree_level(partial, lane, stride);
-      __syncthreads();
-    }
-    if (lane == 0) probe_sum = probe_sum + partial[0];
-    __syncthreads();
-  }
+  const acc_t probe_sum = block_probe_sum<T, acc_t>(a.probes, a.products, a.num_probes, n, first, last, partial);
   acc_t squares = acc_t(0);
   for (int64_t f = first + lane; f < last; f += kTraceLanes) squares = squares + rk_stage_element<T, acc_t>(a, n, f);
   partial[lane] = squares;
-  __syncthreads();
-  for (int stride = kTraceLanes / 2; stride > 0; stride /= 2) {
-    trace_tree_level(partial, lane, stride);
-    __syncthreads();
-  }
+  block_tree_sum(partial, lane);
   if (lane == 0) {
     chunk_sums[2 * (n * chunks + c)] = probe_sum;
     chunk_sums[2 * (n * chunks + c) + 1] = partial[0];
