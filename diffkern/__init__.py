@@ -3,19 +3,26 @@
     import diffkern as dk
     z = dk.randn((16, 3, 64, 64), seed=0, step=0)   # the noise stream every fused op draws from
     x0 = dk.sample_ddpm(model, (16, 3, 32, 32), num_inference_steps=100, seed=0)
+
+Layers (data flows down): this module, the command line (``cli``), ``demo``, ``distributed`` and the
+drop-ins (``diffkern.diffusers``) -> ``sampling``, ``likelihood`` -> ``ode``, ``coefficients``,
+``sde``, ``schedules``, ``steps``, ``noise`` -> ``ops`` -> the compiled kernels (csrc/).
 """
+import importlib
+
 from ._version import __version__
-from .ops import BUILD as _BUILD, cuda_kernels_available
+from .ops import BUILD as _BUILD
+from .ops import cuda_kernels_available
+from ._model import StepInfo
 from .noise import rademacher, randn, random_bits
 from .schedules import DDPMSchedule
 from .sde import (SDE, VESDE, VPSDE, SubVPSDE, denoiser_from_score, epsilon_from_score, karras_sigmas,
                   score_from_denoiser, score_from_epsilon)
 from .steps import (ddim_step, ddpm_step, euler_ancestral_step, euler_maruyama_step, euler_step, heun_correct,
                     heun_step, langevin_step, q_sample, q_sample_with_noise)
-from .samplers import (classifier_grad, sample_ddim, sample_ddpm, sample_euler, sample_euler_ancestral,
-                       sample_euler_maruyama, sample_heun, sample_langevin, sample_ode, sample_pc)
-from .solvers import sample_dpmpp, sample_flow
-from .pfgm import pfgm_forward, pfgm_prior, sample_pfgm
+from .sampling import (classifier_grad, pfgm_forward, pfgm_prior, sample_ddim, sample_ddpm, sample_dpmpp,
+                       sample_euler, sample_euler_ancestral, sample_euler_maruyama, sample_flow, sample_heun,
+                       sample_langevin, sample_ode, sample_pc, sample_pfgm)
 from .likelihood import LogLikelihood, cnf_log_likelihood, exact_trace, hutchinson_trace, log_likelihood
 from . import coefficients, models, reference
 
@@ -28,9 +35,20 @@ __all__ = [
     "euler_maruyama_step", "euler_step", "heun_correct", "heun_step", "euler_ancestral_step", "langevin_step",
     "sample_euler_maruyama", "sample_ode", "sample_euler", "sample_heun", "sample_euler_ancestral",
     "sample_langevin", "sample_pc", "sample_dpmpp", "sample_flow", "sample_pfgm", "pfgm_forward", "pfgm_prior",
-    "models",
+    "models", "StepInfo",
     "hutchinson_trace", "exact_trace", "log_likelihood", "cnf_log_likelihood", "LogLikelihood",
 ]
+
+# Submodules reachable as attributes without an explicit import (``import diffkern; diffkern.diffusers``);
+# the optional integrations import their peer only then, and say how to install it when it is missing.
+_LAZY = ("diffusers", "distributed", "demo", "cli", "sampling", "likelihood", "ode", "ops", "steps", "noise", "sde",
+         "schedules")
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def build_info() -> dict:

@@ -18,10 +18,21 @@ import torch
 
 import diffkern as dk
 from .models import EmpiricalPoissonField, GaussianMixture
+from .sampling import registry
 
-SAMPLERS = ("ddpm", "ddim", "euler_maruyama", "heun", "langevin", "pfgm", "likelihood")
-LABELS = {"ddpm": "DDPM", "ddim": "DDIM", "euler_maruyama": "Euler-Maruyama (VP)", "heun": "Heun (EDM)",
-          "langevin": "annealed Langevin", "pfgm": "PFGM (empirical field)", "likelihood": "log-likelihood"}
+# What the demo shows by default (any registry sampler can be asked for by name), and the settings it
+# runs them with: (steps, quick steps, registry options).
+DEFAULT_SAMPLERS = ("ddpm", "ddim", "euler_maruyama", "heun", "langevin", "dpmpp", "flow", "pfgm")
+SETTINGS = {
+    "ddpm": (1000, 100, {}), "ddim": (50, 20, {}), "euler_maruyama": (1000, 100, {}), "ode": (100, 20, {}),
+    "pc": (1000, 100, {}), "euler": (50, 20, {}), "heun": (18, 18, {}), "euler_ancestral": (50, 20, {}),
+    "langevin": (10, 5, {"sigma_max": 10.0, "sigma_min": 0.05, "step_size": 2e-3, "langevin_steps": 100}),
+    "dpmpp": (20, 15, {}), "flow": (50, 20, {"solver": "heun"}), "pfgm": (50, 20, {}),
+}
+QUICK_LANGEVIN_STEPS = 20
+SAMPLERS = registry.SAMPLERS + ("likelihood",)  # what --sampler accepts
+LABELS = {**{name: entry.label for name, entry in registry.ENTRIES.items()},
+          "euler_maruyama": "Euler-Maruyama (VP)", "pfgm": "PFGM (empirical field)", "likelihood": "log-likelihood"}
 # PFGM's field is the exact one of a reference set of exact samples drawn with this seed offset (not
 # the evaluation set's seed nor the noise floor's).
 PFGM_REFERENCE_SEED = 101
@@ -81,48 +92,41 @@ def mode_statistics(mixture: GaussianMixture, x: torch.Tensor):
     return covered, 0.5 * (frequency - mixture.weights).abs().sum().item()
 
 
-def _steps(quick: bool):
-    return dict(ddpm=100 if quick else 1000, ddim=20 if quick else 50, euler_maruyama=100 if quick else 1000,
-                heun=18, langevin=(5, 20) if quick else (10, 100), pfgm=20 if quick else 50,
-                likelihood=20 if quick else 100)
+def _model(kind: str, mixture: GaussianMixture, reference_set: torch.Tensor):
+    """The mixture as the model a registry sampler takes (PFGM: the exact field of reference_set)."""
+    if kind == "epsilon":
+        return mixture.epsilon_model(dk.DDPMSchedule())
+    if kind == "score":
+        return mixture.score_model(dk.VPSDE())
+    if kind == "field":
+        return EmpiricalPoissonField(reference_set)
+    return {"denoiser": mixture.denoiser, "noise_level_score": mixture.noise_level_score,
+            "velocity": mixture.velocity}[kind]
 
 
 def _sample(name: str, mixture: GaussianMixture, n: int, device, seed: int, quick: bool, progress: bool):
-    """(samples, steps, model calls) of one sampler."""
-    steps = _steps(quick)[name]
-    shape = (n, mixture.dim)
-    if name in ("ddpm", "ddim"):
-        sched = dk.DDPMSchedule()
-        model = mixture.epsilon_model(sched)
-        sampler = dk.sample_ddpm if name == "ddpm" else dk.sample_ddim
-        x = sampler(model, shape, sched, num_inference_steps=steps, seed=seed, device=device, progress=progress)
-        return x, steps, steps
-    if name == "euler_maruyama":
-        sde = dk.VPSDE()
-        x = dk.sample_euler_maruyama(mixture.score_model(sde), shape, sde, steps, seed=seed, device=device,
-                                     progress=progress)
-        return x, steps, steps
-    if name == "heun":
-        sigmas = dk.karras_sigmas(steps, 0.002, 80.0)
-        x = dk.sample_heun(mixture.denoiser, shape, sigmas, seed=seed, device=device, progress=progress)
-        return x, steps, 2 * steps - 1
-    if name == "pfgm":
+    """(samples, steps, model calls) of one registry sampler."""
+    steps, quick_steps, options = SETTINGS[name]
+    if quick and name == "langevin":
+        options = dict(options, langevin_steps=QUICK_LANGEVIN_STEPS)
+    sampler = registry.make_sampler(name, steps=quick_steps if quick else steps, **options)
+    reference_set = None
+    if sampler.entry.model == "field":
         reference_set = mixture.sample(n, seed=seed + PFGM_REFERENCE_SEED, dtype=torch.float64, device=device)
-        field = EmpiricalPoissonField(reference_set)
-        x = dk.sample_pfgm(field, shape, z_max=40.0, z_min=1e-3, num_steps=steps, solver="heun", seed=seed,
-                           device=device, progress=progress)
-        return x, steps, 2 * steps
-    levels, per_level = steps
-    sigmas = torch.logspace(math.log10(10.0), math.log10(0.05), levels, dtype=torch.float64)
-    x = dk.sample_langevin(mixture.noise_level_score, shape, sigmas, per_level, step_size=2e-3, seed=seed,
-                           device=device, progress=progress)
-    return x, levels * per_level, levels * per_level + 1
+    model = _model(sampler.entry.model, mixture, reference_set)
+    x = sampler(model, (n, mixture.dim), seed=seed, device=device, progress=progress)
+    total_steps = sampler.steps * (dict(sampler.options).get("langevin_steps", 1))
+    return x, total_steps, sampler.model_calls()
+
+
+def _likelihood_steps(quick: bool) -> int:
+    return 20 if quick else 100
 
 
 def _likelihood(mixture: GaussianMixture, n: int, device, seed: int, quick: bool, progress: bool) -> LikelihoodResult:
     sde = dk.VPSDE()
     x = mixture.sample(n, seed=seed + 1, dtype=torch.float64, device=device)
-    steps = _steps(quick)["likelihood"]
+    steps = _likelihood_steps(quick)
     trace = "exact" if mixture.dim <= 8 else "hutchinson"
     start = time.perf_counter()
     result = dk.log_likelihood(mixture.score_model(sde), x, sde, steps, trace=trace, num_probes=4, seed=seed,

@@ -6,11 +6,14 @@ world size and batch size (given a model that computes each sample independently
 deterministically). This module turns that into a resumable job:
 
 - the index range [0, N) is cut into batches of ``batch_size``; batch k goes to rank k % world_size;
-- each finished batch is written atomically as a shard ``DIR/shards/<start>-<stop>-<sha256>.npy``
-  (temporary name, fsync, rename; the checksum of the file's bytes is in its name);
+- each finished batch is written atomically as a shard
+  ``DIR/shards/<start>-<stop>-<configuration>-<sha256>.npy`` (temporary name, fsync, rename; the
+  checksum of the file's bytes and a fingerprint of the run's configuration are in its name, so a
+  shard of another configuration is never taken for this one's, even when config.json is gone);
 - a rerun verifies the shards, keeps the complete ones, deletes truncated or corrupt ones and
   regenerates what is missing; a rerun with another configuration in the same DIR is refused before
-  anything is written;
+  anything is written, and the model is tried on a tiny batch before anything is written, so a run
+  that fails on its input leaves no configuration behind;
 - rank 0 shows one progress bar over all samples (it counts the shards in DIR, so it sees every
   rank's progress), then merges the shards into ``DIR/samples.npz`` (or ``likelihood.npz``) and
   writes ``DIR/manifest.json``.
@@ -29,76 +32,31 @@ import math
 import os
 import re
 import time
+from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
-SAMPLERS = ("ddpm", "ddim", "euler_maruyama", "ode", "pc", "euler", "heun", "euler_ancestral", "langevin", "dpmpp",
-            "flow", "pfgm")
-SDES = ("vp", "subvp", "ve")
+from ._validate import check_positive_int
+from .ode import resolve_solver
+from .sampling.registry import SAMPLERS, SDES, Sampler, make_sampler, probe_model  # noqa: F401 (public names)
+
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
-_SHARD = re.compile(r"^(\d{12})-(\d{12})-([0-9a-f]{64})\.npy$")
+_SHARD = re.compile(r"^(\d{12})-(\d{12})-([0-9a-f]{16})-([0-9a-f]{64})\.npy$")
 
-
-# ---- the samplers, as functions of (model, shape, seed, sample_offset, device, dtype) ----
 
 def make_sde(name: str, sigma_min: Optional[float] = None, sigma_max: Optional[float] = None):
-    from .sde import SubVPSDE, VESDE, VPSDE
-
+    """The SDE of a name of SDES (vp, subvp, ve), with the VE SDE's noise levels."""
     if name not in SDES:
-        raise ValueError(f"sde must be one of {SDES}, got {name!r}")
-    if name == "ve":
-        return VESDE(**{k: v for k, v in (("sigma_min", sigma_min), ("sigma_max", sigma_max)) if v is not None})
-    return VPSDE() if name == "vp" else SubVPSDE()
+        raise ValueError(f"sde must be one of {tuple(SDES)}, got {name!r}")
+    levels = {k: v for k, v in (("sigma_min", sigma_min), ("sigma_max", sigma_max)) if v is not None}
+    return SDES[name](**levels)
 
 
-def make_sampler(sampler: str, *, steps: Optional[int] = None, eta: float = 0.0, prediction_type: str = "epsilon",
-                 sde: str = "vp", sigma_min: Optional[float] = None, sigma_max: Optional[float] = None,
-                 parameterization: str = "score", solver: Optional[str] = None, order: int = 2,
-                 langevin_steps: int = 10, step_size: float = 2e-3, z_max: float = 40.0) -> Callable:
-    """One of SAMPLERS with its options, as ``fn(model, shape, seed, sample_offset, device, dtype)``.
-    The model is what that sampler takes: an epsilon (or ``prediction_type``) model(x, t) for ddpm /
-    ddim, a score model (``parameterization``) of ``sde`` for euler_maruyama / ode / pc, a denoiser
-    D(x, sigma) for euler / heun / euler_ancestral / dpmpp (Karras sigmas from sigma_max to
-    sigma_min), a noise-level score for langevin, a velocity for flow and a field for pfgm."""
-    import diffkern as dk
-
-    if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}; choose from {', '.join(SAMPLERS)}")
-    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
-        raise ValueError(f"steps must be a positive integer, got {steps!r}")
-    default_steps = {"ddpm": None, "ddim": 50, "euler_maruyama": 1000, "ode": 100, "pc": 1000, "euler": 50,
-                     "heun": 18, "euler_ancestral": 50, "langevin": 10, "dpmpp": 20, "flow": 50, "pfgm": 100}
-    n = steps if steps is not None else default_steps[sampler]
-    if sampler in ("ddpm", "ddim"):
-        sched = dk.DDPMSchedule()
-        extra = {"eta": eta} if sampler == "ddim" else {}
-        fn = dk.sample_ddpm if sampler == "ddpm" else dk.sample_ddim
-        return lambda model, shape, **kw: fn(model, shape, sched, num_inference_steps=n, prediction_type=prediction_type,
-                                             **extra, **kw)
-    if sampler in ("euler_maruyama", "ode", "pc"):
-        the_sde = make_sde(sde, sigma_min, sigma_max)
-        fn = {"euler_maruyama": dk.sample_euler_maruyama, "ode": dk.sample_ode, "pc": dk.sample_pc}[sampler]
-        extra = {"solver": solver} if sampler == "ode" and solver is not None else {}
-        return lambda model, shape, **kw: fn(model, shape, the_sde, n, parameterization=parameterization, **extra,
-                                             **kw)
-    low = 0.002 if sigma_min is None else sigma_min
-    high = 80.0 if sigma_max is None else sigma_max
-    if sampler in ("euler", "heun", "euler_ancestral", "dpmpp"):
-        sigmas = dk.karras_sigmas(n, low, high)
-        if sampler == "dpmpp":
-            return lambda model, shape, **kw: dk.sample_dpmpp(model, shape, sigmas, order=order, eta=eta, **kw)
-        fn = {"euler": dk.sample_euler, "heun": dk.sample_heun, "euler_ancestral": dk.sample_euler_ancestral}[sampler]
-        return lambda model, shape, **kw: fn(model, shape, sigmas, **kw)
-    if sampler == "langevin":
-        sigmas = torch.logspace(math.log10(high), math.log10(low), n, dtype=torch.float64)
-        return lambda model, shape, **kw: dk.sample_langevin(model, shape, sigmas, langevin_steps, step_size=step_size,
-                                                             **kw)
-    if sampler == "flow":
-        return lambda model, shape, **kw: dk.sample_flow(model, shape, num_steps=n, solver=solver or "euler", **kw)
-    return lambda model, shape, **kw: dk.sample_pfgm(model, shape, num_steps=n, z_max=z_max, solver=solver or "heun",
-                                                     **kw)
+def fingerprint(config: dict) -> str:
+    """16 hex digits of the sha256 of a configuration's canonical JSON: what keys shards to a run."""
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
 
 
 # ---- the process group ----
@@ -157,40 +115,41 @@ def _npy_bytes(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def _write_shard(shard_dir: str, start: int, stop: int, array: np.ndarray) -> str:
+def _write_shard(shard_dir: str, span: Tuple[int, int], key: str, array: np.ndarray) -> str:
     data = _npy_bytes(array)
-    name = f"{start:012d}-{stop:012d}-{hashlib.sha256(data).hexdigest()}.npy"
+    name = f"{span[0]:012d}-{span[1]:012d}-{key}-{hashlib.sha256(data).hexdigest()}.npy"
     _atomic_write(os.path.join(shard_dir, name), data)
     return name
 
 
-def _shard_names(shard_dir: str, total: int) -> Dict[Tuple[int, int], str]:
-    """The shards present by name (not verified): (start, stop) -> file name."""
+def _shard_names(shard_dir: str, total: int, key: str) -> Dict[Tuple[int, int], str]:
+    """The shards of the configuration ``key`` present by name (not verified): (start, stop) -> file name."""
     found = {}
     for name in os.listdir(shard_dir):
         m = _SHARD.match(name)
-        if m:
+        if m and m.group(3) == key:
             start, stop = int(m.group(1)), int(m.group(2))
             if 0 <= start < stop <= total:
                 found[(start, stop)] = name
     return found
 
 
-def _verify_shards(shard_dir: str, total: int, row_shape: Tuple[int, ...]) -> List[str]:
-    """Delete every shard that is truncated, corrupt (checksum), of the wrong shape, or unnamed, and
-    every temporary left by a killed writer; returns what was removed."""
+def _verify_shards(shard_dir: str, total: int, row_shape: Tuple[int, ...], key: str) -> List[str]:
+    """Delete every shard of the configuration ``key`` that is truncated, corrupt (checksum) or of the
+    wrong shape, and every temporary left by a killed writer; returns what was removed. Shards of
+    another configuration are left alone (and never read)."""
     removed = []
     for name in sorted(os.listdir(shard_dir)):
         path = os.path.join(shard_dir, name)
         m = _SHARD.match(name)
-        if not m and not name.startswith(".tmp-"):
-            continue  # not ours (e.g. another rank's write probe)
+        if (not m or m.group(3) != key) and not name.startswith(".tmp-"):
+            continue  # not this run's (another configuration's shard, another rank's write probe)
         ok = False
         if m:
             start, stop = int(m.group(1)), int(m.group(2))
             with open(path, "rb") as f:
                 data = f.read()
-            if hashlib.sha256(data).hexdigest() == m.group(3) and 0 <= start < stop <= total:
+            if hashlib.sha256(data).hexdigest() == m.group(4) and 0 <= start < stop <= total:
                 try:
                     array = np.load(io.BytesIO(data), allow_pickle=False)
                     ok = tuple(array.shape) == (stop - start, *row_shape)
@@ -261,41 +220,59 @@ def _failure_path(out: str, rank: int) -> str:
     return os.path.join(out, f"failed-rank{rank}.txt")
 
 
-def _run_sharded(kind: str, out: str, config: dict, total: int, row_shape: Tuple[int, ...], batch_size: int,
-                 compute: Callable[[int, int], np.ndarray], merge: Callable[[np.ndarray], Dict[str, np.ndarray]],
-                 result_name: str, progress: bool, timeout: float, extra_manifest: dict) -> str:
+@dataclass(frozen=True)
+class _Job:
+    """One sharded job: ``total`` rows of ``row_shape``, computed ``batch_size`` at a time by
+    compute(start, stop), merged by merge(rows) into the arrays of ``result_name``."""
+
+    kind: str
+    config: dict
+    total: int
+    row_shape: Tuple[int, ...]
+    batch_size: int
+    compute: Callable[[int, int], np.ndarray]
+    merge: Callable[[np.ndarray], Dict[str, np.ndarray]]
+    result_name: str
+    extra_manifest: dict
+
+
+def _run_sharded(job: _Job, out: str, *, progress: bool, timeout: float) -> str:
     group = _Group(timeout)
     out = _check_out(out)
-    _check_config(out, config)
+    _check_config(out, job.config)
     shard_dir = os.path.join(out, "shards")
+    key = fingerprint(job.config)
+    total = job.total
     started = time.perf_counter()
     removed: List[str] = []
+    config_path = os.path.join(out, "config.json")
+    wrote_config = False
     if group.rank == 0:
-        config_path = os.path.join(out, "config.json")
         if not os.path.exists(config_path):
-            _atomic_write(config_path, json.dumps(config, indent=2, sort_keys=True).encode())
+            _atomic_write(config_path, json.dumps(job.config, indent=2, sort_keys=True).encode())
+            wrote_config = True
         for name in os.listdir(out):
             if name.startswith("failed-rank"):
                 os.remove(os.path.join(out, name))
-        removed = _verify_shards(shard_dir, total, row_shape)
+        removed = _verify_shards(shard_dir, total, job.row_shape, key)
     group.barrier()
-    chosen, gaps = _cover(_shard_names(shard_dir, total), total)
-    work = _batches(gaps, batch_size)
+    chosen, gaps = _cover(_shard_names(shard_dir, total, key), total)
+    work = _batches(gaps, job.batch_size)
     mine = work[group.rank::group.world]
     bar = None
     if progress and group.rank == 0:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=total, initial=total - sum(b - a for a, b in gaps), desc=f"{kind} ({group.world} "
+        bar = tqdm(total=total, initial=total - sum(b - a for a, b in gaps), desc=f"{job.kind} ({group.world} "
                    f"process{'es' if group.world > 1 else ''})", unit="sample")
 
     def done_count():
-        missing = _cover(_shard_names(shard_dir, total), total)[1]
+        missing = _cover(_shard_names(shard_dir, total, key), total)[1]
         return total - sum(b - a for a, b in missing)
 
     try:
         for start, stop in mine:
-            _write_shard(shard_dir, start, stop, compute(start, stop))
+            _write_shard(shard_dir, (start, stop), key, job.compute(start, stop))
             if bar is not None:
                 bar.update(done_count() - bar.n)
         if group.rank == 0:
@@ -315,40 +292,54 @@ def _run_sharded(kind: str, out: str, config: dict, total: int, row_shape: Tuple
         if group.world > 1:
             with open(_failure_path(out, group.rank), "w") as f:
                 f.write(f"{type(error).__name__}: {error}")
+        if wrote_config and not _shard_names(shard_dir, total, key):
+            # nothing of this configuration exists yet: leave no configuration that would refuse a corrected rerun
+            os.remove(config_path)
         raise
     finally:
         if bar is not None:
             bar.close()
     group.barrier()
-    result_path = os.path.join(out, result_name)
+    result_path = os.path.join(out, job.result_name)
     if group.rank == 0:
-        chosen, gaps = _cover(_shard_names(shard_dir, total), total)
-        if gaps:
-            raise RuntimeError(f"shards missing for {gaps} after every rank finished")
-        names = _shard_names(shard_dir, total)
-        parts = [np.load(os.path.join(shard_dir, names[r]), allow_pickle=False) for r in chosen]
-        merged = np.concatenate(parts, axis=0)
-        buffer = io.BytesIO()
-        np.savez(buffer, **merge(merged))
-        _atomic_write(result_path, buffer.getvalue())
-        wall = time.perf_counter() - started
-        generated = sum(b - a for a, b in work)
-        import diffkern as dk
-
-        manifest = {
-            "config": config, "diffkern": dk.__version__, "torch": torch.__version__, "world_size": group.world,
-            "batch_size": batch_size, "result": result_name,
-            "shards": [{"start": r[0], "stop": r[1], "file": names[r], "sha256": names[r].split("-")[2][:-4]}
-                       for r in chosen],
-            "regenerated_corrupt_shards": removed, "samples_computed_this_run": generated,
-            "wall_s": wall, "samples_per_s": generated / wall if wall > 0 else None, **extra_manifest,
-        }
-        _atomic_write(os.path.join(out, "manifest.json"), json.dumps(manifest, indent=2).encode())
-        print(f"{kind}: {total} samples in {result_path} ({generated} computed now by {group.world} "
-              f"process{'es' if group.world > 1 else ''} in {wall:.1f} s, {total - generated} kept from earlier "
-              f"shards{f', {len(removed)} corrupt shard(s) regenerated' if removed else ''})", flush=True)
+        _merge(job, out, key, (started, work, removed, group.world))
     group.barrier()
     return result_path
+
+
+def _merge(job: _Job, out: str, key: str, run: tuple) -> None:
+    """Rank 0, after every rank finished: the result file, the manifest and the summary line."""
+    started, work, removed, world = run
+    shard_dir, total = os.path.join(out, "shards"), job.total
+    result_path = os.path.join(out, job.result_name)
+    chosen, gaps = _cover(_shard_names(shard_dir, total, key), total)
+    if gaps:
+        raise RuntimeError(f"shards missing for {gaps} after every rank finished")
+    names = _shard_names(shard_dir, total, key)
+    parts = [np.load(os.path.join(shard_dir, names[r]), allow_pickle=False) for r in chosen]
+    merged = np.concatenate(parts, axis=0)
+    buffer = io.BytesIO()
+    np.savez(buffer, **job.merge(merged))
+    _atomic_write(result_path, buffer.getvalue())
+    wall = time.perf_counter() - started
+    generated = sum(b - a for a, b in work)
+    foreign = sorted(n for n in os.listdir(shard_dir) if _SHARD.match(n) and _SHARD.match(n).group(3) != key)
+    from . import __version__
+
+    manifest = {
+        "config": job.config, "configuration_key": key, "diffkern": __version__, "torch": torch.__version__,
+        "world_size": world, "batch_size": job.batch_size, "result": job.result_name,
+        "shards": [{"start": r[0], "stop": r[1], "file": names[r], "sha256": _SHARD.match(names[r]).group(4)}
+                   for r in chosen],
+        "regenerated_corrupt_shards": removed, "ignored_shards_of_other_configurations": foreign,
+        "samples_computed_this_run": generated, "wall_s": wall,
+        "samples_per_s": generated / wall if wall > 0 else None, **job.extra_manifest,
+    }
+    _atomic_write(os.path.join(out, "manifest.json"), json.dumps(manifest, indent=2).encode())
+    print(f"{job.kind}: {total} samples in {result_path} ({generated} computed now by {world} "
+          f"process{'es' if world > 1 else ''} in {wall:.1f} s, {total - generated} kept from earlier "
+          f"shards{f', {len(removed)} corrupt shard(s) regenerated' if removed else ''}"
+          f"{f', {len(foreign)} shard(s) of another configuration ignored' if foreign else ''})", flush=True)
 
 
 def _storage_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -366,25 +357,20 @@ def _default_device(device):
     return torch.device("cpu")
 
 
-def _check_count(name, value):
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return value
-
-
 def generate(model, *, sampler, num_samples: int, shape: Sequence[int], batch_size: int, seed: int = 0, out: str,
              dtype: torch.dtype = torch.float32, device=None, progress: bool = True, timeout: float = 1800.0,
              config: Optional[dict] = None) -> str:
     """Generate ``num_samples`` samples of per-sample ``shape`` into ``out/samples.npz`` (array
     ``samples`` [N, *shape], in global-index order), sharded over the ranks of the current process
-    group (or alone). ``sampler`` is a name of SAMPLERS (its options through ``make_sampler``) or a
-    function from ``make_sampler``; ``batch_size`` is per process. ``config`` (JSON-serialisable)
-    identifies the run for resuming, together with the sampler, N, shape, seed and dtype: pass the
-    model's identity there (the CLI passes --model and --model-kwargs). Returns the path of
-    samples.npz. Identical results for any world size and batch size, given a model that computes
-    each sample on its own, deterministically."""
-    num_samples = _check_count("num_samples", num_samples)
-    batch_size = _check_count("batch_size", batch_size)
+    group (or alone). ``sampler`` is a name of SAMPLERS (with its default options) or a sampler from
+    ``make_sampler`` (name, steps and options, all recorded in the run's configuration);
+    ``batch_size`` is per process. ``config`` (JSON-serialisable) identifies the run for resuming,
+    together with the sampler, N, shape, seed and dtype: pass the model's identity there (the CLI
+    passes --model and --model-kwargs). The model is tried once on two samples before anything is
+    written. Returns the path of samples.npz. Identical results for any world size and batch size,
+    given a model that computes each sample on its own, deterministically."""
+    num_samples = check_positive_int("num_samples", num_samples)
+    batch_size = check_positive_int("batch_size", batch_size)
     entries = list(shape) if isinstance(shape, (tuple, list, torch.Size)) else [shape]
     if not entries or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in entries):
         raise ValueError(f"shape must be per-sample sizes (positive ints), e.g. (3, 32, 32); got {shape!r}")
@@ -395,23 +381,29 @@ def generate(model, *, sampler, num_samples: int, shape: Sequence[int], batch_si
         raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {dtype}")
     if not callable(model):
         raise ValueError(f"model must be callable, got {type(model).__name__}")
-    sampler_name = sampler if isinstance(sampler, str) else getattr(sampler, "__name__", "custom")
-    fn = make_sampler(sampler) if isinstance(sampler, str) else sampler
+    if isinstance(sampler, str):
+        sampler = make_sampler(sampler)
+    if not isinstance(sampler, Sampler):
+        raise ValueError(f"sampler must be a name of {SAMPLERS} or a make_sampler(...) result, got "
+                         f"{type(sampler).__name__}: a plain function's options cannot be recorded, so a rerun could "
+                         "not tell another configuration from this one")
     device = _default_device(device)
+    sampler.probe(model, row_shape, device=device, dtype=dtype)
     storage = _storage_dtype(dtype)
-    full_config = {"kind": "generate", "sampler": sampler_name, "num_samples": num_samples, "shape": list(row_shape),
+    full_config = {"kind": "generate", **sampler.config(), "num_samples": num_samples, "shape": list(row_shape),
                    "seed": seed, "dtype": str(dtype).replace("torch.", ""), **(config or {})}
 
     def compute(start, stop):
         with torch.no_grad():
-            x = fn(model, (stop - start, *row_shape), seed=seed, sample_offset=start, device=device, dtype=dtype)
+            x = sampler(model, (stop - start, *row_shape), seed=seed, sample_offset=start, device=device,
+                        dtype=dtype)
         if tuple(x.shape) != (stop - start, *row_shape):
             raise ValueError(f"the sampler returned shape {tuple(x.shape)} for a batch of {stop - start}")
         return x.detach().to("cpu", storage).numpy()
 
-    return _run_sharded("generate", out, full_config, num_samples, row_shape, batch_size, compute,
-                        lambda merged: {"samples": merged}, "samples.npz", progress, timeout,
-                        {"device": str(device)})
+    job = _Job("generate", full_config, num_samples, row_shape, batch_size, compute,
+               lambda merged: {"samples": merged}, "samples.npz", {"device": str(device)})
+    return _run_sharded(job, out, progress=progress, timeout=timeout)
 
 
 def load_data(path: str) -> np.ndarray:
@@ -450,13 +442,15 @@ def evaluate(model, data, *, sde="vp", steps: int = 100, solver: str = "heun", p
         raise ValueError(f"data must be a floating-point array [N, ...] with N >= 1, got {data.dtype} {data.shape}")
     if not np.isfinite(data).all():
         raise ValueError("data holds non-finite values")
-    batch_size = _check_count("batch_size", batch_size)
-    steps = _check_count("steps", steps)
-    probes = _check_count("probes", probes)
+    batch_size = check_positive_int("batch_size", batch_size)
+    steps = check_positive_int("steps", steps)
+    probes = check_positive_int("probes", probes)
     if not callable(model):
         raise ValueError(f"model must be callable, got {type(model).__name__}")
+    resolve_solver(solver, steps, None, None, None, max_num_evals=10000)  # checks solver before anything is written
     the_sde = make_sde(sde) if isinstance(sde, str) else sde
     device = _default_device(device)
+    probe_model("score", model, data.shape[1:], device=device, dtype=torch.float64)
     total = data.shape[0]
     digest = hashlib.sha256(np.ascontiguousarray(data).tobytes()).hexdigest()
     full_config = {"kind": "evaluate", "sde": sde if isinstance(sde, str) else repr(sde), "steps": steps,
@@ -469,9 +463,10 @@ def evaluate(model, data, *, sde="vp", steps: int = 100, solver: str = "heun", p
                                    trace=trace, bits_offset=bits_offset, sample_offset=start)
         return torch.stack([result.log_p, result.bits_per_dim], 1).detach().to("cpu", torch.float64).numpy()
 
-    path = _run_sharded("evaluate", out, full_config, total, (2,), batch_size, compute,
-                        lambda merged: {"log_p": merged[:, 0], "bits_per_dim": merged[:, 1]}, "likelihood.npz",
-                        progress, timeout, {"device": str(device)})
+    job = _Job("evaluate", full_config, total, (2,), batch_size, compute,
+               lambda merged: {"log_p": merged[:, 0], "bits_per_dim": merged[:, 1]}, "likelihood.npz",
+               {"device": str(device)})
+    path = _run_sharded(job, out, progress=progress, timeout=timeout)
     with np.load(path) as result:
         bpd = result["bits_per_dim"]
     mean, stderr = float(bpd.mean()), float(bpd.std(ddof=1) / math.sqrt(len(bpd))) if len(bpd) > 1 else float("nan")

@@ -70,8 +70,9 @@ class GaussianMixture:
 
     # ---- the diffused mixture ----
 
-    def _components(self, x: torch.Tensor, mean_coef, std, dtype=torch.float64):
-        """log N(x; m mu_k, m^2 Sigma_k + s^2 I) [B, K] and the precision times residual [B, K, d]."""
+    def _components(self, x: torch.Tensor, mean_coef, std, dtype=torch.float64, rotated_out: bool = False):
+        """log N(x; m mu_k, m^2 Sigma_k + s^2 I) [B, K] and the precision times residual [B, K, d] (or,
+        with rotated_out, that in the eigenbases: U_k^T (m^2 Sigma_k + s^2 I)^-1 (x - m mu_k))."""
         xd = x.reshape(x.shape[0], -1).to(dtype)
         device = xd.device
         m = torch.as_tensor(mean_coef, dtype=torch.float64, device=device).reshape(-1, 1, 1).to(dtype)
@@ -81,6 +82,8 @@ class GaussianMixture:
         variance = m ** 2 * self.eigenvalues.to(device=device, dtype=dtype) + s ** 2             # [B, K, d]
         log_density = -0.5 * ((rotated ** 2 / variance).sum(-1) + variance.log().sum(-1)
                               + self.dim * math.log(2 * math.pi))
+        if rotated_out:
+            return log_density + self.weights.to(device=device, dtype=dtype).log(), rotated / variance
         precision_residual = torch.einsum("bke,kde->bkd", rotated / variance,
                                           self.rotations.to(device=device, dtype=dtype))
         return log_density + self.weights.to(device=device, dtype=dtype).log(), precision_residual
@@ -96,6 +99,19 @@ class GaussianMixture:
         log_joint, precision_residual = self._components(x, mean_coef, std, dtype)
         responsibility = torch.softmax(log_joint, dim=1)
         return (-(responsibility[..., None] * precision_residual).sum(1)).reshape(x.shape).to(x.dtype)
+
+    def posterior_mean(self, x: torch.Tensor, mean_coef, std) -> torch.Tensor:
+        """E[x0 | x_t = x] for x_t = m x0 + s z: sum_k r_k(x) (mu_k + m Sigma_k (m^2 Sigma_k + s^2 I)^-1
+        (x - m mu_k)); finite at m = 0 (the mixture's mean) and at s = 0 (x itself)."""
+        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        log_joint, scaled = self._components(x, mean_coef, std, dtype, rotated_out=True)
+        device = scaled.device
+        m = torch.as_tensor(mean_coef, dtype=torch.float64, device=device).reshape(-1, 1, 1).to(dtype)
+        rotations = self.rotations.to(device=device, dtype=dtype)
+        shift = torch.einsum("bke,kde->bkd", scaled * self.eigenvalues.to(device=device, dtype=dtype), rotations)
+        means = self.means.to(device=device, dtype=dtype) + m * shift
+        responsibility = torch.softmax(log_joint, dim=1)
+        return (responsibility[..., None] * means).sum(1).reshape(x.shape).to(x.dtype)
 
     def log_prob(self, x: torch.Tensor) -> torch.Tensor:
         """The exact log density of the data (float64 [B])."""
@@ -139,6 +155,13 @@ class GaussianMixture:
     def noise_level_score(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         """score(x, sigma) of x0 + sigma z, for annealed Langevin."""
         return self.score_at(x, 1.0, torch.as_tensor(sigma, dtype=torch.float64, device=x.device))
+
+    def velocity(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The flow-matching velocity E[z - x0 | x_t = x] for x_t = (1 - t) x0 + t z (dk.sample_flow):
+        (x - E[x0 | x_t]) / t, t a float tensor [batch] in (0, 1]."""
+        t64 = torch.as_tensor(t, dtype=torch.float64, device=x.device).reshape(-1)
+        x0 = self.posterior_mean(x, 1 - t64, t64)
+        return ((x.double() - x0.double()) / t64.reshape(-1, *([1] * (x.dim() - 1)))).to(x.dtype)
 
 
 class EmpiricalPoissonField:
@@ -240,7 +263,8 @@ class EmpiricalPoissonField:
         return v[:, :-1].reshape(x.shape).to(x.dtype), v[:, -1]
 
 
-MIXTURE_OUTPUTS = ("epsilon", "score", "denoiser", "noise_level_score")
+MIXTURE_OUTPUTS = ("epsilon", "score", "denoiser", "noise_level_score", "velocity", "field")
+FIELD_REFERENCE_POINTS, FIELD_REFERENCE_SEED = 2048, 101
 
 
 def mixture_model(kind: str = "ring", output: str = "epsilon", sde: str = "vp"):
@@ -248,7 +272,10 @@ def mixture_model(kind: str = "ring", output: str = "epsilon", sde: str = "vp"):
     diffkern.models:mixture_model --model-kwargs '{"output": "score", "sde": "vp"}'``): the ring or
     the 64-d mixture as an ``epsilon`` model of the default DDPMSchedule (ddpm, ddim), a ``score``
     model of the VP / sub-VP / VE SDE with default parameters (euler_maruyama, ode, pc, likelihoods),
-    a ``denoiser`` (euler, heun, euler_ancestral, dpmpp) or a ``noise_level_score`` (langevin)."""
+    a ``denoiser`` (euler, heun, euler_ancestral, dpmpp), a ``noise_level_score`` (langevin), a flow
+    ``velocity`` (flow) or a Poisson ``field`` (pfgm: the exact field of 2048 exact samples drawn with
+    seed 101, an EmpiricalPoissonField). The registry of diffkern.sampling names which sampler takes
+    which output."""
     from .sde import SubVPSDE, VESDE, VPSDE
 
     mixtures = {"ring": GaussianMixture.ring, "high_dimensional": GaussianMixture.high_dimensional}
@@ -264,4 +291,8 @@ def mixture_model(kind: str = "ring", output: str = "epsilon", sde: str = "vp"):
         return mixture.epsilon_model(DDPMSchedule())
     if output == "score":
         return mixture.score_model(sdes[sde]())
-    return mixture.denoiser if output == "denoiser" else mixture.noise_level_score
+    if output == "field":
+        return EmpiricalPoissonField(mixture.sample(FIELD_REFERENCE_POINTS, seed=FIELD_REFERENCE_SEED,
+                                                    dtype=torch.float64))
+    return {"denoiser": mixture.denoiser, "noise_level_score": mixture.noise_level_score,
+            "velocity": mixture.velocity}[output]

@@ -7,8 +7,14 @@ from typing import Optional, Sequence, Union
 import torch
 
 from . import ops, reference
+from ._validate import check_uint
 
 IntOrTensor = Union[int, torch.Tensor]
+
+# Stream ids: every random quantity of diffkern draws from its own stream of the same Philox key, so
+# none of them can correlate with another, and each is a function of (seed, step, sample index).
+SAMPLING_STREAM = 0  # the samplers' noise (x_T is step 0, sampler step i draws step i + 1)
+PROBE_STREAM = 1  # Hutchinson's probes of the likelihood solvers
 
 
 def resolve_device(device) -> torch.device:
@@ -36,7 +42,7 @@ def make_seed_step(seed: IntOrTensor, step: IntOrTensor, device: torch.device) -
                 raise ValueError(f"{name} tensor is on {value.device} but the output is on {device}")
             parts.append(value.reshape(()).to(torch.int64))
         else:
-            as_int = ops.seed_to_int64(value) if name == "seed" else ops._check_uint(name, value, 1 << 32)
+            as_int = ops.seed_to_int64(value) if name == "seed" else check_uint(name, value, 1 << 32)
             parts.append(torch.full((), as_int, dtype=torch.int64, device=device))
     return torch.stack(parts)
 

@@ -9,6 +9,7 @@ import torch
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "cosine", "squaredcos_cap_v2", "sigmoid")
 TIMESTEP_SPACINGS = ("leading", "linspace", "trailing")
+_MAX_CACHED_TABLES = 64
 
 
 def _cosine_betas(num_train_timesteps: int, max_beta: float = 0.999) -> torch.Tensor:
@@ -68,7 +69,7 @@ class DDPMSchedule:
         self.betas = betas
         self.alphas = 1.0 - betas
         self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
-        self._tables: dict = {}  # device coefficient tables, see diffkern.steps
+        self._tables: dict = {}  # device coefficient tables, see device_table
 
     def __repr__(self) -> str:
         return (f"DDPMSchedule(num_train_timesteps={self.num_train_timesteps}, beta_schedule={self.beta_schedule!r}, "
@@ -107,3 +108,18 @@ class DDPMSchedule:
             table = self.alphas_cumprod.to(t.device)
             return torch.where(t >= 0, table[t.clamp(min=0)], torch.ones((), dtype=torch.float64, device=t.device))
         return torch.tensor(float(self.alphas_cumprod[t]) if t >= 0 else 1.0, dtype=torch.float64)
+
+    def device_table(self, key: tuple, build, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """Coefficient rows for every timestep t, ``build(abar_t, abar_prev)`` with prev = t - key[1]
+        (the stride), on ``device`` in ``dtype``; built once per (key, device, dtype) and cached (at most
+        64 tables), so a loop of single steps does no host work and no copy."""
+        full_key = key + (device, dtype)
+        table = self._tables.get(full_key)
+        if table is None:
+            stride = key[1]
+            t = torch.arange(self.num_train_timesteps)
+            table = build(self.alphas_cumprod_at(t), self.alphas_cumprod_at(t - stride)).to(device=device, dtype=dtype)
+            if len(self._tables) >= _MAX_CACHED_TABLES:
+                self._tables.pop(next(iter(self._tables)))
+            self._tables[full_key] = table
+        return table

@@ -14,13 +14,16 @@ tensor t and compute in float64 on t's device (no host sync). Definitions as in 
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Callable, Optional, Union
 
 import torch
 
+from ._validate import check_positive_int
 from .noise import randn
 
 TimeLike = Union[float, torch.Tensor]
+PARAMETERIZATIONS = ("score", "epsilon")
 
 
 def _t64(t: TimeLike) -> torch.Tensor:
@@ -67,6 +70,35 @@ class SDE:
         z = z.flatten(1).double() if z.dim() > 1 else z.reshape(-1, 1).double()
         d = z.shape[1]
         return -0.5 * d * math.log(2 * math.pi * self.prior_std ** 2) - (z ** 2).sum(1) / (2 * self.prior_std ** 2)
+
+    def score_scale(self, t: TimeLike, parameterization: str = "score"):
+        """The factor that turns a model's output into the score at t: 1 for a score model
+        (``parameterization="score"``), -1 / std(t) for a noise prediction ("epsilon"). A float for a
+        float t and a score model, else a float64 tensor of t's shape."""
+        if parameterization == "score":
+            return torch.ones_like(t, dtype=torch.float64) if isinstance(t, torch.Tensor) else 1.0
+        if parameterization == "epsilon":
+            return -1.0 / self.marginal_std(t)
+        raise ValueError(f"parameterization must be one of {PARAMETERIZATIONS}, got {parameterization!r}")
+
+    def velocity_terms(self, parameterization: str = "score"):
+        """The probability-flow ODE dx/dt = a(t) x + b(t) m(x, t) of a model with output m: the function
+        t -> (a, b) with a = f(t), b = -g(t)^2 scale(t) / 2 (``score_scale``). It returns floats for a
+        float t and float64 tensors for a tensor t (per-sample times)."""
+        self.score_scale(0.5, parameterization)  # checks parameterization
+
+        def terms(t):
+            t64 = t.to(torch.float64) if isinstance(t, torch.Tensor) else torch.tensor(t, dtype=torch.float64)
+            a, b = self.drift_coef(t64), -0.5 * self.diffusion(t64) ** 2 * self.score_scale(t64, parameterization)
+            return (a, b) if isinstance(t, torch.Tensor) else (float(a), float(b))
+        return terms
+
+    def time_grid(self, num_steps: int, eps: float) -> torch.Tensor:
+        """num_steps + 1 equal steps from T down to eps (float64): the samplers' grid."""
+        check_positive_int("num_steps", num_steps)
+        if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not 0 < eps < self.T:
+            raise ValueError(f"eps must lie in (0, {self.T}), got {eps!r}")
+        return torch.linspace(self.T, eps, num_steps + 1, dtype=torch.float64)
 
     def check_time(self, t: TimeLike, name: str = "t") -> None:
         if isinstance(t, torch.Tensor):
@@ -156,8 +188,7 @@ class VESDE(SDE):
 def karras_sigmas(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> torch.Tensor:
     """The noise levels of Karras et al. (2022), eq. 5: n levels from sigma_max down to sigma_min,
     evenly spaced in sigma^(1/rho), then a final 0 (as k-diffusion's get_sigmas_karras); float64."""
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"n must be an int >= 1, got {n!r}")
+    check_positive_int("n", n)
     if not 0 < sigma_min < sigma_max:
         raise ValueError(f"need 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
     ramp = torch.linspace(0, 1, n, dtype=torch.float64)

@@ -7,36 +7,22 @@ inside the kernel.
 """
 from __future__ import annotations
 
-import math
 import numbers
-from typing import Optional, Union
+from typing import NamedTuple, Optional, Union
 
 import torch
 
 from . import coefficients, ops
+from ._validate import check_choice, check_real, clip_range, warn_caller
 from .noise import make_seed_step
 from .schedules import DDPMSchedule
+from .sde import PARAMETERIZATIONS
 
 Timestep = Union[int, torch.Tensor]
-_MAX_CACHED_TABLES = 64
 
 
 def _table_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
-def _cached_table(sched: DDPMSchedule, key: tuple, build, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """rows for every timestep t (built by `build(abar_t, abar_prev)` with prev = t - stride), on device."""
-    full_key = key + (device, dtype)
-    table = sched._tables.get(full_key)
-    if table is None:
-        stride = key[1]
-        t = torch.arange(sched.num_train_timesteps)
-        table = build(sched.alphas_cumprod_at(t), sched.alphas_cumprod_at(t - stride)).to(device=device, dtype=dtype)
-        if len(sched._tables) >= _MAX_CACHED_TABLES:
-            sched._tables.pop(next(iter(sched._tables)))
-        sched._tables[full_key] = table
-    return table
 
 
 def _check_int_timestep(name: str, t, T: int, allow_negative: bool = False) -> int:
@@ -64,39 +50,21 @@ def _check_tensor_timestep(name: str, t: torch.Tensor, batch: int, T: int, devic
     return t
 
 
-def _check_prev_timestep(t: torch.Tensor, prev_t, batch: int, T: int, device: torch.device) -> torch.Tensor:
-    """prev_t (an int or a tensor) for a per-sample t: in [-1, T) (-1: the final step to x0) and below t."""
-    if isinstance(prev_t, torch.Tensor):
-        prev = _check_tensor_timestep("prev_t", prev_t, batch, T, device, low=-1)
+def _check_prev_timestep(t: torch.Tensor, prev, name: str, batch: int, T: int, device: torch.device) -> torch.Tensor:
+    """The previous timestep (an int or a tensor, argument ``name``) for a per-sample t: in [-1, T) (-1:
+    the final step to x0) and below t."""
+    if isinstance(prev, torch.Tensor):
+        prev = _check_tensor_timestep(name, prev, batch, T, device, low=-1)
     else:
-        prev = torch.full((1,), _check_int_timestep("prev_t", prev_t, T, allow_negative=True), dtype=torch.int64,
+        prev = torch.full((1,), _check_int_timestep(name, prev, T, allow_negative=True), dtype=torch.int64,
                           device=device).clamp_min(-1)
     if prev.device.type == "cpu" and t.device.type == "cpu":
         if bool((prev >= t).any()):
-            raise ValueError(f"prev_t must be smaller than t for every sample, got prev_t {prev.tolist()[:8]} for t "
+            raise ValueError(f"{name} must be smaller than t for every sample, got {name} {prev.tolist()[:8]} for t "
                              f"{t.tolist()[:8]}")
     elif prev.device.type != "meta":
-        torch._assert_async((prev < t).all(), "diffkern: prev_t must be smaller than t for every sample")
+        torch._assert_async((prev < t).all(), f"diffkern: {name} must be smaller than t for every sample")
     return prev
-
-
-def _clip_range(clip_sample):
-    if clip_sample is None or clip_sample is False:
-        return None
-    if clip_sample is True:
-        return (-1.0, 1.0)
-    if isinstance(clip_sample, numbers.Real):
-        if not clip_sample > 0:  # also refuses nan, which would turn clipping off
-            raise ValueError(f"clip_sample must be positive, got {clip_sample}")
-        return (-float(clip_sample), float(clip_sample))
-    try:
-        lo, hi = (float(v) for v in clip_sample)
-    except (TypeError, ValueError):
-        raise ValueError(f"clip_sample must be None, a bool, a positive number or a (lo, hi) pair, "
-                         f"got {clip_sample!r}") from None
-    if not lo < hi:  # also refuses nan
-        raise ValueError(f"clip_sample range must have lo < hi, got {clip_sample}")
-    return (lo, hi)
 
 
 def _as_x_dtype(name: str, t: Optional[torch.Tensor], x: torch.Tensor) -> Optional[torch.Tensor]:
@@ -111,77 +79,107 @@ def _as_x_dtype(name: str, t: Optional[torch.Tensor], x: torch.Tensor) -> Option
     return t if t.dtype == x.dtype else t.to(x.dtype)
 
 
-def _noise_source(noise, seed, step, t, needs_noise: bool, x: torch.Tensor):
-    """(stream_noise, seed, step, seed_step) for the kernel; errors when noise is needed but not given."""
-    if noise is not None:
-        if seed is not None:
-            raise ValueError("give either noise= or seed=, not both")
-        return False, 0, 0, None
-    if seed is None:
-        if needs_noise:
-            raise ValueError("this step adds noise: pass seed= (the in-kernel noise stream) or noise=")
-        return False, 0, 0, None
-    if step is None:
-        if isinstance(t, torch.Tensor):
-            raise ValueError("with a per-sample t tensor, pass step= to choose the noise of this call")
-        step = t
-    if isinstance(seed, torch.Tensor) or isinstance(step, torch.Tensor):
-        return True, 0, 0, make_seed_step(seed, step, x.device)
-    return True, seed, step, None
+class _Noise(NamedTuple):
+    """Where a single step's noise comes from: the tensor ``noise``, or the stream keyed by seed, step
+    (for an int t it defaults to t), sample_offset and stream. (A NamedTuple: one is made per call.)"""
+
+    noise: Optional[torch.Tensor] = None
+    seed: object = None
+    step: object = None
+    sample_offset: int = 0
+    stream: int = 0
+
+    def kernel_args(self, t, needs_noise: bool, x: torch.Tensor) -> dict:
+        """The fused step's noise keywords; errors when noise is needed but not given."""
+        off = dict(stream_noise=False, seed=0, step=0, sample_offset=self.sample_offset, stream=self.stream,
+                   seed_step=None)
+        if self.noise is not None:
+            if self.seed is not None:
+                raise ValueError("give either noise= or seed=, not both")
+            return off
+        if self.seed is None:
+            if needs_noise:
+                raise ValueError("this step adds noise: pass seed= (the in-kernel noise stream) or noise=")
+            return off
+        step = self.step
+        if step is None:
+            if t is None:
+                raise ValueError("with seed=, pass step= too (a different step for every call draws new noise)")
+            if isinstance(t, torch.Tensor):
+                raise ValueError("with a per-sample t tensor, pass step= to choose the noise of this call")
+            step = t
+        if isinstance(self.seed, torch.Tensor) or isinstance(step, torch.Tensor):
+            return dict(off, stream_noise=True, seed_step=make_seed_step(self.seed, step, x.device))
+        return dict(off, stream_noise=True, seed=self.seed, step=step)
 
 
-def _posterior_step(kind: str, build, options: tuple, model_output, t, prev_t, x_t, sched, noise, seed, step,
-                    sample_offset, stream, model_output_uncond, guidance_scale, classifier_grad, clip, aux,
-                    predicted_variance=None, deterministic=False):
+class _Rule(NamedTuple):
+    """A posterior step's rows: ``build(abar, abar_prev)``, cached per schedule under (kind, stride,
+    *options); ``deterministic`` when no row adds noise."""
+
+    kind: str
+    build: object
+    options: tuple
+    deterministic: bool = False
+
+
+def _previous(prev_t, t_prev):
+    """The one previous-timestep argument, from ``t_prev`` or the deprecated ``prev_t``: (value, name)."""
+    if prev_t is None:
+        return t_prev, "t_prev"
+    if t_prev is not None:
+        raise ValueError("give t_prev (prev_t is its deprecated name), not both")
+    warn_caller("ddpm_step's prev_t= is deprecated: call it t_prev=, as ddim_step does")
+    return prev_t, "prev_t"
+
+
+def _posterior_step(rule: _Rule, tensors: dict, t, prev, x_t, sched, noise: _Noise, *, clip, aux: str):
+    """One DDPM / DDIM step. tensors: model_output, model_output_uncond, classifier_grad and
+    predicted_variance (None where absent); prev = (previous timestep or None, its argument name)."""
+    prev_t, prev_name = prev
     if not isinstance(sched, DDPMSchedule):
         raise TypeError(f"sched must be a diffkern.DDPMSchedule, got {type(sched).__name__}")
     if not isinstance(x_t, torch.Tensor) or not x_t.is_floating_point():
         raise ValueError("x_t must be a floating-point tensor")
     T = sched.num_train_timesteps
     batch = x_t.shape[0] if x_t.dim() else 1
-    if (model_output_uncond is None) != (guidance_scale is None):
-        raise ValueError("classifier-free guidance needs both model_output_uncond and guidance_scale")
-    model_output = _as_x_dtype("model_output", model_output, x_t)
-    model_output_uncond = _as_x_dtype("model_output_uncond", model_output_uncond, x_t)
-    classifier_grad = _as_x_dtype("classifier_grad", classifier_grad, x_t)
-    predicted_variance = _as_x_dtype("predicted_variance", predicted_variance, x_t)
+    tensors = {name: _as_x_dtype(name, value, x_t) for name, value in tensors.items()}
     table_dtype = _table_dtype(x_t)
 
     rows, row = None, 0
     if isinstance(t, torch.Tensor):
         t = _check_tensor_timestep("t", t, batch, T, x_t.device)
         if prev_t is None:
-            table = _cached_table(sched, (kind, 1) + options, build, x_t.device, table_dtype)
+            table = sched.device_table((rule.kind, 1) + rule.options, rule.build, x_t.device, table_dtype)
             rows = t
         else:
-            prev = _check_prev_timestep(t, prev_t, batch, T, x_t.device)
+            prev = _check_prev_timestep(t, prev_t, prev_name, batch, T, x_t.device)
             abar, abar_prev = sched.alphas_cumprod_at(t), sched.alphas_cumprod_at(prev)
-            table = build(abar, abar_prev).to(table_dtype).reshape(-1, len(coefficients.FIELDS))
+            table = rule.build(abar, abar_prev).to(table_dtype).reshape(-1, len(coefficients.FIELDS))
             row = 0 if table.shape[0] == 1 else -1  # one row for all samples, or row n for sample n
-        needs_noise = not deterministic
+        needs_noise = not rule.deterministic
     else:
         t = _check_int_timestep("t", t, T)
-        prev = t - 1 if prev_t is None else _check_int_timestep("prev_t", prev_t, T, allow_negative=True)
+        prev = t - 1 if prev_t is None else _check_int_timestep(prev_name, prev_t, T, allow_negative=True)
         if prev >= t:
-            raise ValueError(f"prev_t={prev} must be smaller than t={t}")
-        table = _cached_table(sched, (kind, t - prev) + options, build, x_t.device, table_dtype)
+            raise ValueError(f"{prev_name}={prev} must be smaller than t={t}")
+        table = sched.device_table((rule.kind, t - prev) + rule.options, rule.build, x_t.device, table_dtype)
         row = t
-        needs_noise = not deterministic and prev >= 0
-    stream_noise, seed, step, seed_step = _noise_source(noise, seed, step, t, needs_noise, x_t)
-    noise = _as_x_dtype("noise", noise, x_t)
+        needs_noise = not rule.deterministic and prev >= 0
+    noise_kwargs = noise.kernel_args(t, needs_noise, x_t)
     out, aux_out = ops.fused_step(
-        x_t, model_output, model_output_uncond, classifier_grad, predicted_variance, noise, coefficients=table,
-        rows=rows, row=row, clip=clip is not None, aux=aux, stream_noise=stream_noise, seed=seed, step=step,
-        sample_offset=sample_offset, stream=stream, seed_step=seed_step)
+        x_t, tensors.get("model_output"), tensors.get("model_output_uncond"), tensors.get("classifier_grad"),
+        tensors.get("predicted_variance"), _as_x_dtype("noise", noise.noise, x_t), coefficients=table, rows=rows,
+        row=row, clip=clip is not None, aux=aux, **noise_kwargs)
     return out if aux == "none" else (out, aux_out)
 
 
 def ddpm_step(model_output: torch.Tensor, t: Timestep, x_t: torch.Tensor, sched: DDPMSchedule,
               prediction_type: str = "epsilon", variance_type: str = "fixed_small", clip_sample=None,
-              noise: Optional[torch.Tensor] = None, seed=None, *, prev_t: Optional[Timestep] = None, step=None,
+              noise: Optional[torch.Tensor] = None, seed=None, *, t_prev: Optional[Timestep] = None, step=None,
               sample_offset: int = 0, stream: int = 0, model_output_uncond: Optional[torch.Tensor] = None,
               guidance_scale: Optional[float] = None, classifier_grad: Optional[torch.Tensor] = None,
-              classifier_scale: float = 1.0, return_x0: bool = False):
+              classifier_scale: float = 1.0, return_x0: bool = False, prev_t: Optional[Timestep] = None):
     """One ancestral DDPM step x_t -> x_prev in one kernel launch (argument order as diffusers'
     ``DDPMScheduler.step(model_output, timestep, sample)``).
 
@@ -190,9 +188,9 @@ def ddpm_step(model_output: torch.Tensor, t: Timestep, x_t: torch.Tensor, sched:
       ``fixed_large`` (beta), or ``learned_range`` (model_output has 2C channels: the prediction, then
       the variance interpolation v in [-1, 1]).
     - ``clip_sample``: clamp the predicted x0 to [-r, r] (r = 1 for True) or a (lo, hi) range.
-    - ``t``: an int, or an int64 tensor [B] (samples at different timesteps). ``prev_t`` is the
+    - ``t``: an int, or an int64 tensor [B] (samples at different timesteps). ``t_prev`` is the
       timestep stepped to (default t - 1; strided schedules pass the next inference timestep; < 0
-      after the last step, which adds no noise).
+      after the last step, which adds no noise). ``prev_t`` is its deprecated name.
     - noise: ``noise=`` a tensor, or ``seed=`` (and ``step=``, default t) for the in-kernel stream:
       element (n, j) uses ``dk.randn(x_t.shape, seed, step, sample_offset, stream)[n, j]``.
     - classifier-free guidance: ``model_output`` is the conditional output and
@@ -201,7 +199,8 @@ def ddpm_step(model_output: torch.Tensor, t: Timestep, x_t: torch.Tensor, sched:
       eps_hat = eps - gamma sqrt(1 - abar_t) grad.
     Model outputs of another dtype are cast to x_t's. Returns x_prev, or (x_prev, x0) with ``return_x0``.
     """
-    clip = _clip_range(clip_sample)
+    prev = _previous(prev_t, t_prev)
+    clip = clip_range(clip_sample)
     coefficients.check_prediction_type(prediction_type)
     if variance_type not in coefficients.DDPM_VARIANCE_TYPES:
         raise ValueError(f"variance_type must be one of {coefficients.DDPM_VARIANCE_TYPES}, got {variance_type!r}")
@@ -218,9 +217,12 @@ def ddpm_step(model_output: torch.Tensor, t: Timestep, x_t: torch.Tensor, sched:
         return coefficients.ddpm_rows(abar, abar_prev, prediction_type=prediction_type, variance_type=variance_type,
                                       clip_range=clip, guidance_scale=guidance_scale, classifier_scale=scale)
 
-    return _posterior_step("ddpm", build, options, model_output, t, prev_t, x_t, sched, noise, seed, step,
-                           sample_offset, stream, model_output_uncond, guidance_scale, classifier_grad, clip,
-                           "x0" if return_x0 else "none", predicted_variance=predicted_variance)
+    tensors = dict(model_output=model_output, model_output_uncond=model_output_uncond,
+                   classifier_grad=classifier_grad, predicted_variance=predicted_variance)
+    _check_guidance(model_output_uncond, guidance_scale)
+    return _posterior_step(_Rule("ddpm", build, options), tensors, t, prev, x_t, sched,
+                           _Noise(noise, seed, step, sample_offset, stream), clip=clip,
+                           aux="x0" if return_x0 else "none")
 
 
 def ddim_step(model_output: torch.Tensor, t: Timestep, t_prev: Timestep, x_t: torch.Tensor, sched: DDPMSchedule,
@@ -234,10 +236,9 @@ def ddim_step(model_output: torch.Tensor, t: Timestep, t_prev: Timestep, x_t: to
     eta = 0 is deterministic (no noise argument needed); eta = 1 has DDPM's posterior variance.
     The other arguments are those of ddpm_step.
     """
-    clip = _clip_range(clip_sample)
+    clip = clip_range(clip_sample)
     coefficients.check_prediction_type(prediction_type)
-    if not eta >= 0:
-        raise ValueError(f"eta must be >= 0, got {eta}")
+    eta = check_real("eta", eta)
     scale = 0.0 if classifier_grad is None else float(classifier_scale)
     options = (prediction_type, float(eta), clip, guidance_scale, scale, bool(use_clipped_model_output))
 
@@ -246,27 +247,34 @@ def ddim_step(model_output: torch.Tensor, t: Timestep, t_prev: Timestep, x_t: to
                                       guidance_scale=guidance_scale, classifier_scale=scale,
                                       use_clipped_model_output=use_clipped_model_output)
 
-    return _posterior_step("ddim", build, options, model_output, t, t_prev, x_t, sched, noise, seed, step,
-                           sample_offset, stream, model_output_uncond, guidance_scale, classifier_grad, clip,
-                           "x0" if return_x0 else "none", deterministic=eta == 0)
+    tensors = dict(model_output=model_output, model_output_uncond=model_output_uncond,
+                   classifier_grad=classifier_grad)
+    _check_guidance(model_output_uncond, guidance_scale)
+    return _posterior_step(_Rule("ddim", build, options, deterministic=eta == 0), tensors, t, (t_prev, "t_prev"),
+                           x_t, sched, _Noise(noise, seed, step, sample_offset, stream), clip=clip,
+                           aux="x0" if return_x0 else "none")
 
 
-def _q_sample(x0, t, sched, noise, seed, step, sample_offset, stream, aux):
+def _check_guidance(model_output_uncond, guidance_scale) -> None:
+    if (model_output_uncond is None) != (guidance_scale is None):
+        raise ValueError("classifier-free guidance needs both model_output_uncond and guidance_scale")
+
+
+def _q_sample(x0, t, sched, noise: _Noise, aux: str):
     if not isinstance(sched, DDPMSchedule):
         raise TypeError(f"sched must be a diffkern.DDPMSchedule, got {type(sched).__name__}")
     if not isinstance(x0, torch.Tensor) or not x0.is_floating_point():
         raise ValueError("x0 must be a floating-point tensor")
     T = sched.num_train_timesteps
-    table = _cached_table(sched, ("q_sample", 0), lambda abar, _: coefficients.q_sample_rows(abar), x0.device,
-                          _table_dtype(x0))
+    table = sched.device_table(("q_sample", 0), lambda abar, _: coefficients.q_sample_rows(abar), x0.device,
+                               _table_dtype(x0))
     if isinstance(t, torch.Tensor):
         rows, row = _check_tensor_timestep("t", t, x0.shape[0] if x0.dim() else 1, T, x0.device), 0
     else:
         rows, row = None, _check_int_timestep("t", t, T)
-    stream_noise, seed, step, seed_step = _noise_source(noise, seed, step, t, True, x0)
-    noise = _as_x_dtype("noise", noise, x0)
-    return ops.fused_step(x0, noise=noise, coefficients=table, rows=rows, row=row, aux=aux, stream_noise=stream_noise,
-                          seed=seed, step=step, sample_offset=sample_offset, stream=stream, seed_step=seed_step)
+    noise_kwargs = noise.kernel_args(t, True, x0)
+    return ops.fused_step(x0, noise=_as_x_dtype("noise", noise.noise, x0), coefficients=table, rows=rows, row=row,
+                          aux=aux, **noise_kwargs)
 
 
 def q_sample(x0: torch.Tensor, t: Timestep, sched: DDPMSchedule, noise: Optional[torch.Tensor] = None, seed=None, *,
@@ -274,7 +282,7 @@ def q_sample(x0: torch.Tensor, t: Timestep, sched: DDPMSchedule, noise: Optional
     """The forward process x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, t an int or an int64 tensor [B];
     eps is ``noise`` or the noise stream (``seed`` and ``step``; step defaults to t for an int t and
     must be given for a tensor t: a training loop passes its iteration number)."""
-    return _q_sample(x0, t, sched, noise, seed, step, sample_offset, stream, "none")[0]
+    return _q_sample(x0, t, sched, _Noise(noise, seed, step, sample_offset, stream), "none")[0]
 
 
 def q_sample_with_noise(x0: torch.Tensor, t: Timestep, sched: DDPMSchedule, *, seed, step,
@@ -282,7 +290,7 @@ def q_sample_with_noise(x0: torch.Tensor, t: Timestep, sched: DDPMSchedule, *, s
     """(x_t, eps) in one pass, for the DDPM training loss L_simple = ||eps - eps_theta(x_t, t)||^2.
     seed and step are required: a training loop passes its iteration number as step, so every
     iteration draws new noise."""
-    return _q_sample(x0, t, sched, None, seed, step, sample_offset, stream, "noise")
+    return _q_sample(x0, t, sched, _Noise(None, seed, step, sample_offset, stream), "noise")
 
 
 # ---- score-SDE and EDM single steps ----
@@ -314,53 +322,26 @@ def _rows_for(spec: tuple, x: torch.Tensor) -> torch.Tensor:
     return table
 
 
-def _apply_rows(spec, x, model_output=None, slope=None, noise=None, seed=None, step=None, sample_offset=0,
-                stream=0, needs_noise=True, aux="none"):
+_NO_NOISE = _Noise()
+
+
+def _apply_rows(spec, x, model_output=None, slope=None, *, noise: _Noise = _NO_NOISE, needs_noise=True, aux="none"):
     """One fused step with the rows of ``spec`` (see _rows_for; rows [K] or [B, K]): the shared path
     of the single steps below."""
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         raise ValueError("x must be a floating-point tensor")
     table = _rows_for(spec, x)
-    if noise is None and seed is None:
-        if needs_noise:
-            raise ValueError("this step adds noise: pass seed= (the in-kernel noise stream) or noise=")
-        stream_noise, seed, step, seed_step = False, 0, 0, None
-    else:
-        if seed is not None and step is None:
-            raise ValueError("with seed=, pass step= too (a different step for every call draws new noise)")
-        stream_noise, seed, step, seed_step = _noise_source(noise, seed, step, None, needs_noise, x)
+    noise_kwargs = noise.kernel_args(None, needs_noise, x)
     if model_output is not None and model_output.dtype != x.dtype:
         model_output = _as_x_dtype("model_output", model_output, x)
     if slope is not None and slope.dtype != x.dtype:
         slope = _as_x_dtype("slope", slope, x)
-    if noise is not None and noise.dtype != x.dtype:
-        noise = _as_x_dtype("noise", noise, x)
-    out, aux_out = ops.fused_step(
-        x, model_output, None, slope, None, noise, coefficients=table, row=0 if table.shape[0] == 1 else -1,
-        aux=aux, stream_noise=stream_noise, seed=seed, step=step, sample_offset=sample_offset, stream=stream,
-        seed_step=seed_step)
+    z = noise.noise
+    if z is not None and z.dtype != x.dtype:
+        z = _as_x_dtype("noise", z, x)
+    out, aux_out = ops.fused_step(x, model_output, None, slope, None, z, coefficients=table,
+                                  row=0 if table.shape[0] == 1 else -1, aux=aux, **noise_kwargs)
     return out if aux == "none" else (out, aux_out)
-
-
-def _score_scale(parameterization: str, sde, t):
-    if parameterization == "score":
-        return 1.0
-    if parameterization == "epsilon":
-        return -1.0 / sde.marginal_std(t)
-    raise ValueError(f"parameterization must be 'score' or 'epsilon', got {parameterization!r}")
-
-
-def check_real(name: str, value, low: float = 0.0, *, strict: bool = False, allow_inf: bool = False) -> float:
-    """value as a float, refused (naming it) unless it is a real number >= low (> low when strict),
-    finite unless allow_inf; nan is always refused."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"{name} must be a real number, got {value!r}")
-    value = float(value)
-    ok = value > low if strict else value >= low
-    if not ok or value != value or (math.isinf(value) and not allow_inf):
-        raise ValueError(f"{name} must be a {'finite ' if not allow_inf else ''}number "
-                         f"{'>' if strict else '>='} {low}, got {value!r}")
-    return value
 
 
 def _check_positive_values(name: str, value) -> None:
@@ -391,7 +372,7 @@ def _time_on(t, x, name="t"):
 
 
 def _euler_maruyama_rows(sde, t, dt, parameterization, ode):
-    scale = _score_scale(parameterization, sde, t)
+    scale = sde.score_scale(t, parameterization)
     f, g = sde.drift_coef(t), sde.diffusion(t)
     return coefficients.ode_euler_rows(f, g, dt, scale) if ode else coefficients.euler_maruyama_rows(f, g, dt, scale)
 
@@ -404,11 +385,10 @@ def euler_maruyama_step(model_output: torch.Tensor, x: torch.Tensor, t, dt: floa
     x + [f(x, t) - g(t)^2 s / 2] dt. ``model_output`` is the score s(x, t), or the noise prediction
     with ``parameterization="epsilon"`` (s = -eps / std(t)). t is a float or a tensor [B]."""
     sde.check_time(t)
-    if parameterization not in ("score", "epsilon"):
-        raise ValueError(f"parameterization must be 'score' or 'epsilon', got {parameterization!r}")
+    check_choice("parameterization", parameterization, PARAMETERIZATIONS)
     spec = (_euler_maruyama_rows, sde, _time_on(t, x), float(dt), parameterization, bool(ode))
-    return _apply_rows(spec, x, model_output, noise=noise, seed=seed, step=step, sample_offset=sample_offset,
-                       stream=stream, needs_noise=not ode)
+    return _apply_rows(spec, x, model_output, noise=_Noise(noise, seed, step, sample_offset, stream),
+                       needs_noise=not ode)
 
 
 def euler_step(denoised: torch.Tensor, x: torch.Tensor, sigma, sigma_next, *, return_slope: bool = False):
@@ -452,8 +432,8 @@ def euler_ancestral_step(denoised: torch.Tensor, x: torch.Tensor, sigma, sigma_n
     eta, s_noise = check_real("eta", eta), check_real("s_noise", s_noise)
     spec = (coefficients.euler_ancestral_rows, _time_on(sigma, x, "sigma"), _time_on(sigma_next, x, "sigma_next"), float(eta), float(s_noise))
     needs_noise = isinstance(sigma_next, torch.Tensor) or (float(sigma_next) > 0 and eta > 0)
-    return _apply_rows(spec, x, denoised, noise=noise, seed=seed, step=step, sample_offset=sample_offset,
-                       stream=stream, needs_noise=needs_noise)
+    return _apply_rows(spec, x, denoised, noise=_Noise(noise, seed, step, sample_offset, stream),
+                       needs_noise=needs_noise)
 
 
 def langevin_step(score: torch.Tensor, x: torch.Tensor, step_size, *, noise=None, seed=None, step=None,
@@ -461,5 +441,5 @@ def langevin_step(score: torch.Tensor, x: torch.Tensor, step_size, *, noise=None
     """One Langevin step x + (step_size / 2) score + sqrt(step_size) z (step_size a float or a tensor [B])."""
     _check_positive_values("step_size", step_size)
     step_size = _time_on(step_size, x, "step_size")
-    return _apply_rows((coefficients.langevin_rows, step_size), x, score, noise=noise, seed=seed, step=step,
-                       sample_offset=sample_offset, stream=stream)
+    return _apply_rows((coefficients.langevin_rows, step_size), x, score,
+                       noise=_Noise(noise, seed, step, sample_offset, stream))

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import diffkern as dk
-from diffkern import _extension
+from diffkern.ops import _loader as _extension
 
 
 def test_build_info():

@@ -73,7 +73,7 @@ def test_demo_end_to_end(tmp_path):
     assert (tmp_path / "demo.png").stat().st_size > 10_000
     report = json.loads((tmp_path / "demo.json").read_text())
     ring = report["datasets"]["ring2d"]
-    assert set(ring["samplers"]) == {"ddpm", "ddim", "euler_maruyama", "heun", "langevin", "pfgm"}
+    assert set(ring["samplers"]) == {"ddpm", "ddim", "euler_maruyama", "heun", "langevin", "dpmpp", "flow", "pfgm"}
     for name, r in ring["samplers"].items():
         # few steps and 512 samples: every mode found, distances within a few noise floors
         assert r["modes_covered"] == 8, name
@@ -97,7 +97,7 @@ def test_demo_high_dimensional(tmp_path):
 
 @pytest.mark.parametrize("args,message", [
     (["demo", "--samples", "0"], "positive"),
-    (["demo", "--sampler", "ddpm,euler"], "unknown sampler"),
+    (["demo", "--sampler", "ddpm,eulerx"], "unknown sampler"),
     (["demo", "--device", "meta"], "cpu or cuda"),
     (["demo", "--device", "nonsense"], "unknown device"),
     (["demo", "--frobnicate"], "unrecognized arguments"),

@@ -166,7 +166,7 @@ T4 = torch.tensor([10] * 4)
 
 @pytest.mark.parametrize("call,match", [
     (lambda: dk.ddpm_step(M, T4, X, SCHED, noise=Z, prev_t=20), "prev_t must be smaller than t"),
-    (lambda: dk.ddim_step(M, T4, 20, X, SCHED), "prev_t must be smaller than t"),
+    (lambda: dk.ddim_step(M, T4, 20, X, SCHED), "t_prev must be smaller than t"),
     (lambda: dk.ddpm_step(M, T4, X, SCHED, noise=Z, prev_t=5000), "prev_t=5000"),
     (lambda: dk.ddpm_step(M, T4, X, SCHED, noise=Z, prev_t=torch.tensor([5] * 3)), "prev_t as a tensor"),
     (lambda: dk.ddpm_step(M, T4, X, SCHED, noise=Z, prev_t=torch.tensor([5.0] * 4)), "prev_t as a tensor"),

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import diffkern as dk
-from diffkern import likelihood, ops, reference, rk
+from diffkern import likelihood, ode, ops, reference
 from common import requires_cuda
 from test_likelihood import DATA, MU, SIGMA, chunked_tree_order, gaussian_marginal, gaussian_score
 
@@ -229,7 +229,7 @@ def test_num_evals_counts_model_calls(solver, num_steps, expected, error_norm):
     if expected is not None:
         assert result.num_evals == expected
     else:  # the first evaluation, Hairer's probe, then (stages - 1) per attempted step (FSAL)
-        assert (result.num_evals - 2) % (len(rk.TABLEAUS[solver].c) - 1) == 0 and result.num_evals > 2
+        assert (result.num_evals - 2) % (len(ode.TABLEAUS[solver].c) - 1) == 0 and result.num_evals > 2
 
 
 def test_per_sample_norm_is_independent_of_the_batch_split():

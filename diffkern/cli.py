@@ -1,0 +1,372 @@
+"""Command line: `python -m diffkern [info|demo|generate|evaluate]` (also installed as the `diffkern`
+command). The samplers and their options come from the registry (diffkern.sampling.registry).
+
+Errors in the user's input (an argument, a model that does not fit the shape or the data, a device
+that is not there) are one line on stderr and exit status 2."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def _info(args: argparse.Namespace) -> int:
+    import torch
+
+    import diffkern as dk
+    from diffkern import reference
+
+    info = dk.build_info()
+    cuda = "not compiled"
+    if info["cuda_kernels"]:
+        cuda = f"compiled for archs {info['cuda_arch_list'] or '(visible GPUs at build time)'}; "
+        cuda += f"GPU: {info['cuda_device']}" if info["cuda_device"] else "no GPU visible"
+    print(f"diffkern {info['diffkern']}")
+    print(f"  torch         {info['torch']} (built against {info['built_against_torch']})")
+    print(f"  CPU kernels   yes, instruction set {info['cpu_isa']}")
+    print(f"  CUDA kernels  {cuda}")
+
+    shape = (2, 4)
+    z = dk.randn(shape, seed=args.seed)
+    expected = reference.randn(shape, seed=args.seed)
+    close = torch.allclose(z, expected, atol=reference.NORMAL_ATOL, rtol=reference.NORMAL_RTOL)
+    print(f"\nnoise stream: dk.randn({shape}, seed={args.seed}) on cpu")
+    for row in z.tolist():
+        print("  " + "  ".join(f"{v:+.6f}" for v in row))
+    print(f"  agrees with the PyTorch reference (diffkern.reference.randn): {'yes' if close else 'NO'}")
+    ok = close
+    if info["cuda_kernels"] and torch.cuda.is_available():
+        same = torch.equal(dk.randn(shape, seed=args.seed, device="cuda").cpu(), z)
+        print(f"  equal bit for bit on cuda: {'yes' if same else 'NO'}")
+        ok = ok and same
+    return 0 if ok else 1
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+    if not 0 <= value < 1 << 64:
+        raise argparse.ArgumentTypeError(f"must lie in [0, 2^64), got {value}")
+    return value
+
+
+def _writable_folder(path: str) -> str:
+    """path, created if missing, after checking that a file can be written there (so a long run does
+    not fail at its end)."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, f".diffkern-write-test-{os.getpid()}")
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as error:
+        raise argparse.ArgumentTypeError(f"cannot write to {path!r}: {error.strerror or error}") from None
+    return path
+
+
+def _demo(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    import torch
+
+    import diffkern as dk
+    from diffkern import demo
+
+    samplers = (list(demo.DEFAULT_SAMPLERS) + ["likelihood"] if args.sampler == "all"
+                else [s.strip() for s in args.sampler.split(",")])
+    unknown = [s for s in samplers if s not in demo.SAMPLERS]
+    if unknown:
+        parser.error(f"unknown sampler {', '.join(unknown)}; choose from {', '.join(demo.SAMPLERS)} or all (the "
+                     f"default: {', '.join(demo.DEFAULT_SAMPLERS)}, likelihood)")
+    device = _device_of(args.device, parser)
+    if device is None:
+        device = torch.device("cuda" if torch.cuda.is_available() and dk.cuda_kernels_available() else "cpu")
+    demo.run(device, args.samples, args.seed, args.out, samplers, quick=args.quick, progress=not args.no_progress,
+             high_dim=not args.no_high_dim)
+    return 0
+
+
+def _load_model(spec: str, kwargs_json, parser: argparse.ArgumentParser):
+    """--model MODULE:ATTR: the model itself, or a factory called with --model-kwargs (or with none when
+    it needs no arguments: a class, or a function without required parameters)."""
+    import importlib
+    import inspect
+    import json
+
+    if ":" not in spec:
+        parser.error(f"--model must be MODULE:ATTR (e.g. diffkern.models:mixture_model), got {spec!r}")
+    module_name, attr = spec.split(":", 1)
+    try:
+        obj = importlib.import_module(module_name)
+    except Exception as error:  # noqa: BLE001 (any import failure is the user's spec)
+        parser.error(f"--model {spec}: cannot import {module_name!r}: {type(error).__name__}: {error}")
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            parser.error(f"--model {spec}: {module_name!r} has no attribute {attr!r}")
+        obj = getattr(obj, part)
+    try:
+        kwargs = json.loads(kwargs_json) if kwargs_json else None
+    except json.JSONDecodeError as error:
+        parser.error(f"--model-kwargs is not JSON: {error}")
+    if kwargs is not None and not isinstance(kwargs, dict):
+        parser.error("--model-kwargs must be a JSON object")
+    if not callable(obj):
+        parser.error(f"--model {spec} is a {type(obj).__name__}, not a model or a factory")
+    is_factory = kwargs is not None or inspect.isclass(obj)
+    if not is_factory:
+        try:
+            parameters = inspect.signature(obj).parameters.values()
+            is_factory = not any(p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+                                 for p in parameters)
+        except (TypeError, ValueError):
+            is_factory = False
+    if is_factory:
+        try:
+            obj = obj(**(kwargs or {}))
+        except Exception as error:  # noqa: BLE001
+            parser.error(f"--model {spec}: the factory failed: {type(error).__name__}: {error}")
+        if not callable(obj):
+            parser.error(f"--model {spec} returned a {type(obj).__name__}, not a callable model")
+    return obj, kwargs
+
+
+def _process_group(device_arg: str, timeout: float):
+    """Join torchrun's process group (gloo on CPU, NCCL on GPU) when launched by it."""
+    import datetime
+    import os
+
+    import torch
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return False
+    cuda = device_arg.startswith("cuda") or (device_arg == "auto" and torch.cuda.is_available())
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+    # torchrun keeps one store across restarts (--max-restarts): the keys a killed round left there
+    # (its ranks' gloo addresses) would be read by the next round, which then connects to dead
+    # processes ("Connection refused"). A prefix per round keeps each round's keys apart.
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    wait = datetime.timedelta(seconds=timeout)
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                          is_master=rank == 0 and not agent_store, timeout=wait)
+    store = dist.PrefixStore(f"diffkern/round{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+    dist.init_process_group("nccl" if cuda else "gloo", store=store, rank=rank, world_size=world, timeout=wait)
+    return True
+
+
+def _device_of(arg: str, parser: argparse.ArgumentParser):
+    """--device: None for auto, else a device that is there (cpu, or cuda with a GPU and the CUDA kernels)."""
+    import torch
+
+    import diffkern as dk
+
+    if arg == "auto":
+        return None
+    try:
+        device = torch.device(arg)
+    except RuntimeError:
+        parser.error(f"--device: unknown device {arg!r} (auto, cpu, cuda or cuda:N)")
+    if device.type not in ("cpu", "cuda"):
+        parser.error(f"--device: diffkern runs on cpu or cuda, not {device.type}")
+    if device.type == "cuda":
+        if not (torch.cuda.is_available() and dk.cuda_kernels_available()):
+            parser.error("--device cuda needs a GPU and diffkern built with its CUDA kernels "
+                         f"(GPU visible: {torch.cuda.is_available()}, CUDA kernels: {dk.cuda_kernels_available()})")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            parser.error(f"--device {arg}: there are {torch.cuda.device_count()} GPUs")
+    return device
+
+
+def _generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from diffkern import distributed
+    from diffkern.sampling import registry
+
+    if args.sampler not in registry.SAMPLERS:
+        parser.error(f"unknown sampler {args.sampler!r}; choose from {', '.join(registry.SAMPLERS)}")
+    try:
+        shape = [int(s) for s in args.shape.split(",")]
+    except ValueError:
+        parser.error(f"--shape must be comma-separated positive integers, e.g. 3,32,32; got {args.shape!r}")
+    if not shape or any(s < 1 for s in shape):
+        parser.error(f"--shape must be comma-separated positive integers, got {args.shape!r}")
+    if args.dtype not in distributed.DTYPES:
+        parser.error(f"--dtype must be one of {', '.join(distributed.DTYPES)}")
+    options = {name: getattr(args, name) for name in registry.OPTIONS if getattr(args, name) is not None}
+    try:
+        sampler = registry.make_sampler(args.sampler, steps=args.steps, **options)
+    except ValueError as error:
+        parser.error(_as_flags(str(error)))
+    device = _device_of(args.device, parser)
+    model, kwargs = _load_model(args.model, args.model_kwargs, parser)
+    return _in_process_group("generate", args, lambda joined: distributed.generate(
+        model, sampler=sampler, num_samples=args.num_samples, shape=shape, batch_size=args.batch_size, seed=args.seed,
+        out=args.out, dtype=distributed.DTYPES[args.dtype], device=device, progress=not args.no_progress,
+        timeout=args.timeout, config={"model": args.model, "model_kwargs": kwargs}))
+
+
+def _in_process_group(command: str, args: argparse.Namespace, work) -> int:
+    """Run work(joined) inside torchrun's process group when launched by it; a ValueError is the
+    user's input: printed (by every rank) with exit status 2."""
+    joined = _process_group(args.device, args.timeout)
+    try:
+        work(joined)
+    except ValueError as error:
+        print(f"diffkern {command}: error: {error}", file=sys.stderr)
+        return 2
+    finally:
+        if joined:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+    return 0
+
+
+def _likelihood_solvers():
+    from diffkern.ode import SOLVERS
+
+    return SOLVERS
+
+
+def _evaluate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from diffkern import distributed
+
+    if args.sde not in distributed.SDES:
+        parser.error(f"--sde must be one of {', '.join(distributed.SDES)}")
+    if args.solver not in _likelihood_solvers():
+        parser.error(f"--solver must be one of {', '.join(_likelihood_solvers())}, got {args.solver!r}")
+    try:
+        data = distributed.load_data(args.data)
+    except (ValueError, OSError) as error:
+        parser.error(f"--data: {error}")
+    device = _device_of(args.device, parser)
+    model, kwargs = _load_model(args.model, args.model_kwargs, parser)
+
+    def work(joined):
+        path, mean, stderr = distributed.evaluate(
+            model, data, sde=args.sde, steps=args.steps, solver=args.solver, probes=args.probes, trace=args.trace,
+            seed=args.seed, batch_size=args.batch_size, out=args.out, bits_offset=args.bits_offset, device=device,
+            progress=not args.no_progress, timeout=args.timeout,
+            config={"model": args.model, "model_kwargs": kwargs, "data": os.path.abspath(args.data)})
+        if not joined or int(os.environ.get("RANK", "0")) == 0:
+            print(f"bits/dim: {mean:.6f} +- {stderr:.6f} (standard error over {data.shape[0]} samples); {path}")
+
+    return _in_process_group("evaluate", args, work)
+
+
+def _as_flags(message: str) -> str:
+    """A registry message in the command line's words: a leading option name as its --flag."""
+    from diffkern.sampling import registry
+
+    for name in registry.OPTIONS:
+        if message.startswith(name + " "):
+            return f"--{name.replace('_', '-')}{message[len(name):]}"
+    return message
+
+
+def _sampler_help() -> str:
+    from diffkern.sampling import registry
+
+    return "; ".join(f"{name} ({entry.model} model, {entry.default_steps} steps)"
+                     for name, entry in registry.ENTRIES.items())
+
+
+def _add_sampler_options(generate: argparse.ArgumentParser) -> None:
+    """--steps and one flag per registry option, each saying which samplers read it."""
+    from diffkern.sampling import registry
+
+    generate.add_argument("--steps", type=_positive_int, default=None, help="sampler steps (each sampler's default, "
+                          "above)")
+    types = {"eta": float, "sigma_min": float, "sigma_max": float, "order": int, "langevin_steps": _positive_int,
+             "step_size": float, "z_max": float}
+    for name, option in registry.OPTIONS.items():
+        readers = registry.readers(name)
+        default = f"; default {option.default}" if option.default is not None else ""
+        generate.add_argument(f"--{name.replace('_', '-')}", dest=name, type=types.get(name, str), default=None,
+                              help=f"{option.help} ({', '.join(readers)}{default})")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="diffkern", description="diffkern: fused diffusion-step kernels")
+    commands = parser.add_subparsers(dest="command")
+    info = commands.add_parser("info", help="what was built and a check of the noise stream (default)")
+    parser.add_argument("--seed", type=_seed, default=0, help="seed of the noise values shown (default 0)")
+    # SUPPRESS: `diffkern --seed 3 info` must keep 3 rather than take the subcommand's default.
+    info.add_argument("--seed", type=_seed, default=argparse.SUPPRESS, help="as above")
+    demo = commands.add_parser("demo", help="every sampler on exact Gaussian-mixture models: timings, quality, "
+                                            "a picture and a JSON report")
+    demo.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
+    demo.add_argument("--samples", type=_positive_int, default=4096, help="samples per sampler (default 4096)")
+    demo.add_argument("--seed", type=_seed, default=argparse.SUPPRESS, help="seed of every sampler (default 0)")
+    demo.add_argument("--out", default="diffkern-demo", type=_writable_folder, help="folder for demo.png and demo.json (default ./diffkern-demo)")
+    demo.add_argument("--sampler", default="all",
+                      help="comma-separated sampler names (any of `generate --sampler`) and likelihood; default all: "
+                           "ddpm, ddim, euler_maruyama, heun, langevin, dpmpp, flow, pfgm, likelihood")
+    demo.add_argument("--quick", action="store_true", help="fewer steps, for a smoke test")
+    demo.add_argument("--no-high-dim", action="store_true", help="skip the 64-d mixture")
+    demo.add_argument("--no-progress", action="store_true", help="no progress bars")
+    generate = commands.add_parser(
+        "generate", help="generate samples, sharded over processes (torchrun), resumable",
+        description="Run alone or as `torchrun --nproc_per_node=K -m diffkern generate ...`. Samples are identical "
+                    "for any world size and batch size.")
+    generate.add_argument("--model", required=True, help="MODULE:ATTR, the model or a factory returning it "
+                          "(e.g. diffkern.models:mixture_model)")
+    generate.add_argument("--model-kwargs", default=None, help="JSON object for the factory")
+    generate.add_argument("--sampler", required=True, help=_sampler_help())
+    _add_sampler_options(generate)
+    generate.add_argument("--num-samples", type=_positive_int, required=True, help="N, the total")
+    generate.add_argument("--shape", required=True, help="per sample, e.g. 3,32,32 or 2")
+    generate.add_argument("--batch-size", type=_positive_int, default=256, help="per process (default 256)")
+    generate.add_argument("--dtype", default="float32", help="float32, float64, float16 or bfloat16")
+    for sub in (generate,):
+        sub.add_argument("--seed", type=_seed, default=argparse.SUPPRESS, help="seed (default 0)")
+    evaluate = commands.add_parser(
+        "evaluate", help="log-likelihood / bits per dim of a dataset, sharded like generate",
+        description="Run alone or under torchrun; writes DIR/likelihood.npz (log_p, bits_per_dim in dataset order).")
+    evaluate.add_argument("--model", required=True, help="MODULE:ATTR of a score model(x, t) of --sde, or a factory")
+    evaluate.add_argument("--model-kwargs", default=None, help="JSON object for the factory")
+    evaluate.add_argument("--data", required=True, help="FILE.npy or FILE.npz ([N, ...] rows)")
+    evaluate.add_argument("--sde", default="vp", help="vp, subvp or ve (default vp)")
+    evaluate.add_argument("--steps", type=_positive_int, default=100, help="ODE steps (default 100)")
+    evaluate.add_argument("--solver", default="heun", help=f"{', '.join(_likelihood_solvers())} (default heun; the "
+                          "adaptive ones on the fixed grid of --steps)")
+    evaluate.add_argument("--probes", type=_positive_int, default=1, help="Hutchinson probes (default 1)")
+    evaluate.add_argument("--trace", default="hutchinson", help="hutchinson or exact")
+    evaluate.add_argument("--bits-offset", type=float, default=0.0, help="added to bits/dim (e.g. 8 for data in "
+                          "[0, 1) scaled from 256 levels: see dk.log_likelihood)")
+    evaluate.add_argument("--batch-size", type=_positive_int, default=256, help="per process (default 256)")
+    evaluate.add_argument("--seed", type=_seed, default=argparse.SUPPRESS, help="probe seed (default 0)")
+    for sub in (generate, evaluate):
+        sub.add_argument("--device", default="auto", help="auto (the rank's GPU when present, else CPU), cpu, cuda")
+        sub.add_argument("--out", required=True, help="the run's folder (shards, result, manifest)")
+        sub.add_argument("--timeout", type=float, default=1800.0, help="seconds a rank waits for the others")
+        sub.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "demo":
+            return _demo(args, demo)
+        if args.command == "generate":
+            return _generate(args, generate)
+        if args.command == "evaluate":
+            return _evaluate(args, evaluate)
+        return _info(args)
+    except ImportError as error:  # the extension is missing or built against another torch
+        print(error, file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # output piped into e.g. `head`: stop quietly
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,180 @@
+"""The one run engine of every sampler: a run's device, dtypes and noise counter; its tables, made
+before the loop; its fused steps (ops.fused_step and the widened ops.linear_step); its callback.
+
+Noise contract: x_T is ``dk.randn(shape, seed, step=0, sample_offset)`` times the prior scale, and
+the k-th noisy launch of a run draws ``dk.randn(shape, seed, step=k, sample_offset)`` inside the kernel,
+so 16 samples in one call equal two calls of 8 with sample_offset 0 and 8, on the CPU and on CUDA.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from .. import coefficients, ops
+from .._model import StepInfo, progress, step_callback
+from .._validate import check_dtype, check_shape
+from ..noise import SAMPLING_STREAM, randn, resolve_device
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """What every sampler's run is asked for besides its model and its schedule: the samples'
+    shape, their noise key (seed, sample_offset), device and dtype, an optional given start x_T,
+    and how the run reports (progress bar, callback)."""
+
+    shape: tuple
+    seed: int = 0
+    device: object = None
+    dtype: torch.dtype = torch.float32
+    sample_offset: int = 0
+    x_T: Optional[torch.Tensor] = None
+    progress: bool = False
+    callback: Optional[Callable] = None
+
+
+class Run:
+    """State shared by one sampling run. Unless a callback may keep references to the states, the
+    loop writes into two buffers in turn (and one for Heun's predicted point) instead of allocating
+    every step.
+
+    ``level_name`` names the levels the callback reports ("timestep", "t", "sigma" or "z"), and
+    ``legacy`` the StepInfo fields a positional 0.1-style callback of this sampler receives."""
+
+    def __init__(self, spec: RunSpec, level_name: str, legacy: Sequence[str] = ("i", "level", "x")):
+        self.shape = tuple(check_shape(spec.shape))
+        check_dtype(spec.dtype)
+        self.device = resolve_device(spec.device)
+        # the noise key, checked once here rather than at the first launch
+        ops.noise_args(list(self.shape), spec.seed, 0, spec.sample_offset, SAMPLING_STREAM, None, self.device)
+        self.batch = self.shape[0] if self.shape else 1
+        self.seed, self.dtype, self.sample_offset = spec.seed, spec.dtype, spec.sample_offset
+        self.x_T, self.progress_enabled = spec.x_T, spec.progress
+        self.table_dtype = torch.float64 if spec.dtype == torch.float64 else torch.float32
+        self.time_dtype = self.table_dtype
+        self.noise_step = 0
+        self.level_name = level_name
+        self.callback = step_callback(spec.callback, legacy)
+        self.reuse_buffers = self.callback is None
+        self._buffers = {}
+
+    # ---- before the loop ----
+
+    def initial(self, scale: float) -> torch.Tensor:
+        """x_T: the given one, or scale times the stream's step 0."""
+        x_T = self.x_T
+        if x_T is not None:
+            if not isinstance(x_T, torch.Tensor) or tuple(x_T.shape) != self.shape:
+                raise ValueError(f"x_T must be a tensor of shape {self.shape}, got "
+                                 f"{tuple(x_T.shape) if isinstance(x_T, torch.Tensor) else type(x_T).__name__}")
+            return x_T.to(device=self.device, dtype=self.dtype)
+        return randn(self.shape, seed=self.seed, step=0, sample_offset=self.sample_offset, device=self.device,
+                     dtype=self.dtype) * scale
+
+    def table(self, rows) -> torch.Tensor:
+        """Coefficient rows (float64: a tensor [..., width] or a list of equal-width lists) as the
+        device table of this run's dtype."""
+        rows = torch.as_tensor(rows, dtype=torch.float64)
+        if rows.dim() == 1:
+            rows = rows[None]
+        return rows.reshape(-1, rows.shape[-1]).to(device=self.device, dtype=self.table_dtype)
+
+    def fused_table(self, rows64: torch.Tensor) -> torch.Tensor:
+        """Rows of ops.fused_step (float64 [..., len(FIELDS)]) as this run's device table."""
+        return rows64.reshape(-1, len(coefficients.FIELDS)).to(device=self.device, dtype=self.table_dtype)
+
+    def per_step(self, values, batch: Optional[int] = None, dtype: Optional[torch.dtype] = None) -> list:
+        """values[i] as a [batch] tensor on the device for each i, made once before the loop (the
+        loop then only indexes a list)."""
+        values = torch.as_tensor(values).to(device=self.device, dtype=dtype or self.time_dtype)
+        return list(values.reshape(-1, 1).expand(-1, batch or self.batch).unbind(0))
+
+    def steps(self, n: int, desc: str):
+        """range(n), under a progress bar when asked for."""
+        return progress(range(n), self.progress_enabled, desc)
+
+    # ---- in the loop ----
+
+    def next_noise_step(self) -> int:
+        self.noise_step += 1
+        return self.noise_step
+
+    def _buffer(self, name):
+        buffer = self._buffers.get(name)
+        if buffer is None:
+            buffer = self._buffers[name] = torch.empty(self.shape, device=self.device, dtype=self.dtype)
+        return buffer
+
+    def output_for(self, x, name=None):
+        """Where the step from x writes: a named buffer, or the state buffer x is not."""
+        if not self.reuse_buffers:
+            return None
+        if name is not None:
+            return self._buffer(name)
+        first = self._buffer("state0")
+        return self._buffer("state1") if x is first else first
+
+    def model_output(self, out, x: torch.Tensor) -> torch.Tensor:
+        """The model's output checked against x's shape, in x's dtype."""
+        if not isinstance(out, torch.Tensor) or out.shape != x.shape:
+            raise ValueError(f"the model returned shape {tuple(getattr(out, 'shape', ()))} for x of shape "
+                             f"{tuple(x.shape)}")
+        return out if out.dtype == x.dtype else out.to(x.dtype)
+
+    def step(self, x, table, row, model_output=None, *, third=None, noisy=False, noise=None, into=None,
+             model_output_uncond=None, predicted_variance=None, clip=False, return_x0=False):
+        """One ops.fused_step from x with row ``row`` of ``table``; ``third`` is the kernel's third input
+        (a classifier gradient, or Heun's first model output). A noisy step without ``noise`` draws
+        the run's next stream step. Returns the new state (and x0 with return_x0)."""
+        if model_output is not None and model_output.shape != x.shape:
+            raise ValueError(f"the model returned shape {tuple(model_output.shape)} for x of shape {tuple(x.shape)}")
+        dtype = x.dtype
+        if model_output is not None and model_output.dtype != dtype:
+            model_output = model_output.to(dtype)
+        if model_output_uncond is not None and model_output_uncond.dtype != dtype:
+            model_output_uncond = model_output_uncond.to(dtype)
+        if third is not None and third.dtype != dtype:
+            third = third.to(dtype)
+        if predicted_variance is not None and predicted_variance.dtype != dtype:
+            predicted_variance = predicted_variance.to(dtype)
+        if noise is not None and noise.dtype != dtype:
+            noise = noise.to(dtype)
+        out = self.output_for(x, into)
+        inputs = (x, model_output, model_output_uncond, third, predicted_variance, noise)
+        if out is not None and (torch.is_grad_enabled() and ops.any_requires_grad(*inputs)
+                                or _shares_memory(out, inputs[1:])):
+            # a differentiable run records every state; a model that returned (a view of) one of
+            # the run's buffers must not have it overwritten while it is read: allocate this step
+            out = None
+        stream_noise = noisy and noise is None
+        new, x0 = ops.fused_step(
+            x, model_output, model_output_uncond, third, predicted_variance, noise, coefficients=table, row=row,
+            clip=clip, aux="x0" if return_x0 else "none", stream_noise=stream_noise, seed=self.seed,
+            step=self.next_noise_step() if stream_noise else 0, sample_offset=self.sample_offset,
+            out=out, aux_out=self.output_for(x, "x0") if return_x0 and out is not None else None)
+        return (new, x0) if return_x0 else new
+
+    def linear(self, inputs, table, row, *, x0=False, noise_step=None) -> list:
+        """One ops.linear_step of ``inputs`` (the state first) with row ``row`` of ``table``; with
+        ``noise_step`` it draws that step of the run's stream."""
+        return ops.linear_step(inputs, coefficients=table, row=row, outputs=1, x0=x0,
+                               stream_noise=noise_step is not None, seed=self.seed,
+                               step=noise_step or 0, sample_offset=self.sample_offset)
+
+    def report(self, i: int, levels: tuple, x: torch.Tensor, denoised: torch.Tensor) -> None:
+        """Calls the callback with step i's StepInfo; levels = (before the step, after it)."""
+        self.callback(StepInfo(i, self.level_name, levels[0], levels[1], x, denoised))
+
+
+def _shares_memory(buffer: torch.Tensor, tensors) -> bool:
+    storage = buffer.untyped_storage().data_ptr()
+    return any(t is not None and t.untyped_storage().data_ptr() == storage for t in tensors)
+
+
+def per_sample(coef, x: torch.Tensor) -> torch.Tensor:
+    """A float, or a tensor [] / [B], broadcast against x [B, ...] in x's dtype (callback paths)."""
+    if not isinstance(coef, torch.Tensor):
+        return torch.tensor(float(coef), dtype=x.dtype, device=x.device)
+    coef = coef.to(device=x.device, dtype=x.dtype)
+    return coef.reshape(-1, *([1] * (x.dim() - 1))) if coef.dim() else coef

@@ -1,0 +1,87 @@
+"""Sampling along the probability-flow ODE of a score SDE: dx = [f(x, t) - g(t)^2 s(x, t) / 2] dt from
+T to eps, with fixed Euler / Heun steps through the fused step, or the adaptive Runge-Kutta pairs of
+diffkern.ode."""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+from .. import coefficients
+from .._model import model_output_of
+from .._validate import check_choice
+from ..ode import ADAPTIVE_SOLVERS, FIXED_GRID_SOLVERS, LinearODE, resolve_solver
+from ..ode import rk
+from ._engine import Run, RunSpec
+from .score_sde import denoised_from_score
+
+ODE_SOLVERS = FIXED_GRID_SOLVERS + ADAPTIVE_SOLVERS
+
+
+def sample_ode(score_fn, shape, sde, num_steps: Optional[int] = None, *, solver: str = "heun", eps: float = 1e-3,
+               rtol: Optional[float] = None, atol: Optional[float] = None, error_norm: Optional[str] = None,
+               max_num_evals: int = 10000, parameterization: str = "score", seed: int = 0, device=None,
+               dtype: torch.dtype = torch.float32, sample_offset: int = 0, x_T=None, progress: bool = False,
+               callback: Optional[Callable] = None):
+    """The probability-flow ODE dx = [f(x, t) - g(t)^2 s(x, t) / 2] dt from T to eps. ``solver``:
+    "euler" (one model call per step) or "heun" (two; second order) on num_steps (default 100) equal
+    steps; or the embedded Runge-Kutta pairs "dopri5" / "bosh3" of log_likelihood, adaptive to
+    ``rtol`` / ``atol`` (default 1e-5; ``error_norm`` "batch" or "sample", ``max_num_evals``) or, with
+    num_steps, on the same fixed grid. ``callback(info)`` sees each fixed step (adaptive steps
+    refuse it). Deterministic given x_T (drawn from the prior with ``seed``)."""
+    check_choice("solver", solver, ODE_SOLVERS)
+    choice = resolve_solver(solver, num_steps, rtol, atol, error_norm, max_num_evals=max_num_evals)
+    run = Run(RunSpec(shape, seed, device, dtype, sample_offset, x_T, progress, callback), "t")
+    if choice.solver in ADAPTIVE_SOLVERS:
+        if callback is not None and choice.num_steps is None:
+            raise ValueError("callback goes with fixed steps (give num_steps); adaptive steps are not known ahead")
+        return _sample_ode_rk(score_fn, sde, choice, eps, parameterization, run, max_num_evals)
+    num_steps = choice.num_steps
+    t = sde.time_grid(num_steps, eps)
+    dt = t[1:] - t[:-1]
+    scale = sde.score_scale(t, parameterization)
+    f, g = sde.drift_coef(t), sde.diffusion(t)
+    euler = run.fused_table(coefficients.ode_euler_rows(f[:-1], g[:-1], dt, scale[:-1]))
+    heun = run.fused_table(coefficients.ode_heun_corrector_rows(f[:-1], g[:-1], f[1:], g[1:], dt, scale[:-1],
+                                                                scale[1:]))
+    times, levels = run.per_step(t), t.tolist()
+    x = run.initial(sde.prior_std)
+    for i in run.steps(num_steps, f"ODE ({solver})"):
+        m = model_output_of(score_fn(x, times[i]))
+        x_before = x
+        if solver == "euler":
+            x = run.step(x, euler, i, m)
+        else:
+            x_pred = run.step(x, euler, i, m, into="predicted")
+            m_next = model_output_of(score_fn(x_pred, times[i + 1]))
+            x = run.step(x, heun, i, m_next, third=m)
+        if run.callback is not None:
+            score = run.model_output(m, x_before) * float(scale[i])
+            run.report(i, (levels[i], levels[i + 1]), x, denoised_from_score(sde, levels[i], x_before, score))
+    return x
+
+
+def _sample_ode_rk(score_fn, sde, choice, eps, parameterization, run: Run, max_num_evals):
+    grid = None if choice.num_steps is None else sde.time_grid(choice.num_steps, eps).tolist()
+    if grid is None:
+        sde.time_grid(1, eps)  # checks eps
+    x = run.initial(sde.prior_std)
+    time_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+
+    def evaluate(y, t, need_products):
+        t_batch = (t.to(time_dtype) if isinstance(t, torch.Tensor)
+                   else torch.full((y.shape[0],), t, dtype=time_dtype, device=y.device))
+        return run.model_output(model_output_of(score_fn(y, t_batch)), y), None
+
+    terms = sde.velocity_terms(parameterization)
+    system = LinearODE(terms, evaluate)
+    on_step = None
+    if run.callback is not None:
+        def on_step(i, x_before, k_before, x_after):
+            # the model output at x_before, from the velocity k = a x + b m, then Tweedie's estimate
+            a, b = terms(grid[i])
+            score = (k_before - a * x_before) / b * float(sde.score_scale(grid[i], parameterization))
+            run.report(i, (grid[i], grid[i + 1]), x_after, denoised_from_score(sde, grid[i], x_before, score))
+    x, _, _ = rk.solve(system, x, float(sde.T), float(eps), choice, max_num_evals=max_num_evals,
+                       progress=run.progress_enabled, desc=f"ODE ({choice.solver})", grid=grid, on_step=on_step)
+    return x
