@@ -3,9 +3,9 @@ torch.compile (both with torch.randn), and diffusers' DDPMScheduler.step; torch.
 dk.randn plus a copy, and a copy for scale. Shapes from 1 feature per sample to images."""
 import pytest
 import torch
+from bench_common import DEVICES, run
 
 import diffkern as dk
-from bench_common import DEVICES, run
 
 try:
     from diffusers import DDPMScheduler

@@ -5,8 +5,9 @@ import pytest
 import torch
 
 diffusers = pytest.importorskip("diffusers")
-import diffkern.diffusers as dkd  # noqa: E402
 from bench_common import DEVICES, run  # noqa: E402
+
+import diffkern.diffusers as dkd  # noqa: E402
 
 SHAPES = [(1, 4, 64, 64), (16, 4, 64, 64), (64, 3, 128, 128)]
 CONFIGS = {

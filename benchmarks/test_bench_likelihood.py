@@ -2,9 +2,9 @@
 FFJORD / score_sde pattern: a Python loop of K autograd.grad calls and a torch reduction."""
 import pytest
 import torch
+from bench_common import DEVICES, run
 
 import diffkern as dk
-from bench_common import DEVICES, run
 
 B, D, K = 1024, 64, 8
 
@@ -39,7 +39,8 @@ def test_hutchinson_trace(benchmark, device, impl):
     score = mlp(device)
     x = torch.randn(B, D, device=device)
     t = torch.full((B,), 0.5, device=device)
-    fn = (lambda y: score(y, t))
+    def fn(y):
+        return (score(y, t))
     if impl.startswith("diffkern"):
         call = lambda: dk.hutchinson_trace(fn, x, num_probes=K, seed=0, mode=impl.split()[1])  # noqa: E731
     else:
@@ -58,7 +59,10 @@ def loop_log_likelihood(score, x, sde, num_steps, eps=1e-5):
     for i in range(num_steps):
         t, dt = float(t_grid[i]), float(t_grid[i + 1] - t_grid[i])
         f, g2 = float(sde.drift_coef(t)), float(sde.diffusion(t)) ** 2
-        drift = (lambda y: f * y - 0.5 * g2 * score(y, torch.full((x.shape[0],), t, device=x.device)))
+
+        def drift(y):  # called at once by loop_trace, in this iteration
+            return f * y - 0.5 * g2 * score(y, torch.full((x.shape[0],), t, device=x.device))  # noqa: B023
+
         trace, velocity = loop_trace(drift, x, v)
         x = x + dt * velocity
         delta = delta + dt * trace

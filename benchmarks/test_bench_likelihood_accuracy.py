@@ -20,10 +20,10 @@ import math
 import numpy as np
 import pytest
 import torch
+from bench_common import run
 
 import diffkern as dk
 from diffkern.likelihood import basis_probes, jacobian_products
-from bench_common import run
 
 torchdiffeq = pytest.importorskip("torchdiffeq")
 solve_ivp = pytest.importorskip("scipy.integrate").solve_ivp
@@ -191,6 +191,7 @@ def test_time_to_accuracy(benchmark, problem_name, target, method):
     problem = problem_of(problem_name)
     solve = METHODS[method][1]
     benchmark.extra_info.update(setting=setting, error=error, evals=evals)
-    run(benchmark, lambda: solve(problem, setting), group=f"time to {target:g} nats/dim, {problem_name} (B={B}, exact trace)",
+    run(benchmark, lambda: solve(problem, setting),
+        group=f"time to {target:g} nats/dim, {problem_name} (B={B}, exact trace)",
         name=f"{method} [{'steps' if 'heun' in method else 'tol'} {setting:g}, {evals} evals, err {error:.1e}]",
         nbytes=evals * B * D * 8, device="cpu")

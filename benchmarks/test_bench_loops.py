@@ -8,7 +8,6 @@ import pytest
 import torch
 
 import diffkern as dk
-from bench_common import run
 
 try:
     from diffusers import DDPMScheduler

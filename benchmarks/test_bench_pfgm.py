@@ -4,9 +4,9 @@
 [batch x points] log-sum-exp in float64) dominates; loop - field alone is the sampler's own cost."""
 import pytest
 import torch
+from bench_common import DEVICES, run
 
 import diffkern as dk
-from bench_common import DEVICES, run
 from diffkern import reference
 from diffkern.models import EmpiricalPoissonField
 

@@ -1,9 +1,9 @@
 """dk.randn against torch.randn, and a tensor copy of the same size as the bandwidth ceiling."""
 import pytest
 import torch
+from bench_common import DEVICES, run
 
 import diffkern as dk
-from bench_common import DEVICES, run
 
 SHAPES = {
     "cpu": [(1 << 20,), (1024, 1024), (64, 3, 128, 128)],

@@ -5,9 +5,9 @@ import math
 
 import pytest
 import torch
+from bench_common import DEVICES, run
 
 import diffkern as dk
-from bench_common import DEVICES, run
 
 try:
     from diffusers import EulerDiscreteScheduler, HeunDiscreteScheduler

@@ -10,24 +10,58 @@ drop-ins (``diffkern.diffusers``) -> ``sampling``, ``likelihood`` -> ``ode``, ``
 """
 import importlib
 
+from . import coefficients, models, reference
+from ._model import StepInfo
 from ._version import __version__
+from .likelihood import LogLikelihood, cnf_log_likelihood, exact_trace, hutchinson_trace, log_likelihood
+from .noise import rademacher, randn, random_bits
 from .ops import BUILD as _BUILD
 from .ops import cuda_kernels_available
-from ._model import StepInfo
-from .noise import rademacher, randn, random_bits
+from .sampling import (
+    classifier_grad,
+    pfgm_forward,
+    pfgm_prior,
+    sample_ddim,
+    sample_ddpm,
+    sample_dpmpp,
+    sample_euler,
+    sample_euler_ancestral,
+    sample_euler_maruyama,
+    sample_flow,
+    sample_heun,
+    sample_langevin,
+    sample_ode,
+    sample_pc,
+    sample_pfgm,
+)
 from .schedules import DDPMSchedule
-from .sde import (SDE, VESDE, VPSDE, SubVPSDE, denoiser_from_score, epsilon_from_score, karras_sigmas,
-                  score_from_denoiser, score_from_epsilon)
-from .steps import (ddim_step, ddpm_step, euler_ancestral_step, euler_maruyama_step, euler_step, heun_correct,
-                    heun_step, langevin_step, q_sample, q_sample_with_noise)
-from .sampling import (classifier_grad, pfgm_forward, pfgm_prior, sample_ddim, sample_ddpm, sample_dpmpp,
-                       sample_euler, sample_euler_ancestral, sample_euler_maruyama, sample_flow, sample_heun,
-                       sample_langevin, sample_ode, sample_pc, sample_pfgm)
-from .likelihood import LogLikelihood, cnf_log_likelihood, exact_trace, hutchinson_trace, log_likelihood
-from . import coefficients, models, reference
+from .sde import (
+    SDE,
+    VESDE,
+    VPSDE,
+    SubVPSDE,
+    denoiser_from_score,
+    epsilon_from_score,
+    karras_sigmas,
+    score_from_denoiser,
+    score_from_epsilon,
+)
+from .steps import (
+    ddim_step,
+    ddpm_step,
+    euler_ancestral_step,
+    euler_maruyama_step,
+    euler_step,
+    heun_correct,
+    heun_step,
+    langevin_step,
+    q_sample,
+    q_sample_with_noise,
+)
 
 __all__ = [
-    "__version__", "randn", "rademacher", "random_bits", "cuda_kernels_available", "build_info", "reference", "coefficients",
+    "__version__", "randn", "rademacher", "random_bits", "cuda_kernels_available", "build_info", "reference",
+    "coefficients",
     "DDPMSchedule", "ddpm_step", "ddim_step", "q_sample", "q_sample_with_noise",
     "sample_ddpm", "sample_ddim", "classifier_grad",
     "SDE", "VPSDE", "SubVPSDE", "VESDE", "karras_sigmas", "score_from_epsilon", "epsilon_from_score",

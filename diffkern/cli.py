@@ -306,7 +306,8 @@ def main(argv=None) -> int:
     demo.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
     demo.add_argument("--samples", type=_positive_int, default=4096, help="samples per sampler (default 4096)")
     demo.add_argument("--seed", type=_seed, default=argparse.SUPPRESS, help="seed of every sampler (default 0)")
-    demo.add_argument("--out", default="diffkern-demo", type=_writable_folder, help="folder for demo.png and demo.json (default ./diffkern-demo)")
+    demo.add_argument("--out", default="diffkern-demo", type=_writable_folder,
+                      help="folder for demo.png and demo.json (default ./diffkern-demo)")
     demo.add_argument("--sampler", default="all",
                       help="comma-separated sampler names (any of `generate --sampler`) and likelihood; default all: "
                            "ddpm, ddim, euler_maruyama, heun, langevin, dpmpp, flow, pfgm, likelihood")

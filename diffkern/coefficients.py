@@ -267,7 +267,8 @@ def ancestral_step(sigma, sigma_next, eta=1.0):
     sigma_up = min(sigma_next, eta sqrt(sigma_next^2 (sigma^2 - sigma_next^2) / sigma^2)),
     sigma_down = sqrt(sigma_next^2 - sigma_up^2)."""
     sigma, sigma_next = _f64(sigma), _f64(sigma_next)
-    sigma_up = _minimum(sigma_next, eta * _sqrt(_clamp_min((sigma_next ** 2 * (sigma ** 2 - sigma_next ** 2) / sigma ** 2), 0)))
+    sigma_up = _minimum(sigma_next,
+                        eta * _sqrt(_clamp_min((sigma_next ** 2 * (sigma ** 2 - sigma_next ** 2) / sigma ** 2), 0)))
     return _sqrt(_clamp_min((sigma_next ** 2 - sigma_up ** 2), 0)), sigma_up
 
 

@@ -17,6 +17,7 @@ from typing import Dict, List, Optional
 import torch
 
 import diffkern as dk
+
 from .models import EmpiricalPoissonField, GaussianMixture
 from .sampling import registry
 
@@ -159,7 +160,8 @@ def run_dataset(name: str, mixture: GaussianMixture, samplers: List[str], n: int
         x = x.cpu()
         keep[sampler] = x
         covered, tv = mode_statistics(mixture, x)
-        report.samplers[sampler] = SamplerResult(steps, calls, wall, n / wall, sliced_wasserstein(x, exact), covered, tv)
+        report.samplers[sampler] = SamplerResult(steps, calls, wall, n / wall, sliced_wasserstein(x, exact), covered,
+                                                 tv)
     return report
 
 
@@ -172,22 +174,30 @@ def format_report(report: DatasetReport, device) -> str:
         lines.append(f"  {LABELS[name]:<22}{r.steps:>7}{r.model_calls:>13}{r.wall_s:>9.2f}{r.samples_per_s:>12.0f}"
                      f"{r.sliced_wasserstein:>11.4f}{f'{r.modes_covered}/{report.modes}':>8}{r.mode_tv:>9.3f}")
     if "pfgm" in report.samplers:
-        lines.append(f"  PFGM follows the exact field of {report.samples} reference samples (seed + {PFGM_REFERENCE_SEED}): an "
-                     "exact empirical field carries its samples onto those points, so its sliced W1 measures the "
-                     "reference set's size, not a model.")
+        lines.append(f"  PFGM follows the exact field of {report.samples} reference samples (seed + "
+                     f"{PFGM_REFERENCE_SEED}): an exact empirical field carries its samples onto those points, so "
+                     "its sliced W1 measures the reference set's size, not a model.")
     if report.likelihood is not None:
         lk = report.likelihood
         lines.append(f"  log-likelihood (probability-flow ODE, Heun, {lk.steps} steps, {lk.trace} trace) on "
                      f"{lk.samples} exact samples, {lk.wall_s:.2f} s:\n    error vs the exact log-density, nats/dim: "
-                     f"|mean| {lk.mean_abs_error_per_dim:.2e}, max {lk.max_abs_error_per_dim:.2e}, bias {lk.bias_per_dim:+.1e}"
+                     f"|mean| {lk.mean_abs_error_per_dim:.2e}, max {lk.max_abs_error_per_dim:.2e}, "
+                     f"bias {lk.bias_per_dim:+.1e}"
                      f"{' (the spread is the estimator' + chr(39) + 's)' if lk.trace != 'exact' else ''}; "
-                     f"mean log p {lk.mean_log_p:.4f} (exact {lk.exact_mean_log_p:.4f}), {lk.bits_per_dim:.4f} bits/dim")
+                     f"mean log p {lk.mean_log_p:.4f} (exact {lk.exact_mean_log_p:.4f}), "
+                     f"{lk.bits_per_dim:.4f} bits/dim")
     return "\n".join(lines)
 
 
-def plot(mixture: GaussianMixture, samples: Dict[str, torch.Tensor], path: str) -> None:
-    """One panel per sampler: its samples over the target density."""
-    import matplotlib
+def plot(mixture: GaussianMixture, samples: Dict[str, torch.Tensor], path: str) -> bool:
+    """One panel per sampler: its samples over the target density. False (and a note) when matplotlib,
+    an optional dependency, is not installed."""
+    try:
+        import matplotlib
+    except ImportError:
+        print("the demo's picture needs matplotlib, which is not installed: pip install matplotlib (or "
+              "pip install 'diffkern[demo]'); the tables and demo.json are complete without it", flush=True)
+        return False
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -214,6 +224,7 @@ def plot(mixture: GaussianMixture, samples: Dict[str, torch.Tensor], path: str) 
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
+    return True
 
 
 def run(device: torch.device, samples: int, seed: int, out: str, samplers: List[str], quick: bool = False,
@@ -224,7 +235,7 @@ def run(device: torch.device, samples: int, seed: int, out: str, samplers: List[
     reports = [run_dataset("ring2d", ring, samplers, samples, device, seed, quick, progress, kept)]
     print(format_report(reports[0], device), flush=True)
     png = os.path.join(out, "demo.png")
-    plot(ring, kept, png)
+    drew = plot(ring, kept, png)
     if high_dim:
         mixture = GaussianMixture.high_dimensional()
         reports.append(run_dataset("mixture64d", mixture, samplers, samples, device, seed, quick, progress, {}))
@@ -234,5 +245,5 @@ def run(device: torch.device, samples: int, seed: int, out: str, samplers: List[
     json_path = os.path.join(out, "demo.json")
     with open(json_path, "w") as f:
         json.dump(summary, f, indent=2)
-    print(f"wrote {png} and {json_path}")
+    print(f"wrote {png + ' and ' if drew else ''}{json_path}")
     return summary

@@ -368,7 +368,9 @@ def generate(model, *, sampler, num_samples: int, shape: Sequence[int], batch_si
     together with the sampler, N, shape, seed and dtype: pass the model's identity there (the CLI
     passes --model and --model-kwargs). The model is tried once on two samples before anything is
     written. Returns the path of samples.npz. Identical results for any world size and batch size,
-    given a model that computes each sample on its own, deterministically."""
+    given a model that computes each sample on its own, deterministically; for "pc" (whose corrector
+    steps by batch-mean norms, as score_sde's) for any world size at one batch size, which is then part
+    of the configuration."""
     num_samples = check_positive_int("num_samples", num_samples)
     batch_size = check_positive_int("batch_size", batch_size)
     entries = list(shape) if isinstance(shape, (tuple, list, torch.Size)) else [shape]
@@ -392,6 +394,8 @@ def generate(model, *, sampler, num_samples: int, shape: Sequence[int], batch_si
     storage = _storage_dtype(dtype)
     full_config = {"kind": "generate", **sampler.config(), "num_samples": num_samples, "shape": list(row_shape),
                    "seed": seed, "dtype": str(dtype).replace("torch.", ""), **(config or {})}
+    if not sampler.entry.batch_invariant:  # its samples depend on the batch: another batch size is another run
+        full_config["batch_size"] = batch_size
 
     def compute(start, stop):
         with torch.no_grad():
@@ -422,8 +426,10 @@ def load_data(path: str) -> np.ndarray:
     raise ValueError(f"{path} holds arrays {keys}; name the data 'data', 'samples' or 'x'")
 
 
-def evaluate(model, data, *, sde="vp", steps: int = 100, solver: str = "heun", probes: int = 1, trace: str = "hutchinson",
-             seed: int = 0, batch_size: int = 256, out: str, bits_offset: float = 0.0, device=None, progress: bool = True,
+def evaluate(model, data, *, sde="vp", steps: int = 100, solver: str = "heun", probes: int = 1,
+             trace: str = "hutchinson",
+             seed: int = 0, batch_size: int = 256, out: str, bits_offset: float = 0.0, device=None,
+             progress: bool = True,
              timeout: float = 1800.0, config: Optional[dict] = None) -> Tuple[str, float, float]:
     """Log-likelihoods (probability-flow ODE, ``dk.log_likelihood``) of every row of ``data`` [N, ...]
     under the score ``model`` of ``sde``, sharded as ``generate``; writes ``out/likelihood.npz``

@@ -14,6 +14,7 @@ from typing import Tuple
 
 import torch
 
+from ._validate import check_finite, check_positive_int
 from .schedules import DDPMSchedule
 
 
@@ -187,10 +188,8 @@ class EmpiricalPoissonField:
             raise ValueError("data must be a tensor [points, ...] with at least one point and one feature")
         if not data.is_floating_point() or not bool(torch.isfinite(data).all()):
             raise ValueError("data must be a floating-point tensor of finite values")
-        if isinstance(z_data, bool) or not isinstance(z_data, (int, float)) or not math.isfinite(z_data):
-            raise ValueError(f"z_data must be a finite number, got {z_data!r}")
-        if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
-            raise ValueError(f"chunk must be an int >= 1, got {chunk!r}")
+        check_finite("z_data", z_data)
+        check_positive_int("chunk", chunk)
         self.shape = tuple(data.shape[1:])
         self.features = data[0].numel()
         self.points = data.detach().reshape(data.shape[0], -1).to(torch.float64)
@@ -276,7 +275,7 @@ def mixture_model(kind: str = "ring", output: str = "epsilon", sde: str = "vp"):
     ``velocity`` (flow) or a Poisson ``field`` (pfgm: the exact field of 2048 exact samples drawn with
     seed 101, an EmpiricalPoissonField). The registry of diffkern.sampling names which sampler takes
     which output."""
-    from .sde import SubVPSDE, VESDE, VPSDE
+    from .sde import VESDE, VPSDE, SubVPSDE
 
     mixtures = {"ring": GaussianMixture.ring, "high_dimensional": GaussianMixture.high_dimensional}
     if kind not in mixtures:

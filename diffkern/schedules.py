@@ -7,6 +7,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from ._validate import check_positive_int
+
 BETA_SCHEDULES = ("linear", "scaled_linear", "cosine", "squaredcos_cap_v2", "sigmoid")
 TIMESTEP_SPACINGS = ("leading", "linspace", "trailing")
 _MAX_CACHED_TABLES = 64
@@ -37,8 +39,7 @@ class DDPMSchedule:
     def __init__(self, num_train_timesteps: int = 1000, beta_schedule: str = "linear",
                  beta_start: float = 1e-4, beta_end: float = 0.02, betas: Optional[Sequence[float]] = None,
                  timestep_spacing: str = "leading", steps_offset: int = 0):
-        if isinstance(num_train_timesteps, bool) or not isinstance(num_train_timesteps, int) or num_train_timesteps < 1:
-            raise ValueError(f"num_train_timesteps must be an int >= 1, got {num_train_timesteps!r}")
+        check_positive_int("num_train_timesteps", num_train_timesteps)
         if timestep_spacing not in TIMESTEP_SPACINGS:
             raise ValueError(f"timestep_spacing must be one of {TIMESTEP_SPACINGS}, got {timestep_spacing!r}")
         T = num_train_timesteps

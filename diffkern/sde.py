@@ -63,7 +63,8 @@ class SDE:
     def prior_sample(self, shape, seed: int = 0, step: int = 0, sample_offset: int = 0, device=None,
                      dtype=torch.float32) -> torch.Tensor:
         """x_T ~ N(0, prior_std^2 I) from the noise stream (seed, step, sample_offset)."""
-        return randn(shape, seed=seed, step=step, sample_offset=sample_offset, device=device, dtype=dtype) * self.prior_std
+        return randn(shape, seed=seed, step=step, sample_offset=sample_offset, device=device,
+                     dtype=dtype) * self.prior_std
 
     def prior_logp(self, z: torch.Tensor) -> torch.Tensor:
         """log N(z; 0, prior_std^2 I) per sample (sum over all but dim 0), in float64."""
@@ -103,7 +104,8 @@ class SDE:
     def check_time(self, t: TimeLike, name: str = "t") -> None:
         if isinstance(t, torch.Tensor):
             if t.device.type == "cpu" and t.numel() and not bool(((t > 0) & (t <= self.T)).all()):
-                raise ValueError(f"{name} must lie in (0, {self.T}], got values in [{float(t.min())}, {float(t.max())}]")
+                raise ValueError(f"{name} must lie in (0, {self.T}], got values in [{float(t.min())}, "
+                                 f"{float(t.max())}]")
         elif not 0 < float(t) <= self.T:
             raise ValueError(f"{name} must lie in (0, {self.T}], got {t}")
 

@@ -399,7 +399,8 @@ def euler_step(denoised: torch.Tensor, x: torch.Tensor, sigma, sigma_next, *, re
     return _apply_rows(spec, x, denoised, needs_noise=False, aux="x0" if return_slope else "none")
 
 
-def heun_correct(denoised_next: torch.Tensor, x: torch.Tensor, denoised: torch.Tensor, sigma, sigma_next) -> torch.Tensor:
+def heun_correct(denoised_next: torch.Tensor, x: torch.Tensor, denoised: torch.Tensor, sigma,
+                 sigma_next) -> torch.Tensor:
     """Heun's step of the EDM ODE (Karras et al. 2022, Alg. 1-2) after the Euler predictor went to
     x_pred = euler_step(denoised, x, sigma, sigma_next): x + (sigma_next - sigma) (d + d') / 2 from x,
     the denoiser's output at x (``denoised``) and at x_pred (``denoised_next``), each read once.
@@ -430,7 +431,8 @@ def euler_ancestral_step(denoised: torch.Tensor, x: torch.Tensor, sigma, sigma_n
     """Euler-ancestral (k-diffusion): step deterministically to sigma_down, then add s_noise sigma_up z."""
     _check_positive_values("sigma", sigma)
     eta, s_noise = check_real("eta", eta), check_real("s_noise", s_noise)
-    spec = (coefficients.euler_ancestral_rows, _time_on(sigma, x, "sigma"), _time_on(sigma_next, x, "sigma_next"), float(eta), float(s_noise))
+    spec = (coefficients.euler_ancestral_rows, _time_on(sigma, x, "sigma"), _time_on(sigma_next, x, "sigma_next"),
+            float(eta), float(s_noise))
     needs_noise = isinstance(sigma_next, torch.Tensor) or (float(sigma_next) > 0 and eta > 0)
     return _apply_rows(spec, x, denoised, noise=_Noise(noise, seed, step, sample_offset, stream),
                        needs_noise=needs_noise)

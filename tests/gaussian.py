@@ -37,7 +37,8 @@ def ddpm_chain_moments(mu, s, alphas_cumprod, timesteps, variance="fixed_small")
     """Exact mean and variance of x_0 produced by ancestral DDPM sampling with the exact model from
     x_T ~ N(0, 1): every step is affine-Gaussian, x_prev = A x + B + sigma z, so the moments propagate
     in closed form. Written out from Ho et al. (2020), eqs. 6-7, with strided steps."""
-    mean, var = torch.zeros_like(torch.as_tensor(mu, dtype=torch.float64)), torch.ones_like(torch.as_tensor(s, dtype=torch.float64))
+    mean = torch.zeros_like(torch.as_tensor(mu, dtype=torch.float64))
+    var = torch.ones_like(torch.as_tensor(s, dtype=torch.float64))
     mu, s = torch.as_tensor(mu, dtype=torch.float64), torch.as_tensor(s, dtype=torch.float64)
     for i, t in enumerate(timesteps):
         ab = float(alphas_cumprod[t])
@@ -86,5 +87,6 @@ class GaussianMixture1d:
 
     def assign(self, samples):
         """Each sample's most likely component (the split point between well-separated modes)."""
-        log_comp = torch.log(self.w) - torch.log(self.s) - (samples.double()[..., None] - self.mu) ** 2 / (2 * self.s ** 2)
+        log_comp = torch.log(self.w) - torch.log(self.s) - (samples.double()[...,
+                                                                             None] - self.mu) ** 2 / (2 * self.s ** 2)
         return log_comp.argmax(-1)

@@ -5,11 +5,11 @@ float64), against autograd through the pure-PyTorch reference (diffkern.referenc
 only difference is rounding), and torch.library.opcheck's autograd registration tests."""
 import pytest
 import torch
+from common import DEVICES
+from test_fused_step import ROWS, VARIANTS, make_inputs, per_sample_rows, table_for
 
 import diffkern as dk
 from diffkern import ops, reference
-from common import DEVICES
-from test_fused_step import ROWS, VARIANTS, make_inputs, per_sample_rows, table_for
 
 SMALL = (3, 2, 5)  # 10 features per sample: a tail block of 2
 NAMES = ("model_output", "model_output_uncond", "guidance_grad", "predicted_variance", "noise")

@@ -3,11 +3,10 @@ import math
 
 import pytest
 import torch
-
-import diffkern as dk
 from common import TOLERANCES
 from gaussian import GaussianModel, ddpm_chain_moments
 
+import diffkern as dk
 
 try:
     import diffusers
@@ -108,7 +107,7 @@ def test_ddpm_step_matches_diffusers(monkeypatch, prediction_type, variance_type
         m = torch.randn((3, out_channels, 5, 7), generator=gen, dtype=torch.float64)
         m[:, channels:] = m[:, channels:].tanh()
         z = torch.randn(shape, generator=gen, dtype=torch.float64)
-        monkeypatch.setattr(ddpm_module, "randn_tensor", lambda *a, **k: z)
+        monkeypatch.setattr(ddpm_module, "randn_tensor", lambda *a, **k: z)  # noqa: B023
         expected = ref.step(m, t, x)
         kwargs = dict(prediction_type=prediction_type, variance_type=variance_type, clip_sample=clip, prev_t=prev,
                       return_x0=True)
@@ -401,7 +400,7 @@ def test_diffusers_unet_works_unchanged_and_matches_a_diffusers_loop(monkeypatch
         x = dk.randn(shape, seed=5, step=0)
         for i, t in enumerate(ref.timesteps):
             z = dk.randn(shape, seed=5, step=i + 1)
-            monkeypatch.setattr(ddpm_module, "randn_tensor", lambda *a, **k: z.double())
+            monkeypatch.setattr(ddpm_module, "randn_tensor", lambda *a, **k: z.double())  # noqa: B023
             eps = unet(x, t.expand(2)).sample
             x = ref.step(eps.double(), t, x.double()).prev_sample.float()
     torch.testing.assert_close(ours, x, atol=1e-4, rtol=1e-4)

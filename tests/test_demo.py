@@ -13,7 +13,8 @@ MIXTURES = {
     "ring": GaussianMixture.ring(),
     "64d": GaussianMixture.high_dimensional(),
     "full3d": GaussianMixture([[0.0, 1.0, -1.0], [2.0, -1.0, 0.5]],
-                              covariances=[[[1.0, 0.3, 0.0], [0.3, 0.5, 0.1], [0.0, 0.1, 0.8]], [[0.4, 0.0, 0.0], [0.0, 0.2, 0.0], [0.0, 0.0, 0.9]]],
+                              covariances=[[[1.0, 0.3, 0.0], [0.3, 0.5, 0.1], [0.0, 0.1, 0.8]],
+                                           [[0.4, 0.0, 0.0], [0.0, 0.2, 0.0], [0.0, 0.0, 0.9]]],
                               weights=[0.3, 0.7]),
 }
 
@@ -22,7 +23,8 @@ MIXTURES = {
 @pytest.mark.parametrize("mean_coef,std", [(1.0, 0.0), (0.9, 0.3), (0.2, 0.98), (1.0, 5.0)])
 def test_scores_are_gradients_of_the_log_density(name, mean_coef, std):
     mixture = MIXTURES[name]
-    x = mixture.sample(6, seed=1, dtype=torch.float64) * mean_coef + std * torch.randn(6, mixture.dim, dtype=torch.float64)
+    x = mixture.sample(6, seed=1, dtype=torch.float64) * mean_coef + std * torch.randn(6, mixture.dim,
+                                                                                       dtype=torch.float64)
     x.requires_grad_(True)
     grad = torch.autograd.grad(mixture.log_prob_at(x, mean_coef, std).sum(), x)[0]
     torch.testing.assert_close(mixture.score_at(x.detach(), mean_coef, std), grad, rtol=1e-9, atol=1e-9)
@@ -38,7 +40,8 @@ def test_model_parameterisations(name):
     score = torch.stack([mixture.score_at(x[i:i + 1], abar[i].sqrt(), (1 - abar[i]).sqrt())[0] for i in range(5)])
     torch.testing.assert_close(mixture.epsilon_model(sched)(x, t_int), -(1 - abar).sqrt()[:, None] * score)
     t = torch.tensor([0.01, 0.2, 0.5, 0.8, 1.0], dtype=torch.float64)
-    expected = torch.stack([mixture.score_at(x[i:i + 1], sde.mean_coef(t[i]), sde.marginal_std(t[i]))[0] for i in range(5)])
+    expected = torch.stack([mixture.score_at(x[i:i + 1], sde.mean_coef(t[i]),
+                                             sde.marginal_std(t[i]))[0] for i in range(5)])
     torch.testing.assert_close(mixture.score_model(sde)(x, t), expected)
     sigma = torch.tensor([0.01, 0.1, 1.0, 3.0, 50.0], dtype=torch.float64)
     x.requires_grad_(True)

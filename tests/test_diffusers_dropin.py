@@ -6,7 +6,6 @@ Tolerance: 1e-5 of the largest value of the float32 result. Both sides use the s
 coefficients; they differ only in how each element's terms are rounded (diffkern: one fused
 multiply-add per term, diffusers: one rounding per tensor operation), a few float32 ulps per step."""
 import inspect
-import math
 
 import numpy as np
 import pytest
@@ -65,7 +64,8 @@ CASES = [
     ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "solver_order": 3}),
     ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "solver_type": "heun",
                                      "prediction_type": "v_prediction"}),
-    ("UniPCMultistepScheduler", {}), ("UniPCMultistepScheduler", {"solver_type": "bh1", "final_sigmas_type": "sigma_min"}),
+    ("UniPCMultistepScheduler", {}), ("UniPCMultistepScheduler", {"solver_type": "bh1",
+                                                                  "final_sigmas_type": "sigma_min"}),
     ("UniPCMultistepScheduler", {"solver_order": 3}),
     ("UniPCMultistepScheduler", {"solver_order": 3, "disable_corrector": [0, 1, 2, 3]}),
     ("UniPCMultistepScheduler", {"solver_order": 3, "predict_x0": False, "final_sigmas_type": "sigma_min"}),

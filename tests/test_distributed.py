@@ -101,7 +101,8 @@ def test_evaluate_is_identical_for_any_world_size_and_batch_size(tmp_path):
     # one batch of all 40 (on one of the two ranks) equals dk.log_likelihood on the whole set bitwise
     out = str(tmp_path / "one-batch")
     assert torchrun(2, [*args, "--batch-size", "40", "--out", out]).returncode == 0
-    whole = dk.log_likelihood(mixture_model(output="score"), torch.from_numpy(data), dk.VPSDE(), 20, num_probes=2, seed=1)
+    whole = dk.log_likelihood(mixture_model(output="score"), torch.from_numpy(data), dk.VPSDE(), 20, num_probes=2,
+                              seed=1)
     with np.load(os.path.join(out, "likelihood.npz")) as f:
         assert np.array_equal(f["log_p"], whole.log_p.numpy())
 
@@ -127,7 +128,8 @@ def _worker_pids(parent):
 
 def test_a_killed_worker_is_restarted_and_the_result_is_unchanged(tmp_path):
     args = ["generate", "--model", "dist_models:slow_mixture", "--sampler", "ddpm", "--steps", "100",
-            "--num-samples", "96", "--shape", "2", "--batch-size", "4", "--seed", "8", "--no-progress", "--device", "cpu"]
+            "--num-samples", "96", "--shape", "2", "--batch-size", "4", "--seed", "8", "--no-progress", "--device",
+            "cpu"]
     undisturbed = str(tmp_path / "undisturbed")
     assert torchrun(1, [*args, "--out", undisturbed]).returncode == 0
     out = str(tmp_path / "killed")
@@ -232,7 +234,8 @@ def test_an_unwritable_folder_is_a_clear_error(tmp_path):
 def test_python_api_alone_equals_the_samplers(tmp_path):
     score = mixture_model(output="score")
     path = distributed.generate(score, sampler=distributed.make_sampler("ode", steps=30), num_samples=20, shape=(2,),
-                                batch_size=6, seed=4, out=str(tmp_path / "ode"), progress=False, config={"model": "ring"})
+                                batch_size=6, seed=4, out=str(tmp_path / "ode"), progress=False,
+                                config={"model": "ring"})
     direct = dk.sample_ode(score, (20, 2), dk.VPSDE(), 30, seed=4)
     with np.load(path) as f:
         assert np.array_equal(f["samples"], direct.numpy())
@@ -247,7 +250,8 @@ def test_python_api_alone_equals_the_samplers(tmp_path):
     with pytest.raises(ValueError, match="unknown sampler"):
         distributed.generate(denoiser, sampler="nope", num_samples=3, shape=(2,), batch_size=3, out=str(tmp_path / "x"))
     with pytest.raises(ValueError, match="shape must be"):
-        distributed.generate(denoiser, sampler="heun", num_samples=3, shape=(2, 0), batch_size=3, out=str(tmp_path / "x"))
+        distributed.generate(denoiser, sampler="heun", num_samples=3, shape=(2, 0), batch_size=3,
+                             out=str(tmp_path / "x"))
     with pytest.raises(ValueError, match="timeout"):
         distributed.generate(denoiser, sampler="heun", num_samples=3, shape=(2,), batch_size=3, out=str(tmp_path / "x"),
                              timeout=0)

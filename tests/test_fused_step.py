@@ -3,10 +3,10 @@ dtype, every CPU instruction set bitwise, layouts, per-sample rows, noise, opche
 
 import pytest
 import torch
+from common import DTYPES, TOLERANCES, cpu_isas, requires_cuda
 
 import diffkern as dk
 from diffkern import coefficients, ops, reference
-from common import DTYPES, TOLERANCES, cpu_isas, requires_cuda
 
 SHAPE = (5, 3, 7, 3)  # 63 features per sample: not a multiple of 4, 8 or 16
 

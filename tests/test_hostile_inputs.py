@@ -29,7 +29,8 @@ def _overlaps():
     table = identity_table()
     return {
         "strided x": (lambda: ops.fused_step(buf[::2], coefficients=table, out=buf[2:6]), "out overlaps x"),
-        "expanded x": (lambda: ops.fused_step(small[:1].expand(4, 16), coefficients=table, out=small), "out overlaps x"),
+        "expanded x": (lambda: ops.fused_step(small[:1].expand(4, 16), coefficients=table, out=small),
+                       "out overlaps x"),
         "expanded model_output": (lambda: ops.fused_step(torch.randn(4, 16), small[:1].expand(4, 16),
                                                          coefficients=table, out=small),
                                   "out overlaps model_output"),
@@ -242,7 +243,7 @@ def test_learned_variance_nan_gives_nan_without_undefined_behaviour():
 @pytest.mark.parametrize("name,call", [
     ("sample_ddpm", lambda: dk.sample_ddpm(lambda x, t: x, (0, 3), num_inference_steps=3)),
     ("sample_ddim", lambda: dk.sample_ddim(lambda x, t: x, (0, 3), num_inference_steps=3)),
-    ("sample_pc", lambda: dk.sample_pc(lambda x, t: -x, (0, 3), dk.VPSDE(), 5)),
+    ("sample_pc", lambda: dk.sample_pc(lambda x, t: -x, (0, 3), dk.VPSDE(), 25)),  # > beta_max: see sample_pc
     ("sample_ode", lambda: dk.sample_ode(lambda x, t: -x, (0, 3), dk.VPSDE(), 5)),
     ("sample_heun", lambda: dk.sample_heun(zero_denoiser, (0, 3), SIGMAS)),
     ("sample_langevin", lambda: dk.sample_langevin(lambda x, s: -x, (0, 3), [1.0, 0.5], 2)),

@@ -4,10 +4,10 @@ import math
 
 import pytest
 import torch
+from common import TOLERANCES, requires_cuda
 
 import diffkern as dk
 from diffkern import likelihood, ops, reference
-from common import TOLERANCES, requires_cuda
 
 A = torch.tensor([[1.0, 0.5, -0.3, 0.2], [0.1, -2.0, 0.4, 0.0], [0.7, 0.3, 0.5, -1.1], [0.0, 0.9, 0.2, 1.5]],
                  dtype=torch.float64)
@@ -41,7 +41,8 @@ def test_hutchinson_mean_and_variance_for_a_linear_map(distribution, num_probes,
 
 def test_rademacher_is_exact_for_diagonal_jacobians():
     x = torch.randn(8, 5, dtype=torch.float64)
-    fn = (lambda y: torch.sin(y) * 3)
+    def fn(y):
+        return (torch.sin(y) * 3)
     torch.testing.assert_close(dk.hutchinson_trace(fn, x, num_probes=1), (3 * torch.cos(x)).sum(1))
 
 
@@ -149,7 +150,8 @@ def test_rademacher(device, dtype):
 def test_rademacher_instruction_sets_agree(shape):
     from common import cpu_isas
 
-    results = [torch.ops.diffkern._noise_cpu_isa(list(shape), 3, 2, 1, 1, torch.float32, isa, True) for isa in cpu_isas()]
+    results = [torch.ops.diffkern._noise_cpu_isa(list(shape), 3, 2, 1, 1, torch.float32, isa,
+                                                 True) for isa in cpu_isas()]
     for z in results[1:]:
         assert torch.equal(z, results[0])
 

@@ -7,11 +7,11 @@ import math
 import numpy as np
 import pytest
 import torch
+from common import requires_cuda
+from test_likelihood import DATA, MU, SIGMA, chunked_tree_order, gaussian_marginal, gaussian_score
 
 import diffkern as dk
 from diffkern import likelihood, ode, ops, reference
-from common import requires_cuda
-from test_likelihood import DATA, MU, SIGMA, chunked_tree_order, gaussian_marginal, gaussian_score
 
 # ---- the fused stage op ----
 

@@ -2,11 +2,10 @@
 against the float64 reference, opcheck, and bad arguments."""
 import pytest
 import torch
+from common import DEVICES, TOLERANCES, cpu_isas
 
 from diffkern import ops, reference
 from diffkern.coefficients import linear_row
-
-from common import DEVICES, TOLERANCES, cpu_isas
 
 SHAPES = [(1, 1), (3, 5), (37, 1), (1029, 2), (5, 3, 7, 9), (2, 4, 64, 64), (0, 4)]
 

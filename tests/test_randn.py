@@ -4,11 +4,11 @@ import math
 import numpy as np
 import pytest
 import torch
+from common import cpu_isas, requires_cuda
 from scipy import stats
 
 import diffkern as dk
 from diffkern import reference
-from common import cpu_isas, requires_cuda
 
 ODD_SHAPES = [(1,), (37,), (5, 1), (9, 2), (17, 3), (4, 5), (3, 37), (2, 64), (3, 4, 33), (1, 129), (6, 2, 3, 5)]
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
@@ -59,7 +59,8 @@ def test_dtypes_are_the_float32_normals_cast(device, dtype):
 @pytest.mark.parametrize("shape", ODD_SHAPES + [(1000,), (513, 2), (257, 3), (3, 1000)])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_cpu_instruction_sets_agree_bitwise(shape, dtype):
-    results = {isa: torch.ops.diffkern._noise_cpu_isa(list(shape), 77, 1, 3, 2, dtype, isa, False) for isa in cpu_isas()}
+    results = {isa: torch.ops.diffkern._noise_cpu_isa(list(shape), 77, 1, 3, 2, dtype, isa,
+                                                      False) for isa in cpu_isas()}
     scalar = results["scalar"]  # the CUDA thread body, run index by index
     for isa, z in results.items():
         assert torch.equal(z, scalar), f"{isa} differs from the scalar path"
@@ -84,7 +85,8 @@ def test_cpu_instruction_sets_agree_bitwise_for_every_feature_count(features, ba
 def test_half_conversion_agrees_bitwise_including_subnormals():
     """The SIMD paths convert to float16 in hardware; 2^20 normals include ~50 below float16's
     smallest normal (6.1e-5), where rounding mistakes would show."""
-    results = [torch.ops.diffkern._noise_cpu_isa([1024, 1024], 5, 0, 0, 0, torch.float16, isa, False) for isa in cpu_isas()]
+    results = [torch.ops.diffkern._noise_cpu_isa([1024, 1024], 5, 0, 0, 0, torch.float16, isa,
+                                                 False) for isa in cpu_isas()]
     assert (results[0].abs() < 6.1e-5).sum() > 10
     for z in results[1:]:
         assert torch.equal(z, results[0])
@@ -92,7 +94,8 @@ def test_half_conversion_agrees_bitwise_including_subnormals():
 
 def test_default_path_is_the_best_isa():
     shape = (4, 100)
-    assert torch.equal(dk.randn(shape, seed=1), torch.ops.diffkern._noise_cpu_isa(shape, 1, 0, 0, 0, torch.float32, "auto", False))
+    assert torch.equal(dk.randn(shape, seed=1), torch.ops.diffkern._noise_cpu_isa(shape, 1, 0, 0, 0, torch.float32,
+                                                                                  "auto", False))
 
 
 # ---- reproducibility contract ----

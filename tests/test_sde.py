@@ -3,12 +3,12 @@ the published formulas (k-diffusion, score_sde, written out here), and against c
 import math
 
 import pytest
+import score_sde_transcription as score_sde
 import torch
-
-import diffkern as dk
 from common import TOLERANCES
 from gaussian import GaussianMixture1d
-import score_sde_transcription as score_sde
+
+import diffkern as dk
 
 SDES = {"vp": dk.VPSDE(), "subvp": dk.SubVPSDE(), "ve": dk.VESDE(0.01, 50.0)}
 
@@ -79,11 +79,13 @@ def test_euler_maruyama_and_ode_steps(device, dtype, name):
     x, s, z = (torch.randn(5, 3, 7, generator=gen, dtype=torch.float64) for _ in range(3))
     t, dt = 0.6, -0.01
     f, g = float(sde.drift_coef(t)), float(sde.diffusion(t))
-    cast = (lambda a: a.to(device=device, dtype=dtype))
+    def cast(a):
+        return (a.to(device=device, dtype=dtype))
     em = dk.euler_maruyama_step(cast(s), cast(x), t, dt, sde, noise=cast(z))
     ode = dk.euler_maruyama_step(cast(s), cast(x), t, dt, sde, ode=True)
     xd, sd, zd = (cast(a).double() for a in (x, s, z))  # the inputs as the kernel sees them
-    torch.testing.assert_close(em, cast(xd + (f * xd - g ** 2 * sd) * dt + g * math.sqrt(-dt) * zd), **TOLERANCES[dtype])
+    torch.testing.assert_close(em, cast(xd + (f * xd - g ** 2 * sd) * dt + g * math.sqrt(-dt) * zd),
+                               **TOLERANCES[dtype])
     torch.testing.assert_close(ode, cast(xd + (f * xd - 0.5 * g ** 2 * sd) * dt), **TOLERANCES[dtype])
     # the epsilon parameterisation: s = -eps / std(t)
     eps = cast(-s * float(sde.marginal_std(t)))
@@ -165,7 +167,8 @@ def k_diffusion_sample_euler_ancestral(model, x, sigmas, eta=1.0, s_noise=1.0, s
     draws = 0
     for i in range(len(sigmas) - 1):
         denoised = model(x, torch.full((x.shape[0],), float(sigmas[i]), dtype=torch.float64))
-        sigma_up = min(sigmas[i + 1], eta * (sigmas[i + 1] ** 2 * (sigmas[i] ** 2 - sigmas[i + 1] ** 2) / sigmas[i] ** 2) ** 0.5)
+        sigma_up = min(sigmas[i + 1],
+                       eta * (sigmas[i + 1] ** 2 * (sigmas[i] ** 2 - sigmas[i + 1] ** 2) / sigmas[i] ** 2) ** 0.5)
         sigma_down = (sigmas[i + 1] ** 2 - sigma_up ** 2) ** 0.5
         d = (x - denoised) / sigmas[i]
         x = x + d * (sigma_down - sigmas[i])
@@ -191,7 +194,8 @@ def test_edm_samplers_match_k_diffusion(sampler, kwargs):
     if sampler == "euler_ancestral":
         expected = k_diffusion_sample_euler_ancestral(MIX.denoiser, x_T, sigmas.tolist(), seed=7, **kwargs)
     else:
-        expected = k_diffusion_sample_euler(MIX.denoiser, x_T, sigmas.tolist(), heun=sampler == "heun", seed=7, **kwargs)
+        expected = k_diffusion_sample_euler(MIX.denoiser, x_T, sigmas.tolist(), heun=sampler == "heun", seed=7,
+                                            **kwargs)
     torch.testing.assert_close(ours, expected, rtol=1e-9, atol=1e-9)
 
 
@@ -278,7 +282,8 @@ def test_euler_maruyama_sampler_is_the_em_loop():
 
 def convergence_order(steps, errors):
     """-slope of log(error) against log(steps), by least squares."""
-    design = torch.stack([torch.log(torch.tensor(steps, dtype=torch.float64)), torch.ones(len(steps), dtype=torch.float64)], 1)
+    design = torch.stack([torch.log(torch.tensor(steps, dtype=torch.float64)), torch.ones(len(steps),
+                                                                                          dtype=torch.float64)], 1)
     fit = torch.linalg.lstsq(design, torch.log(torch.tensor(errors, dtype=torch.float64))[:, None]).solution
     return -float(fit[0])
 
@@ -317,7 +322,8 @@ def test_heun_is_second_order_and_euler_first_on_the_pf_ode(name):
     sde = SDES[name]
     mu, s, eps = 1.0, 0.5, 1e-3
     score = gaussian_score(sde, mu, s)
-    v = (lambda t: float(sde.mean_coef(t) ** 2 * s ** 2 + sde.marginal_std(t) ** 2))
+    def v(t):
+        return (float(sde.mean_coef(t) ** 2 * s ** 2 + sde.marginal_std(t) ** 2))
     exact_a = math.sqrt(v(eps) / v(1.0))
     exact_b = float(sde.mean_coef(eps)) * mu - exact_a * float(sde.mean_coef(1.0)) * mu
     for solver, order in [("euler", 1), ("heun", 2)]:

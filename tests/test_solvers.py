@@ -6,9 +6,9 @@ import math
 import numpy as np
 import pytest
 import torch
+from gaussian import GaussianMixture1d, GaussianModel
 
 import diffkern as dk
-from gaussian import GaussianMixture1d, GaussianModel
 
 MIX = GaussianMixture1d([0.3, 0.7], [-2.0, 1.5], [0.4, 0.6])
 

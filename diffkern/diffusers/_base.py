@@ -14,6 +14,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from .. import ops
 from ._linear_form import Lin, Plan, Rows, term
 
+
 def float64_betas(config) -> torch.Tensor:
     """The training betas of a config in float64 (diffusers computes them in float32)."""
     n = config.num_train_timesteps

@@ -105,7 +105,8 @@ def _compile_row(rows: Rows, x0: Lin, outputs: list, clip, want_x0: bool) -> Pla
     plan.slots = tuple(s for s in SLOTS if s in used)
     n = len(plan.slots)
     row = linear_row([x0.get(s, 0.0) for s in plan.slots],
-                     [(out.get("x0", 0.0), [out.get(s, 0.0) for s in plan.slots], out.get("z", 0.0)) for out in outputs],
+                     [(out.get("x0", 0.0), [out.get(s, 0.0) for s in plan.slots], out.get("z",
+                                                                                          0.0)) for out in outputs],
                      x0_noise=x0.get("z", 0.0), clip=clip if clip is not None else (-math.inf, math.inf))
     plan.key = (n, len(outputs))
     plan.row = rows.add(plan.key, row)

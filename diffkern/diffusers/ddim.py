@@ -28,7 +28,8 @@ class DDIMScheduler(FusedScheduler, schedulers.DDIMScheduler):
         kind = self.config.prediction_type
         sqrt_a, sqrt_b = as_float(alpha_prod_t ** 0.5), as_float(beta_prod_t ** 0.5)
         if kind == "epsilon":
-            x0 = term("sample", as_float(1 / alpha_prod_t ** 0.5)) + term("model_output", as_float(-beta_prod_t ** 0.5 / alpha_prod_t ** 0.5))
+            x0 = (term("sample", as_float(1 / alpha_prod_t ** 0.5))
+                  + term("model_output", as_float(-beta_prod_t ** 0.5 / alpha_prod_t ** 0.5)))
             eps = term("model_output")
         elif kind == "sample":
             x0 = term("model_output")

@@ -40,7 +40,8 @@ class DDPMScheduler(FusedScheduler, schedulers.DDPMScheduler):
         current_beta_t = 1 - current_alpha_t
         kind = self.config.prediction_type
         if kind == "epsilon":
-            x0 = term("sample", as_float(1 / alpha_prod_t ** 0.5)) + term("model_output", as_float(-beta_prod_t ** 0.5 / alpha_prod_t ** 0.5))
+            x0 = (term("sample", as_float(1 / alpha_prod_t ** 0.5))
+                  + term("model_output", as_float(-beta_prod_t ** 0.5 / alpha_prod_t ** 0.5)))
         elif kind == "sample":
             x0 = term("model_output")
         elif kind == "v_prediction":

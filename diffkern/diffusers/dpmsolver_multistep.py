@@ -73,7 +73,7 @@ class DPMSolverMultistepScheduler(FusedScheduler, schedulers.DPMSolverMultistepS
             else alpha_t / alpha_s0
         noise = 0.0
         if sde:
-            noise = sigma_t * torch.sqrt(1.0 - torch.exp(-2 * h)) if plus else sigma_t * torch.sqrt(torch.exp(2 * h) - 1.0)
+            noise = sigma_t * (torch.sqrt(1.0 - torch.exp(-2 * h)) if plus else torch.sqrt(torch.exp(2 * h) - 1.0))
         if order == 1:
             D = [m0]
         else:

@@ -24,7 +24,8 @@ class EulerAncestralDiscreteScheduler(FusedScheduler, schedulers.EulerAncestralD
         sigma_up = (sigma_to ** 2 * (sigma_from ** 2 - sigma_to ** 2) / sigma_from ** 2) ** 0.5
         sigma_down = (sigma_to ** 2 - sigma_up ** 2) ** 0.5
         dt = as_float(sigma_down - sigma_from)
-        prev = term("sample") + (dt / as_float(sigma_from)) * (term("sample") - term("x0")) + term("z", as_float(sigma_up))
+        prev = term("sample") + (dt / as_float(sigma_from)) * (term("sample") - term("x0")) + term("z",
+                                                                                                   as_float(sigma_up))
         return compile_step(self._dk_rows, x0, [prev], want_x0=True)
 
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, generator=None,

@@ -26,7 +26,8 @@ class LCMScheduler(FusedScheduler, schedulers.LCMScheduler):
         c_skip, c_out = self.get_scalings_for_boundary_condition_discrete(torch.tensor(timestep))
         kind = self.config.prediction_type
         if kind == "epsilon":
-            x0 = term("sample", as_float(1 / alpha_prod_t.sqrt())) + term("model_output", as_float(-beta_prod_t.sqrt() / alpha_prod_t.sqrt()))
+            x0 = (term("sample", as_float(1 / alpha_prod_t.sqrt()))
+                  + term("model_output", as_float(-beta_prod_t.sqrt() / alpha_prod_t.sqrt())))
         elif kind == "sample":
             x0 = term("model_output")
         elif kind == "v_prediction":

@@ -189,8 +189,7 @@ def log_likelihood(score_fn: Callable, x: torch.Tensor, sde, num_steps: Optional
     check_x(x)
     choice = resolve_solver(solver, num_steps, rtol, atol, error_norm, max_num_evals=max_num_evals,
                             fixed_grid_options=(("time_grid", time_grid, "auto"),))
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < sde.T:
-        raise ValueError(f"eps must lie in (0, {sde.T}), got {eps!r}")
+    sde.time_grid(1, eps)  # checks eps
     check_choice("time_grid", time_grid, TIME_GRIDS)
 
     def model_at(t_batch):

@@ -23,7 +23,8 @@ from typing import Callable, Optional
 import torch
 
 from .. import ops
-from .._model import interval_bar, progress as progress_bar
+from .._model import interval_bar
+from .._model import progress as progress_bar
 from . import control
 from .system import LinearODE, SolverChoice
 from .tableaus import TABLEAUS, Tableau

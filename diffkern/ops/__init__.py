@@ -15,8 +15,16 @@ import torch
 
 from .._validate import check_shape, check_uint
 from . import _loader
-from ._schema import AUX, LINEAR_MAX_INPUTS, NOISE_DTYPES, RK_MAX_INPUTS, RK_MAX_OUTPUTS, RK_MAX_TRACES, \
-    linear_row_width, rk_row_width
+from ._schema import (
+    AUX,
+    LINEAR_MAX_INPUTS,
+    NOISE_DTYPES,
+    RK_MAX_INPUTS,
+    RK_MAX_OUTPUTS,
+    RK_MAX_TRACES,
+    linear_row_width,
+    rk_row_width,
+)
 
 BUILD = _loader.load()
 
@@ -163,15 +171,11 @@ def fused_step(x: torch.Tensor, model_output: Optional[torch.Tensor] = None,
     ``aux``); when the op rejects its arguments, the full checks below run to name the bad one.
     """
     aux_code = AUX.get(aux) if isinstance(aux, str) else None
-
-    def explain():
+    if aux_code is None or type(seed) is not int or not 0 <= seed < _UINT64:
         _check_fused_step(x, dict(model_output=model_output, model_output_uncond=model_output_uncond,
                                   guidance_grad=guidance_grad, predicted_variance=predicted_variance, noise=noise),
                           coefficients=coefficients, rows=rows, aux=aux, out=out, aux_out=aux_out,
                           noise_key=NoiseKey(seed, step, sample_offset, stream, seed_step))
-
-    if aux_code is None or type(seed) is not int or not 0 <= seed < _UINT64:
-        explain()
     if seed >= _INT64_SIGN:
         seed -= _UINT64
     given_out = out is not None
@@ -199,7 +203,10 @@ def fused_step(x: torch.Tensor, model_output: Optional[torch.Tensor] = None,
                                           noise, coefficients, rows, row, clip, aux_code, stream_noise, seed, step,
                                           sample_offset, stream, seed_step)
     except (RuntimeError, TypeError, NotImplementedError):
-        explain()
+        _check_fused_step(x, dict(model_output=model_output, model_output_uncond=model_output_uncond,
+                                  guidance_grad=guidance_grad, predicted_variance=predicted_variance, noise=noise),
+                          coefficients=coefficients, rows=rows, aux=aux, out=out, aux_out=aux_out,
+                          noise_key=NoiseKey(seed, step, sample_offset, stream, seed_step))
         raise
     if given_out:
         return out, aux_out
@@ -268,12 +275,9 @@ def linear_step(inputs: Sequence[torch.Tensor], noise: Optional[torch.Tensor] = 
     row ``row`` of ``coefficients`` (see diffkern.coefficients.linear_row for the layout). The outputs
     are views of one allocation (so a step costs one allocation whatever it returns).
     """
-    def explain():
+    if type(seed) is not int or not 0 <= seed < _UINT64 or not isinstance(inputs, (list, tuple)) or not inputs:
         _check_linear_step(inputs, noise, coefficients, row=row, outputs=outputs,
                            noise_key=NoiseKey(seed, step, sample_offset, stream, seed_step))
-
-    if type(seed) is not int or not 0 <= seed < _UINT64 or not isinstance(inputs, (list, tuple)) or not inputs:
-        explain()
     if seed >= _INT64_SIGN:
         seed -= _UINT64
     x = inputs[0]
@@ -288,7 +292,8 @@ def linear_step(inputs: Sequence[torch.Tensor], noise: Optional[torch.Tensor] = 
             _linear_step_out_op(list(inputs), noise, coefficients, row, outputs, x0, clip, stream_noise, seed, step,
                                 sample_offset, stream, seed_step, out=results)
     except (RuntimeError, TypeError, NotImplementedError, AttributeError):
-        explain()
+        _check_linear_step(inputs, noise, coefficients, row=row, outputs=outputs,
+                           noise_key=NoiseKey(seed, step, sample_offset, stream, seed_step))
         raise
     if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
         results = [r.contiguous(memory_format=torch.channels_last) for r in results]
@@ -368,7 +373,8 @@ def likelihood_step(x: torch.Tensor, model_output: torch.Tensor, model_output_pr
             raise ValueError(f"{name} must be a float64 tensor [batch] ({probes.shape[1]}) on {probes.device}, got "
                              f"{getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}")
     return torch.ops.diffkern.likelihood_step(
-        x.contiguous(), model_output.contiguous(), None if model_output_prev is None else model_output_prev.contiguous(),
+        x.contiguous(), model_output.contiguous(),
+        None if model_output_prev is None else model_output_prev.contiguous(),
         _features_contiguous(probes), _features_contiguous(products), delta_logp.contiguous(),
         None if trace_prev is None else trace_prev.contiguous(), float(c_x), float(c_model), float(c_prev), float(l0),
         float(l_prev), float(l_trace), float(trace_scale))

@@ -19,6 +19,21 @@ def _fused_step_setup_context(ctx, inputs, output):
     ctx.options = (row, clip, aux, stream_noise, seed, step, sample_offset, stream)
 
 
+class _NoDoubleBackward(torch.autograd.Function):
+    """Passes fused_step's gradients through unchanged, with a backward that refuses: its backward
+    kernel has no autograd, so the gradient of its gradient would otherwise be zero without a word."""
+
+    @staticmethod
+    def forward(ctx, count, *tensors):
+        return tuple(t.view_as(t) for t in tensors[:count])
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError("diffkern::fused_step (ddpm_step, ddim_step, q_sample, the SDE and EDM steps, the "
+                           "samplers' steps) has no double backward: the gradient of its gradient is not computed. "
+                           "Differentiate it once, or use diffkern.reference.fused_step for higher derivatives")
+
+
 def _fused_step_backward(ctx, grad_out, grad_aux):
     x, model_output, model_output_uncond, guidance_grad, predicted_variance, noise, coefficients, rows, seed_step = (
         ctx.saved_tensors)
@@ -27,12 +42,19 @@ def _fused_step_backward(ctx, grad_out, grad_aux):
         grad_out = torch.zeros_like(x)
     if aux == 0 or grad_aux is None or grad_aux.shape != x.shape:
         grad_aux = None
-    grads = torch.ops.diffkern.fused_step_backward(
-        grad_out, grad_aux, x, model_output, model_output_uncond, guidance_grad, predicted_variance, noise,
-        coefficients, rows, row, clip, aux, stream_noise, seed, step, sample_offset, stream, seed_step,
-        list(ctx.needs_input_grad[:6]))
+    with torch.no_grad():  # the backward kernel has no autograd of its own (see _NoDoubleBackward)
+        grads = torch.ops.diffkern.fused_step_backward(
+            grad_out, grad_aux, x, model_output, model_output_uncond, guidance_grad, predicted_variance, noise,
+            coefficients, rows, row, clip, aux, stream_noise, seed, step, sample_offset, stream, seed_step,
+            list(ctx.needs_input_grad[:6]))
     grads = [g if wanted and g.numel() == x.numel() and g.shape == x.shape else None
              for g, wanted in zip(grads, ctx.needs_input_grad[:6])]
+    recorded = [t for t in (grad_out, grad_aux, x, model_output, model_output_uncond, guidance_grad,
+                            predicted_variance, noise) if t is not None and t.requires_grad]
+    if torch.is_grad_enabled() and recorded:  # create_graph=True: a second derivative must not be silently zero
+        present = [g for g in grads if g is not None]
+        wrapped = iter(_NoDoubleBackward.apply(len(present), *present, *recorded))
+        grads = [next(wrapped) if g is not None else None for g in grads]
     return (*grads, None, None, None, None, None, None, None, None, None, None, None)
 
 

@@ -9,8 +9,17 @@ import math
 
 import torch
 
-from ._schema import (LINEAR_MAX_INPUTS, NOISE_DTYPES, RK_MAX_INPUTS, RK_MAX_OUTPUTS, RK_MAX_TRACES,
-                      linear_row_width, rk_row_width, step_row_fields)
+from ._schema import (
+    LINEAR_MAX_INPUTS,
+    NOISE_DTYPES,
+    RK_MAX_INPUTS,
+    RK_MAX_OUTPUTS,
+    RK_MAX_TRACES,
+    linear_row_width,
+    rk_row_width,
+    step_row_fields,
+)
+
 
 @torch.library.register_fake("diffkern::_noise_cpu_isa")
 def _noise_cpu_isa_fake(size, seed, step, sample_offset, stream, dtype, isa, rademacher):
@@ -24,7 +33,8 @@ def _check_fused_step_fake(x, inputs, coefficients, rows, aux, seed_step=None):
     for name, t in zip(names, inputs):
         if t is None:
             continue
-        torch._check(t.device == x.device, lambda: f"diffkern::fused_step: {name} is on {t.device} but x is on {x.device}")
+        torch._check(t.device == x.device,
+                     lambda: f"diffkern::fused_step: {name} is on {t.device} but x is on {x.device}")
         torch._check(t.shape == x.shape, lambda: f"diffkern::fused_step: {name} has shape {tuple(t.shape)} but x has "
                                                  f"{tuple(x.shape)}")
         torch._check(t.dtype == x.dtype, lambda: f"diffkern::fused_step: {name} is {t.dtype} but x is {x.dtype}")
@@ -191,7 +201,8 @@ def _rk_stage_fake(inputs, probes, products, coefficients, traces, log_density, 
                          f"most {RK_MAX_TRACES} traces, got {len(inputs)}, {outputs} and {len(traces)}")
     x = inputs[0]
     torch._check(x.dtype in NOISE_DTYPES and x.dim() >= 1,
-                 lambda: f"diffkern::rk_stage: inputs must be floating-point [batch, ...], got {x.dtype} {tuple(x.shape)}")
+                 lambda: f"diffkern::rk_stage: inputs must be floating-point [batch, ...], got {x.dtype} "
+                         f"{tuple(x.shape)}")
     for i, t in enumerate(inputs):
         torch._check(t.shape == x.shape and t.dtype == x.dtype,
                      lambda: f"diffkern::rk_stage: inputs[{i}] must be a {x.dtype} tensor of shape {tuple(x.shape)}")
@@ -210,7 +221,7 @@ def _rk_stage_fake(inputs, probes, products, coefficients, traces, log_density, 
                  lambda: "diffkern::rk_stage: the error stage needs 3 or more inputs, atol > 0 and rtol >= 0")
     torch._check(error or (not traces and log_density is None),
                  lambda: "diffkern::rk_stage: traces and log_density are read by the error stage only (error=True)")
-    for j, t in enumerate(list(traces) + ([log_density] if log_density is not None else [])):
+    for t in list(traces) + ([log_density] if log_density is not None else []):
         torch._check(t.dtype == torch.float64 and t.dim() == 1 and t.shape[0] == x.shape[0],
                      lambda: f"diffkern::rk_stage: traces and log_density must be float64 [batch], got {t.dtype} "
                              f"{tuple(t.shape)}")

@@ -116,6 +116,7 @@ def _sample_posterior(rule: _Posterior, model, sched, spec: RunSpec, guidance: G
     x = run.initial(1.0)
     doubled_cond = torch.cat([guidance.null_cond, guidance.cond]) if cfg else None
     callback, guided = run.callback, guidance.scale != 0.0
+    noisy, clip, learned_variance = rule.noisy, rule.clip, rule.learned_variance
     for i in run.steps(len(timesteps), rule.label):
         t = t_batches[i]
         if cfg:
@@ -125,7 +126,7 @@ def _sample_posterior(rule: _Posterior, model, sched, spec: RunSpec, guidance: G
         else:
             m, m_uncond = call_model(model, x, t, guidance.cond, guidance.cond_key), None
         v = None
-        if rule.learned_variance:
+        if learned_variance:
             channels = run.shape[1]
             if m.shape[1] != 2 * channels:
                 raise ValueError("variance_type='learned_range' needs model outputs with 2 x channels")
@@ -133,8 +134,8 @@ def _sample_posterior(rule: _Posterior, model, sched, spec: RunSpec, guidance: G
             m_uncond = None if m_uncond is None else m_uncond[:, :channels]
         g = guidance.gradient(x, t) if guided else None
         # each noisy step advances the noise counter once: step i draws noise step i + 1
-        result = run.step(x, table, i, m, third=g, noisy=rule.noisy, model_output_uncond=m_uncond,
-                          predicted_variance=v, clip=rule.clip, return_x0=callback is not None)
+        result = run.step(x, table, i, m, third=g, noisy=noisy, model_output_uncond=m_uncond,
+                          predicted_variance=v, clip=clip, return_x0=callback is not None)
         if callback is not None:
             x, x0 = result
             run.report(i, levels[i], x, x0)

@@ -129,7 +129,8 @@ def _dpmpp_orders(grid: _Grid, order: int, lower_order_final: bool) -> list:
 
 def sample_dpmpp(model, shape, sigmas=None, *, sched: Optional[DDPMSchedule] = None, sde: Optional[SDE] = None,
                  num_steps: Optional[int] = None, timesteps: Optional[Sequence[int]] = None,
-                 timestep_spacing: Optional[str] = None, prediction_type: str = "epsilon", parameterization: str = "score", eps: float = 1e-3,
+                 timestep_spacing: Optional[str] = None, prediction_type: str = "epsilon",
+                 parameterization: str = "score", eps: float = 1e-3,
                  order: int = 2, solver_type: str = "midpoint", eta: float = 0.0, s_noise: float = 1.0,
                  lower_order_final: bool = True, seed: int = 0, device=None, dtype: torch.dtype = torch.float32,
                  sample_offset: int = 0, x_T: Optional[torch.Tensor] = None, progress: bool = False,

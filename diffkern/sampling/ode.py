@@ -10,8 +10,7 @@ import torch
 from .. import coefficients
 from .._model import model_output_of
 from .._validate import check_choice
-from ..ode import ADAPTIVE_SOLVERS, FIXED_GRID_SOLVERS, LinearODE, resolve_solver
-from ..ode import rk
+from ..ode import ADAPTIVE_SOLVERS, FIXED_GRID_SOLVERS, LinearODE, resolve_solver, rk
 from ._engine import Run, RunSpec
 from .score_sde import denoised_from_score
 

@@ -21,7 +21,7 @@ import torch
 
 from .._validate import check_choice, check_positive, check_positive_int, check_real
 from ..schedules import DDPMSchedule
-from ..sde import SubVPSDE, VESDE, VPSDE, karras_sigmas
+from ..sde import VESDE, VPSDE, SubVPSDE, karras_sigmas
 from .ddpm import sample_ddim, sample_ddpm
 from .dpmpp import ORDERS, sample_dpmpp
 from .flow import FLOW_SOLVERS, sample_flow
@@ -73,8 +73,9 @@ OPTIONS: Dict[str, Option] = {
                                lambda n, v: check_choice(n, v, PARAMETERIZATIONS)),
     "solver": Option(None, "the ODE solver (ode: euler, heun, dopri5, bosh3; flow and pfgm: euler or heun)"),
     "order": Option(2, "DPM-Solver++ order: 1, 2 or 3", lambda n, v: check_choice(n, v, ORDERS)),
-    "langevin_steps": Option(10, "Langevin steps per noise level", lambda n, v: check_positive_int(n, v)),
-    "step_size": Option(2e-3, "Langevin step size (times sigma^2 / sigma_min^2)", lambda n, v: check_positive(n, v)),
+    "langevin_steps": Option(50, "Langevin steps per noise level", lambda n, v: check_positive_int(n, v)),
+    "step_size": Option(2e-3, "Langevin step size at sigma_min (times sigma^2 / sigma_min^2 above it; stable below "
+                              "2 sigma_min^2)", lambda n, v: check_positive(n, v)),
     "z_max": Option(40.0, "PFGM's starting plane z = z_max", lambda n, v: check_positive(n, v)),
 }
 
@@ -83,7 +84,8 @@ OPTIONS: Dict[str, Option] = {
 class SamplerEntry:
     """One sampler: ``build(steps, options)`` returns fn(model, shape, **run) with the run's keywords
     (seed, sample_offset, device, dtype, x_T, progress, callback); ``calls(steps, options)`` counts its
-    model evaluations."""
+    model evaluations. ``batch_invariant`` is False for a sampler whose samples depend on which
+    samples share their batch (score_sde's corrector steps by batch-mean norms)."""
 
     name: str
     label: str
@@ -93,6 +95,7 @@ class SamplerEntry:
     options: Dict[str, object]  # the options it reads, with its defaults
     build: Callable
     calls: Callable = field(default=lambda steps, options: steps)
+    batch_invariant: bool = True
 
 
 def _sde(options):
@@ -172,14 +175,16 @@ ENTRIES: Dict[str, SamplerEntry] = {e.name: e for e in (
     SamplerEntry("ode", "probability-flow ODE", sample_ode, "score", 100, dict(_SCORE, solver="heun"),
                  _score_sde(sample_ode, solver=True), _two_per_step),
     SamplerEntry("pc", "predictor-corrector", sample_pc, "score", 1000, dict(_SCORE),
-                 _score_sde(sample_pc), lambda steps, options: 2 * steps),
+                 _score_sde(sample_pc), lambda steps, options: 2 * steps, batch_invariant=False),
     SamplerEntry("euler", "Euler (EDM)", sample_euler, "denoiser", 50, dict(_KARRAS), _edm(sample_euler)),
     SamplerEntry("heun", "Heun (EDM)", sample_heun, "denoiser", 18, dict(_KARRAS), _edm(sample_heun),
                  lambda steps, options: 2 * steps - 1),
     SamplerEntry("euler_ancestral", "Euler-ancestral", sample_euler_ancestral, "denoiser", 50, dict(_KARRAS),
                  _edm(sample_euler_ancestral)),
+    # Langevin's step at level i is step_size sigma_i^2 / sigma_min^2, which is stable only while
+    # step_size / sigma_min^2 < 2: its noise levels are its own, not the Karras range
     SamplerEntry("langevin", "annealed Langevin", sample_langevin, "noise_level_score", 10,
-                 dict(_KARRAS, langevin_steps=10, step_size=2e-3), _langevin,
+                 dict(sigma_min=0.05, sigma_max=10.0, langevin_steps=50, step_size=2e-3), _langevin,
                  lambda steps, options: steps * options["langevin_steps"] + 1),
     SamplerEntry("dpmpp", "DPM-Solver++", sample_dpmpp, "denoiser", 20, dict(_KARRAS, order=2, eta=0.0), _dpmpp),
     SamplerEntry("flow", "flow matching", sample_flow, "velocity", 50, {"solver": "euler"}, _flow,

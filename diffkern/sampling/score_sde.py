@@ -114,6 +114,10 @@ def _pc_discretisation(sde, num_steps, eps):
     sigma_min .. sigma_max for VE, whose step from index k goes to index k - 1, and to sigma = 0 from
     k = 0); other SDEs use SDE.discretize's Euler form with dt = T / N. Returns (t, f_i, G_i, alpha_i)
     in float64, with x_mean = x - f_i x + G_i^2 score the reverse-diffusion step."""
+    if isinstance(sde, VPSDE) and sde.beta_max / num_steps >= 1:
+        raise ValueError(f"num_steps={num_steps} is too few for score_sde's VP discretisation: its largest beta is "
+                         f"beta_max / num_steps = {sde.beta_max / num_steps:g} >= 1 (take num_steps > "
+                         f"{sde.beta_max:g})")
     t = torch.linspace(sde.T, eps, num_steps, dtype=torch.float64)
     index = (t * (num_steps - 1) / sde.T).long()
     alpha = torch.ones_like(t)
