@@ -38,13 +38,24 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         groups.setdefault(bench.group, []).append(bench)
     write = terminalreporter.write_line
     write("")
-    write("diffkern summary: median time, effective GB/s (bytes that must move / time), "
-          "time relative to a copy of the same bytes (lower is better)")
+    write("diffkern summary: min and median time, effective GB/s at the median (bytes that must move / time), "
+          "time relative to a copy of the same bytes (lower is better), by median and by min")
+    noisy_rows = 0
     for group, benches in groups.items():
         copy = next((b for b in benches if b.extra_info["label"] == "copy"), None)
         write(f"  {group}")
         for b in sorted(benches, key=lambda b: b.stats.median):
-            median = b.stats.median
-            gbps = b.extra_info["nbytes"] / median / 1e9
-            vs_copy = f"{median / copy.stats.median:7.2f}x copy" if copy else ""
-            write(f"    {b.extra_info['label']:<28} {median * 1e3:10.3f} ms {gbps:9.2f} GB/s  {vs_copy}")
+            stats = b.stats
+            gbps = b.extra_info["nbytes"] / stats.median / 1e9
+            vs_copy = ""
+            if copy:
+                vs_copy = f"{stats.median / copy.stats.median:7.2f}x copy ({stats.min / copy.stats.min:.2f}x by min)"
+            # a median far above the minimum, or a wide spread, means the machine was busy: the
+            # median then measures the other load (e.g. OpenMP threads waiting for a time slice)
+            noisy = stats.median > 1.5 * stats.min or stats.iqr > 0.25 * stats.median
+            noisy_rows += noisy
+            write(f"    {b.extra_info['label']:<28} {stats.min * 1e3:10.3f} {stats.median * 1e3:10.3f} ms "
+                  f"{gbps:9.2f} GB/s  {vs_copy}{'  NOISY' if noisy else ''}")
+    if noisy_rows:
+        write(f"  {noisy_rows} row(s) marked NOISY: their median is over 1.5x their minimum or their spread over "
+              "25% of the median; rerun on an idle machine (see the README, 'Speed') and trust the minimum meanwhile")

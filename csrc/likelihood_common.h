@@ -48,10 +48,12 @@ inline LikelihoodCall prepare_probe_trace(const at::Tensor& probes, const at::Te
   const at::ScalarType dtype = probes.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16,
               "diffkern::probe_trace: floating-point probes expected, got ", dtype);
+  TORCH_CHECK(probes.dim() >= 2, "diffkern::probe_trace: probes and products must be [num_probes, batch, ...], got "
+              "shape ", probes.sizes());
   LikelihoodArgs a{};
   a.dtype = static_cast<int>(dtype);
   a.num_probes = probes.size(0);
-  a.batch = probes.dim() >= 2 ? probes.size(1) : 0;
+  a.batch = probes.size(1);
   a.features = probes.numel() / std::max<int64_t>(1, a.num_probes * a.batch);
   a.probes = probe_view(probes, "probes");
   a.products = probe_view(products, "products");

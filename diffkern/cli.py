@@ -42,6 +42,13 @@ def _info(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def _fail(parser: argparse.ArgumentParser, message: str):
+    """A mistake in the input found after parsing: one line that names it, exit status 2 (argparse's
+    own parser.error prints its usage first)."""
+    print(f"{parser.prog}: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -83,7 +90,7 @@ def _demo(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                 else [s.strip() for s in args.sampler.split(",")])
     unknown = [s for s in samplers if s not in demo.SAMPLERS]
     if unknown:
-        parser.error(f"unknown sampler {', '.join(unknown)}; choose from {', '.join(demo.SAMPLERS)} or all (the "
+        _fail(parser, f"unknown sampler {', '.join(unknown)}; choose from {', '.join(demo.SAMPLERS)} or all (the "
                      f"default: {', '.join(demo.DEFAULT_SAMPLERS)}, likelihood)")
     device = _device_of(args.device, parser)
     if device is None:
@@ -101,24 +108,24 @@ def _load_model(spec: str, kwargs_json, parser: argparse.ArgumentParser):
     import json
 
     if ":" not in spec:
-        parser.error(f"--model must be MODULE:ATTR (e.g. diffkern.models:mixture_model), got {spec!r}")
+        _fail(parser, f"--model must be MODULE:ATTR (e.g. diffkern.models:mixture_model), got {spec!r}")
     module_name, attr = spec.split(":", 1)
     try:
         obj = importlib.import_module(module_name)
     except Exception as error:  # noqa: BLE001 (any import failure is the user's spec)
-        parser.error(f"--model {spec}: cannot import {module_name!r}: {type(error).__name__}: {error}")
+        _fail(parser, f"--model {spec}: cannot import {module_name!r}: {type(error).__name__}: {error}")
     for part in attr.split("."):
         if not hasattr(obj, part):
-            parser.error(f"--model {spec}: {module_name!r} has no attribute {attr!r}")
+            _fail(parser, f"--model {spec}: {module_name!r} has no attribute {attr!r}")
         obj = getattr(obj, part)
     try:
         kwargs = json.loads(kwargs_json) if kwargs_json else None
     except json.JSONDecodeError as error:
-        parser.error(f"--model-kwargs is not JSON: {error}")
+        _fail(parser, f"--model-kwargs is not JSON: {error}")
     if kwargs is not None and not isinstance(kwargs, dict):
-        parser.error("--model-kwargs must be a JSON object")
+        _fail(parser, "--model-kwargs must be a JSON object")
     if not callable(obj):
-        parser.error(f"--model {spec} is a {type(obj).__name__}, not a model or a factory")
+        _fail(parser, f"--model {spec} is a {type(obj).__name__}, not a model or a factory")
     is_factory = kwargs is not None or inspect.isclass(obj)
     if not is_factory:
         try:
@@ -131,9 +138,9 @@ def _load_model(spec: str, kwargs_json, parser: argparse.ArgumentParser):
         try:
             obj = obj(**(kwargs or {}))
         except Exception as error:  # noqa: BLE001
-            parser.error(f"--model {spec}: the factory failed: {type(error).__name__}: {error}")
+            _fail(parser, f"--model {spec}: the factory failed: {type(error).__name__}: {error}")
         if not callable(obj):
-            parser.error(f"--model {spec} returned a {type(obj).__name__}, not a callable model")
+            _fail(parser, f"--model {spec} returned a {type(obj).__name__}, not a callable model")
     return obj, kwargs
 
 
@@ -174,15 +181,15 @@ def _device_of(arg: str, parser: argparse.ArgumentParser):
     try:
         device = torch.device(arg)
     except RuntimeError:
-        parser.error(f"--device: unknown device {arg!r} (auto, cpu, cuda or cuda:N)")
+        _fail(parser, f"--device: unknown device {arg!r} (auto, cpu, cuda or cuda:N)")
     if device.type not in ("cpu", "cuda"):
-        parser.error(f"--device: diffkern runs on cpu or cuda, not {device.type}")
+        _fail(parser, f"--device: diffkern runs on cpu or cuda, not {device.type}")
     if device.type == "cuda":
         if not (torch.cuda.is_available() and dk.cuda_kernels_available()):
-            parser.error("--device cuda needs a GPU and diffkern built with its CUDA kernels "
+            _fail(parser, "--device cuda needs a GPU and diffkern built with its CUDA kernels "
                          f"(GPU visible: {torch.cuda.is_available()}, CUDA kernels: {dk.cuda_kernels_available()})")
         if device.index is not None and device.index >= torch.cuda.device_count():
-            parser.error(f"--device {arg}: there are {torch.cuda.device_count()} GPUs")
+            _fail(parser, f"--device {arg}: there are {torch.cuda.device_count()} GPUs")
     return device
 
 
@@ -191,20 +198,20 @@ def _generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from diffkern.sampling import registry
 
     if args.sampler not in registry.SAMPLERS:
-        parser.error(f"unknown sampler {args.sampler!r}; choose from {', '.join(registry.SAMPLERS)}")
+        _fail(parser, f"unknown sampler {args.sampler!r}; choose from {', '.join(registry.SAMPLERS)}")
     try:
         shape = [int(s) for s in args.shape.split(",")]
     except ValueError:
-        parser.error(f"--shape must be comma-separated positive integers, e.g. 3,32,32; got {args.shape!r}")
+        _fail(parser, f"--shape must be comma-separated positive integers, e.g. 3,32,32; got {args.shape!r}")
     if not shape or any(s < 1 for s in shape):
-        parser.error(f"--shape must be comma-separated positive integers, got {args.shape!r}")
+        _fail(parser, f"--shape must be comma-separated positive integers, got {args.shape!r}")
     if args.dtype not in distributed.DTYPES:
-        parser.error(f"--dtype must be one of {', '.join(distributed.DTYPES)}")
+        _fail(parser, f"--dtype must be one of {', '.join(distributed.DTYPES)}")
     options = {name: getattr(args, name) for name in registry.OPTIONS if getattr(args, name) is not None}
     try:
         sampler = registry.make_sampler(args.sampler, steps=args.steps, **options)
     except ValueError as error:
-        parser.error(_as_flags(str(error)))
+        _fail(parser, _as_flags(str(error)))
     device = _device_of(args.device, parser)
     model, kwargs = _load_model(args.model, args.model_kwargs, parser)
     return _in_process_group("generate", args, lambda joined: distributed.generate(
@@ -240,13 +247,13 @@ def _evaluate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from diffkern import distributed
 
     if args.sde not in distributed.SDES:
-        parser.error(f"--sde must be one of {', '.join(distributed.SDES)}")
+        _fail(parser, f"--sde must be one of {', '.join(distributed.SDES)}")
     if args.solver not in _likelihood_solvers():
-        parser.error(f"--solver must be one of {', '.join(_likelihood_solvers())}, got {args.solver!r}")
+        _fail(parser, f"--solver must be one of {', '.join(_likelihood_solvers())}, got {args.solver!r}")
     try:
         data = distributed.load_data(args.data)
     except (ValueError, OSError) as error:
-        parser.error(f"--data: {error}")
+        _fail(parser, f"--data: {error}")
     device = _device_of(args.device, parser)
     model, kwargs = _load_model(args.model, args.model_kwargs, parser)
 

@@ -179,7 +179,8 @@ def fused_step(x: torch.Tensor, model_output: Optional[torch.Tensor] = None,
 
         m = m_uncond + w (m - m_uncond);  x0 = clip(a x + b m + e g);
         out = c x0 + d x + f m + h g + sigma z,
-    sigma = exp(var_alpha + var_beta v) for learned variances (0 where the row's sigma is 0).
+    sigma = exp(var_alpha + var_beta v) for learned variances (0 where the row's sigma is 0); a term
+    whose coefficient is 0 is absent (an inf input there gives no nan).
     Stream noise is reference.randn(x.shape, seed, step, sample_offset, stream), used only in rows
     with sigma != 0 (elsewhere z = 0, as in the kernels).
     """
@@ -209,7 +210,11 @@ def fused_step(x: torch.Tensor, model_output: Optional[torch.Tensor] = None,
     G = zero if G is None else G
     if MU is not None:
         M = MU + col("w") * (M - MU)
-    x0 = col("a") * X + col("b") * M + col("e") * G
+    def term(name, value):  # a term whose coefficient is 0 is absent (inf * 0 would be nan), as in the kernels
+        c = col(name)
+        return torch.where(c != 0, c * value, torch.zeros_like(value))
+
+    x0 = term("a", X) + term("b", M) + term("e", G)
     if clip:
         x0 = torch.minimum(torch.maximum(x0, col("clip_lo")), col("clip_hi"))
     sigma = col("sigma").expand(batch, features)
@@ -224,7 +229,7 @@ def fused_step(x: torch.Tensor, model_output: Optional[torch.Tensor] = None,
         z = torch.where(col("sigma") != 0, z, torch.zeros_like(z))
     else:
         z = zero
-    out = col("c") * x0 + col("d") * X + col("f") * M + col("h") * G + sigma * z
+    out = term("c", x0) + term("d", X) + term("f", M) + term("h", G) + torch.where(sigma != 0, sigma * z, 0.0)
     aux_out = {"none": None, "x0": x0, "noise": z}[aux]
     out = out.to(x.dtype).reshape(x.shape)
     return out, None if aux_out is None else aux_out.to(x.dtype).reshape(x.shape)

@@ -133,10 +133,24 @@ class FusedScheduler:
     def _init_step_index(self, timestep) -> None:
         if self.begin_index is None:
             value = self._dk_timestep_value(timestep)
+            if value not in self._dk_timestep_list:
+                more = " ..." if len(self._dk_timestep_list) > 8 else ""
+                raise IndexError(f"timestep {value} is not in the schedule {self._dk_timestep_list[:8]}{more}: pass "
+                                 "one of scheduler.timesteps")
             self._step_index = self.index_for_timestep(
                 torch.tensor(value, dtype=self._dk_host_timesteps.dtype), self._dk_host_timesteps)
         else:
             self._step_index = self._begin_index
+
+    def _dk_begin_step(self, timestep) -> None:
+        """The step index of this call (diffusers' rule on the first call), refused past the schedule's
+        end, where diffusers' arithmetic would return nan."""
+        if self.step_index is None:
+            self._init_step_index(timestep)
+        if self.step_index >= len(self._dk_timestep_list):
+            raise IndexError(f"step() called {self.step_index - len(self._dk_timestep_list) + 1} time(s) past the end "
+                             f"of the schedule's {len(self._dk_timestep_list)} timesteps: call set_timesteps again "
+                             "to start a new run")
 
     # -- one fused step --
     def _dk_noise_like(self, generator, shape, dtype, device):
@@ -212,6 +226,9 @@ def _set_timesteps_then_rows(cls, base: type):
     base_set_timesteps = base.set_timesteps
 
     def set_timesteps(self, *args, **kwargs):
+        steps = kwargs.get("num_inference_steps", args[0] if args else None)
+        if steps is not None and (isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1):
+            raise ValueError(f"num_inference_steps must be an int >= 1, got {steps!r}")
         base_set_timesteps(self, *args, **kwargs)
         self._dk_reset()
         self._dk_prebuild(self._dk_schedule_keys())

@@ -121,8 +121,7 @@ class DPMSolverMultistepScheduler(FusedScheduler, schedulers.DPMSolverMultistepS
         if self.num_inference_steps is None:
             raise ValueError(
                 "Number of inference steps is 'None', you need to run 'set_timesteps' after creating the scheduler")
-        if self.step_index is None:
-            self._init_step_index(timestep)
+        self._dk_begin_step(timestep)
         if self.config.variance_type in ("learned", "learned_range") and self.config.prediction_type == "epsilon":
             model_output = model_output[:, :3]
         plan = self._dk_plan((self.step_index, self._dk_orders(self.step_index, self.lower_order_nums)))

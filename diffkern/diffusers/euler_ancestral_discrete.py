@@ -31,8 +31,7 @@ class EulerAncestralDiscreteScheduler(FusedScheduler, schedulers.EulerAncestralD
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, generator=None,
              return_dict: bool = True):
         refuse_integer_timestep("EulerDiscreteScheduler", timestep)
-        if self.step_index is None:
-            self._init_step_index(timestep)
+        self._dk_begin_step(timestep)
         return self._dk_sigma_step(self._dk_plan(self.step_index), model_output, sample, generator, return_dict,
                                    schedulers.scheduling_euler_ancestral_discrete.EulerAncestralDiscreteSchedulerOutput,
                                    always_draw=True)

@@ -33,8 +33,7 @@ class EulerDiscreteScheduler(FusedScheduler, schedulers.EulerDiscreteScheduler):
              s_tmin: float = 0.0, s_tmax: float = float("inf"), s_noise: float = 1.0, generator=None,
              return_dict: bool = True):
         refuse_integer_timestep("EulerDiscreteScheduler", timestep)
-        if self.step_index is None:
-            self._init_step_index(timestep)
+        self._dk_begin_step(timestep)
         plan = self._dk_plan((self.step_index, float(s_churn), float(s_tmin), float(s_tmax), float(s_noise)))
         return self._dk_sigma_step(plan, model_output, sample, generator, return_dict,
                                    schedulers.scheduling_euler_discrete.EulerDiscreteSchedulerOutput)

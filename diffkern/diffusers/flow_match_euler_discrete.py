@@ -37,8 +37,7 @@ class FlowMatchEulerDiscreteScheduler(FusedScheduler, schedulers.FlowMatchEulerD
         if per_token_timesteps is not None:
             raise NotImplementedError("diffkern.diffusers.FlowMatchEulerDiscreteScheduler does not support "
                                       "per_token_timesteps; use diffusers' class for it")
-        if self.step_index is None:
-            self._init_step_index(timestep)
+        self._dk_begin_step(timestep)
         plan = self._dk_plan(self.step_index)
         noise = None
         if self.config.stochastic_sampling and generator is not None:

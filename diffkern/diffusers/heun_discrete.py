@@ -36,8 +36,7 @@ class HeunDiscreteScheduler(FusedScheduler, schedulers.HeunDiscreteScheduler):
         return compile_step(self._dk_rows, x0, [term("orig_sample") + dt * derivative], clip, want_x0=True)
 
     def step(self, model_output, timestep, sample, return_dict: bool = True):
-        if self.step_index is None:
-            self._init_step_index(timestep)
+        self._dk_begin_step(timestep)
         first = self.state_in_first_order
         plan = self._dk_plan((self.step_index, first))
         if first:

@@ -48,8 +48,7 @@ class LCMScheduler(FusedScheduler, schedulers.LCMScheduler):
         if self.num_inference_steps is None:
             raise ValueError(
                 "Number of inference steps is 'None', you need to run 'set_timesteps' after creating the scheduler")
-        if self.step_index is None:
-            self._init_step_index(timestep)
+        self._dk_begin_step(timestep)
         plan = self._dk_plan(self.step_index)
         noise = None
         if plan.noisy and generator is not None:

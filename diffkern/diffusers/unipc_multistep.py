@@ -122,8 +122,7 @@ class UniPCMultistepScheduler(FusedScheduler, schedulers.UniPCMultistepScheduler
         if self.num_inference_steps is None:
             raise ValueError(
                 "Number of inference steps is 'None', you need to run 'set_timesteps' after creating the scheduler")
-        if self.step_index is None:
-            self._init_step_index(timestep)
+        self._dk_begin_step(timestep)
         use_corrector = (self.step_index > 0 and self.step_index - 1 not in self.disable_corrector
                          and self.last_sample is not None)
         corrector_order = self.this_order if use_corrector else 0

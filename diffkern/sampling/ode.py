@@ -15,6 +15,8 @@ from ._engine import Run, RunSpec
 from .score_sde import denoised_from_score
 
 ODE_SOLVERS = FIXED_GRID_SOLVERS + ADAPTIVE_SOLVERS
+_NOT_DIFFERENTIABLE = ("sample_ode's Runge-Kutta solvers (dopri5, bosh3) are not differentiable yet, so a gradient "
+                       "would be wrong; use solver='euler' or 'heun' (differentiable), or run under torch.no_grad()")
 
 
 def sample_ode(score_fn, shape, sde, num_steps: Optional[int] = None, *, solver: str = "heun", eps: float = 1e-3,
@@ -66,11 +68,19 @@ def _sample_ode_rk(score_fn, sde, choice, eps, parameterization, run: Run, max_n
         sde.time_grid(1, eps)  # checks eps
     x = run.initial(sde.prior_std)
     time_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    unchecked = [torch.is_grad_enabled()]
+    if unchecked[0] and x.requires_grad:
+        raise ValueError(f"x_T requires grad: {_NOT_DIFFERENTIABLE}")
 
     def evaluate(y, t, need_products):
         t_batch = (t.to(time_dtype) if isinstance(t, torch.Tensor)
                    else torch.full((y.shape[0],), t, dtype=time_dtype, device=y.device))
-        return run.model_output(model_output_of(score_fn(y, t_batch)), y), None
+        output = run.model_output(model_output_of(score_fn(y, t_batch)), y)
+        if unchecked[0]:  # once: a model whose parameters require grad
+            unchecked[0] = False
+            if output.requires_grad:
+                raise ValueError(f"the model's output requires grad (its parameters do): {_NOT_DIFFERENTIABLE}")
+        return output, None
 
     terms = sde.velocity_terms(parameterization)
     system = LinearODE(terms, evaluate)

@@ -30,7 +30,7 @@ DK_INLINE StepGrads<acc_t> step_element_backward(const StepRow<acc_t>& r, const 
                                                  acc_t x, acc_t m, acc_t m_uncond, acc_t g, acc_t v, acc_t z,
                                                  acc_t grad_out, acc_t grad_aux) {
   const acc_t m_eff = flags.guided ? fused_multiply_add(r.w, m - m_uncond, m_uncond) : m;
-  const acc_t x0 = fused_multiply_add(r.a, x, fused_multiply_add(r.b, m_eff, r.e * g));
+  const acc_t x0 = add_term(r.a, x, add_term(r.b, m_eff, term(r.e, g)));  // as the forward: the same clip mask
   const bool inside = !flags.clip || (x0 >= r.clip_lo && x0 <= r.clip_hi);
   const acc_t through_x0 = r.c * grad_out + (aux == AuxOutput::kX0 ? grad_aux : acc_t(0));
   const acc_t masked = inside ? through_x0 : acc_t(0);

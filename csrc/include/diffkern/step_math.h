@@ -4,6 +4,7 @@
 //     x0  = clip(a x + b m + e g)                     (prediction of the clean sample)
 //     out = c x0 + d x + f m + h g + sigma_n z        (the update)
 //
+// (terms with a zero coefficient are absent, not multiplied by 0: see add_term)
 // with per-sample coefficients (a row, computed in float64 on the host: diffkern/coefficients.py
 // derives them for DDPM, DDIM, q_sample, ...), the model output m, a classifier gradient g and
 // noise z. sigma_n is the row's sigma, or, for learned variances, exp(var_alpha + var_beta v) with v
@@ -77,12 +78,26 @@ DK_INLINE float exp_fixed(float x_in) {
 }
 DK_INLINE double exp_fixed(double x) { return exp(x); }
 
-// One element of the step. Absent inputs are passed as 0 (their coefficients are 0 too).
+// rest + coefficient * value, or rest itself when the coefficient is 0: a row that does not use an
+// input has no such term, so an inf or nan there (x at its limit, an unused model output) must not
+// reach the result as 0 * inf = nan. For finite values the two agree (up to the sign of a zero).
+template <class acc_t>
+DK_INLINE acc_t add_term(acc_t coefficient, acc_t value, acc_t rest) {
+  return coefficient != acc_t(0) ? fused_multiply_add(coefficient, value, rest) : rest;
+}
+
+template <class acc_t>
+DK_INLINE acc_t term(acc_t coefficient, acc_t value) {
+  return coefficient != acc_t(0) ? coefficient * value : acc_t(0);
+}
+
+// One element of the step. Absent inputs are passed as 0 (their coefficients are 0 too); a term
+// whose coefficient is 0 is skipped (add_term).
 template <class acc_t, class Flags>
 DK_INLINE acc_t step_element(const StepRow<acc_t>& r, const Flags& flags, acc_t x, acc_t m, acc_t m_uncond,
                              acc_t g, acc_t v, acc_t z, acc_t& x0_out) {
   if (flags.guided) m = fused_multiply_add(r.w, m - m_uncond, m_uncond);
-  acc_t x0 = fused_multiply_add(r.a, x, fused_multiply_add(r.b, m, r.e * g));
+  acc_t x0 = add_term(r.a, x, add_term(r.b, m, term(r.e, g)));
   if (flags.clip) {
     x0 = x0 < r.clip_lo ? r.clip_lo : x0;
     x0 = x0 > r.clip_hi ? r.clip_hi : x0;
@@ -90,8 +105,7 @@ DK_INLINE acc_t step_element(const StepRow<acc_t>& r, const Flags& flags, acc_t 
   acc_t sigma = r.sigma;
   if (flags.learned_variance) sigma = r.sigma != acc_t(0) ? exp_fixed(fused_multiply_add(r.var_beta, v, r.var_alpha)) : acc_t(0);
   x0_out = x0;
-  return fused_multiply_add(
-      r.c, x0, fused_multiply_add(r.d, x, fused_multiply_add(r.f, m, fused_multiply_add(r.h, g, sigma * z))));
+  return add_term(r.c, x0, add_term(r.d, x, add_term(r.f, m, add_term(r.h, g, term(sigma, z)))));
 }
 
 DK_NAMESPACE_END
