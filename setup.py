@@ -54,6 +54,32 @@ def cuda_mode():
     sys.exit(f"diffkern setup: DIFFKERN_CUDA must be auto, 1 or 0, not {value!r}")
 
 
+def say(message):
+    """A line for the person installing: pip hides a build's output unless run with -v, so while it
+    captures ours the line also goes to the terminal itself (when there is one)."""
+    print(f"diffkern setup: {message}", flush=True)
+    if sys.stdout.isatty():
+        return
+    # pip runs this file twice (metadata, then the build): say each line to the terminal once
+    marker = os.path.join(ROOT, "build", ".diffkern-setup-said")
+    try:
+        import time
+
+        with open(marker) as f:
+            if message in f.read() and time.time() - os.path.getmtime(marker) < 600:
+                return
+    except OSError:
+        pass
+    try:
+        with open("/dev/tty", "w") as tty:
+            tty.write(f"diffkern setup: {message}\n")
+        os.makedirs(os.path.dirname(marker), exist_ok=True)
+        with open(marker, "a") as f:
+            f.write(message + "\n")
+    except OSError:
+        pass  # no terminal (CI, a container): the verbose log has the line
+
+
 MODE = cuda_mode()
 CUDA_HOME = find_cuda_home() if MODE != "off" else None
 if CUDA_HOME:
@@ -76,13 +102,18 @@ if WITH_CUDA and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
     # Without a GPU and without an arch list torch's build fails (IndexError in its arch parsing).
     if not torch.cuda.is_available():
         os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_ARCH_LIST
-        print(f"diffkern setup: no GPU visible, building for TORCH_CUDA_ARCH_LIST={DEFAULT_ARCH_LIST}")
+        say(f"no GPU visible, so the CUDA kernels are built for TORCH_CUDA_ARCH_LIST={DEFAULT_ARCH_LIST}")
 
-print(
-    f"diffkern setup: torch {torch.__version__}, CUDA kernels "
-    + (f"ON (CUDA_HOME={CUDA_HOME}, archs={os.environ.get('TORCH_CUDA_ARCH_LIST', 'visible GPUs')})"
-       if WITH_CUDA else f"OFF (DIFFKERN_CUDA={MODE}, toolkit={CUDA_HOME}, torch CUDA={torch.version.cuda})")
-)
+if WITH_CUDA:
+    archs = os.environ.get("TORCH_CUDA_ARCH_LIST") or "the visible GPUs'"
+    count = len([a for a in archs.replace(" ", ";").split(";") if a]) if os.environ.get("TORCH_CUDA_ARCH_LIST") else 1
+    say(f"torch {torch.__version__}; building the CPU kernels and the CUDA kernels (CUDA_HOME={CUDA_HOME}) for "
+        f"architectures {archs}: on 2 cores about 40 s plus about a minute per architecture ({count} here). "
+        "DIFFKERN_CUDA=0 builds the CPU kernels alone; TORCH_CUDA_ARCH_LIST=9.0 builds for one architecture")
+else:
+    reason = {"off": "DIFFKERN_CUDA=0", "auto": "no CUDA toolkit" if not CUDA_HOME else
+              f"torch {torch.__version__} is a CPU-only build"}.get(MODE, MODE)
+    say(f"torch {torch.__version__}; building the CPU kernels only ({reason}): on 2 cores about 40 s")
 
 
 def _links_shared_libstdcxx(compiler):
