@@ -10,6 +10,7 @@
 #include <string>
 
 #include "cpu/isa_dispatch.h"
+#include "diffkern/loss_math.h"
 #include "diffkern/step_math.h"
 
 namespace diffkern {
@@ -70,6 +71,15 @@ std::string step_row_fields() {
 #define DK_STEP_ROW_NAME(name) fields += (fields.empty() ? "" : ",") + std::string(#name);
   DK_STEP_ROW_FIELDS(DK_STEP_ROW_NAME)
 #undef DK_STEP_ROW_NAME
+  return fields;
+}
+
+// The coefficient row layout of the training loss, "model_output,x0,noise,weight".
+std::string loss_row_fields() {
+  std::string fields;
+#define DK_LOSS_ROW_NAME(name) fields += (fields.empty() ? "" : ",") + std::string(#name);
+  DK_LOSS_ROW_FIELDS(DK_LOSS_ROW_NAME)
+#undef DK_LOSS_ROW_NAME
   return fields;
 }
 
@@ -171,6 +181,29 @@ TORCH_LIBRARY(diffkern, m) {
       "rk_stage(Tensor[] inputs, Tensor? probes, Tensor? products, Tensor coefficients, Tensor[] traces, "
       "Tensor? log_density, int outputs, bool error, float trace_scale, float atol, float rtol) "
       "-> (Tensor[], Tensor, Tensor, Tensor)");
+
+  // The fused training loss of diffkern/loss_math.h: per-sample losses (float64 [batch])
+  //   loss_n = weight_n * sum_j (p_m model_output + p_x0 x0 + p_z z)^2
+  // with rows [1 or batch, len(loss_row_fields)] of float64 coefficients; z is `noise` if given, else
+  // the stream (seed, step, sample_offset + n, stream) if stream_noise (drawn again, not stored), else 0.
+  // x0, model_output and noise share shape and dtype. Summed in one fixed order on every device.
+  m.def("loss_row_fields() -> str", &loss_row_fields);
+  m.def(
+      "training_loss(Tensor x0, Tensor model_output, Tensor? noise, Tensor coefficients, bool stream_noise, "
+      "int seed, int step, int sample_offset, int stream, Tensor? seed_step) -> Tensor");
+  // Its backward: the gradients of (model_output, x0, noise) from grad_loss [batch] (float64), the noise
+  // drawn once more; gradients not in output_mask (or of an absent noise) are empty tensors.
+  m.def(
+      "training_loss_backward(Tensor grad_loss, Tensor x0, Tensor model_output, Tensor? noise, "
+      "Tensor coefficients, bool stream_noise, int seed, int step, int sample_offset, int stream, "
+      "Tensor? seed_step, bool[3] output_mask) -> Tensor[]");
+  m.def(
+      "_training_loss_cpu_isa(Tensor x0, Tensor model_output, Tensor? noise, Tensor coefficients, "
+      "bool stream_noise, int seed, int step, int sample_offset, int stream, Tensor? seed_step, str isa) -> Tensor");
+  m.def(
+      "_training_loss_backward_cpu_isa(Tensor grad_loss, Tensor x0, Tensor model_output, Tensor? noise, "
+      "Tensor coefficients, bool stream_noise, int seed, int step, int sample_offset, int stream, "
+      "Tensor? seed_step, bool[3] output_mask, str isa) -> Tensor[]");
 
   // Test hooks: CPU randn (or Rademacher signs) on a given instruction set ("auto", "scalar", "avx2",
   // "avx512").

@@ -376,3 +376,108 @@ def dpmpp_update(order: int, alpha_s: float, sigma_s: float, alpha_t: float, sig
         for k in range(3):
             m[k] += alpha_t * (phi_2 * D1[k] - 2.0 * phi_3 * D2[k])
     return c_x, m, noise
+
+
+# ---- training objectives: rows of ops.training_loss ----
+# Every objective here trains a model whose output m, at a noised x_t = alpha x0 + sigma z, should
+# match a target that is linear in x0 and z. Its loss row holds the residual m - target as
+# p_m m + p_x0 x0 + p_z z and the per-sample weight (1 / features for a mean over features). The
+# functions return float64 tensors of the levels' shape (per-sample [B]).
+
+LOSS_FIELDS = tuple(torch.ops.diffkern.loss_row_fields().split(","))
+LOSS_INDEX = {name: i for i, name in enumerate(LOSS_FIELDS)}
+
+
+def loss_rows(model_output, x0, noise, weight) -> torch.Tensor:
+    """[B, len(LOSS_FIELDS)] float64 rows from per-sample (or scalar) coefficients."""
+    values = [v if isinstance(v, torch.Tensor) else torch.tensor(float(v), dtype=torch.float64)
+              for v in (model_output, x0, noise, weight)]
+    device = next((v.device for v in values if v.dim()), values[0].device)
+    shape = torch.broadcast_shapes(*(v.shape for v in values))
+    return torch.stack([v.to(device=device, dtype=torch.float64).expand(shape) for v in values], -1).reshape(-1, 4)
+
+
+def ddpm_residual(abar, prediction_type: str):
+    """(p_m, p_x0, p_z) of DDPM's targets (diffusers' conventions), x_t = sqrt(abar) x0 + sqrt(1 - abar) z:
+    epsilon: m - z; sample: m - x0; v_prediction: m - v with v = sqrt(abar) z - sqrt(1 - abar) x0."""
+    check_prediction_type(prediction_type)
+    abar = _f64(abar)
+    alpha, sigma = _sqrt(abar), _sqrt(1 - abar)
+    one, zero = _ones_like(abar), _zeros_like(abar)
+    if prediction_type == "epsilon":
+        return one, zero, -one
+    if prediction_type == "sample":
+        return one, -one, zero
+    return one, sigma, -alpha
+
+
+def min_snr_weight(snr, gamma: float, prediction_type: str):
+    """Min-SNR-gamma weighting (Hang et al. 2023, as diffusers' training scripts apply it) for a loss on
+    the model's own output: min(SNR, gamma) / SNR for epsilon, / (SNR + 1) for v, itself for sample."""
+    snr = _f64(snr)
+    clipped = _minimum(snr, gamma)
+    if prediction_type == "epsilon":
+        return clipped / snr
+    if prediction_type == "v_prediction":
+        return clipped / (snr + 1)
+    return clipped
+
+
+def score_matching_residual(std, likelihood_weighting: bool):
+    """Denoising score matching on a score model s at x_t = mean x0 + std z (score_sde's
+    get_sde_loss_fn): without likelihood weighting the residual std s + z, with it s + z / std (whose
+    weight is g(t)^2)."""
+    std = _f64(std)
+    one, zero = _ones_like(std), _zeros_like(std)
+    if likelihood_weighting:
+        return one, zero, 1 / std
+    return std, zero, one
+
+
+def edm_preconditioning(sigma, sigma_data: float):
+    """(c_skip, c_out, c_in, c_noise) of EDM (Karras et al. 2022, Table 1):
+    D(x, sigma) = c_skip x + c_out F(c_in x, c_noise)."""
+    sigma = _f64(sigma)
+    total = sigma ** 2 + sigma_data ** 2
+    return sigma_data ** 2 / total, sigma * sigma_data / _sqrt(total), 1 / _sqrt(total), _log(sigma) / 4
+
+
+def edm_residual(sigma, sigma_data: float):
+    """EDM's D(x0 + sigma z) - x0 in the raw network's output F: c_out F + (c_skip - 1) x0 + c_skip sigma z."""
+    c_skip, c_out, _, _ = edm_preconditioning(sigma, sigma_data)
+    return c_out, c_skip - 1, c_skip * _f64(sigma)
+
+
+def edm_weight(sigma, sigma_data: float, weighting: str = "edm"):
+    """The weight of the denoiser's squared error |D - x0|^2 at sigma: EDM's lambda(sigma) =
+    (sigma^2 + sigma_data^2) / (sigma sigma_data)^2 ("edm", which is k-diffusion's "karras"), or
+    k-diffusion's "soft-min-snr" and "snr" weightings of its F-space loss, moved to D-space (divided by
+    c_out^2): 1 / (sigma^2 + sigma_data^2) and 1 / sigma^2."""
+    sigma = _f64(sigma)
+    if weighting == "edm":
+        return (sigma ** 2 + sigma_data ** 2) / (sigma * sigma_data) ** 2
+    if weighting == "soft_min_snr":
+        return 1 / (sigma ** 2 + sigma_data ** 2)
+    if weighting == "snr":
+        return 1 / sigma ** 2
+    raise ValueError(f"weighting must be 'edm', 'soft_min_snr' or 'snr', got {weighting!r}")
+
+
+def flow_residual(t):
+    """Flow matching / rectified flow at x_t = (1 - t) x0 + t z: the velocity's residual m - (z - x0)."""
+    t = _f64(t)
+    one = _ones_like(t)
+    return one, one, -one
+
+
+def flow_weight(t, weighting: str = "none"):
+    """diffusers' compute_loss_weighting_for_sd3 at sigma = t: "sigma_sqrt" t^-2, "cosmap"
+    2 / (pi (1 - 2 t + 2 t^2)), "none" 1."""
+    t = _f64(t)
+    if weighting == "sigma_sqrt":
+        return t ** -2.0
+    if weighting == "cosmap":
+        return 2 / (math.pi * (1 - 2 * t + 2 * t ** 2))
+    if weighting == "none":
+        return _ones_like(t)
+    raise ValueError(f"weighting must be 'none', 'sigma_sqrt' or 'cosmap', got {weighting!r}")

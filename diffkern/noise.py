@@ -11,10 +11,15 @@ from ._validate import check_uint
 
 IntOrTensor = Union[int, torch.Tensor]
 
-# Stream ids: every random quantity of diffkern draws from its own stream of the same Philox key, so
-# none of them can correlate with another, and each is a function of (seed, step, sample index).
+# Stream ids, in this one place: every random quantity of diffkern draws from its own stream of the
+# same Philox key, so none of them can correlate with another, and each is a function of (seed, step,
+# sample index). Users may take any other 32-bit value.
 SAMPLING_STREAM = 0  # the samplers' noise (x_T is step 0, sampler step i draws step i + 1)
 PROBE_STREAM = 1  # Hutchinson's probes of the likelihood solvers
+TRAINING_NOISE_STREAM = 2  # the noise of a training batch (q_sample and the loss draw the same numbers)
+TRAINING_TIME_STREAM = 3  # its per-sample times or noise levels
+CFG_DROPOUT_STREAM = 4  # its classifier-free guidance dropout decisions
+PFGM_PERTURBATION_STREAM = 5  # PFGM's perturbations of the data in the augmented space
 
 
 def resolve_device(device) -> torch.device:

@@ -169,6 +169,37 @@ def rk_stage(inputs, coefficients, *, probes=None, products=None, traces=(), log
     return outs, trace, q_next, norm
 
 
+def training_loss(x0: torch.Tensor, model_output: torch.Tensor, noise: Optional[torch.Tensor] = None, *,
+                  coefficients: torch.Tensor, stream_noise: bool = False, seed=0, step=0, sample_offset: int = 0,
+                  stream: int = 0, seed_step: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """diffkern.ops.training_loss in plain PyTorch, in float64: per-sample losses
+    weight_n sum_j (p_m m + p_x0 x0 + p_z z)^2 (a term whose coefficient is 0 is absent). Stream noise
+    is reference.randn(x0.shape, seed, step, sample_offset, stream) (the kernels' normals agree with it
+    to NORMAL_ATOL / NORMAL_RTOL); the sum is torch's, not the kernels' fixed order."""
+    from .coefficients import LOSS_INDEX  # late: coefficients needs the compiled library
+
+    batch = x0.shape[0]
+    features = math.prod(x0.shape[1:])
+    f64 = torch.float64
+    table = coefficients.to(f64).expand(batch, -1)
+    if noise is not None:
+        z = noise.reshape(batch, features).to(f64)
+    elif stream_noise:
+        if seed_step is not None:
+            seed, step = seed_step.tolist()
+        z = randn((batch, features), seed, step, sample_offset, stream, device=x0.device, dtype=f64)
+    else:
+        z = torch.zeros(batch, features, dtype=f64, device=x0.device)
+
+    def term(name, value):
+        c = table[:, LOSS_INDEX[name]].reshape(batch, 1)
+        return torch.where(c != 0, c * value, torch.zeros_like(value))
+
+    r = (term("model_output", model_output.reshape(batch, features).to(f64))
+         + term("x0", x0.reshape(batch, features).to(f64)) + term("noise", z))
+    return table[:, LOSS_INDEX["weight"]] * (r * r).sum(1)
+
+
 def fused_step(x: torch.Tensor, model_output: Optional[torch.Tensor] = None,
                model_output_uncond: Optional[torch.Tensor] = None, guidance_grad: Optional[torch.Tensor] = None,
                predicted_variance: Optional[torch.Tensor] = None, noise: Optional[torch.Tensor] = None, *,

@@ -1,11 +1,13 @@
-"""score_sde's predictor-corrector sampler, transcribed from yang-song/score_sde_pytorch
-(`sde_lib.py`: VPSDE, subVPSDE, VESDE, SDE.discretize, SDE.reverse; `sampling.py`:
-ReverseDiffusionPredictor, EulerMaruyamaPredictor, LangevinCorrector, get_pc_sampler) on its own
+"""score_sde's predictor-corrector sampler and training losses, transcribed from
+yang-song/score_sde_pytorch (`sde_lib.py`: VPSDE, subVPSDE, VESDE, SDE.discretize, SDE.reverse,
+marginal_prob; `sampling.py`: ReverseDiffusionPredictor, EulerMaruyamaPredictor, LangevinCorrector,
+get_pc_sampler; `losses.py`: get_sde_loss_fn, get_smld_loss_fn, get_ddpm_loss_fn) on its own
 conventions: each SDE carries its N-point tables, the sampler walks linspace(T, eps, N) and indexes
 the tables with (t (N - 1) / T).long(). Only two things differ from the original: tensors are
 [batch, features] (score_sde broadcasts with [:, None, None, None]), and torch.randn_like is a
-`draw(x)` callback, so that a test can feed the noise diffkern draws. Nothing here imports diffkern:
-it is the independent reference sample_pc is checked against."""
+`draw(x)` callback, so that a test can feed the noise diffkern draws (and the losses' torch.rand and
+torch.randint are `rand(n)` and `randint(high, n)` callbacks). Nothing here imports diffkern: it is the
+independent reference sample_pc and the score-matching objectives are checked against."""
 import math
 
 import torch
@@ -48,6 +50,15 @@ class VPSDE(SDE):
         self.beta_0, self.beta_1 = beta_min, beta_max
         self.discrete_betas = torch.linspace(beta_min / N, beta_max / N, N, dtype=torch.float64)
         self.alphas = 1.0 - self.discrete_betas
+        self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
+        self.sqrt_alphas_cumprod = torch.sqrt(self.alphas_cumprod)
+        self.sqrt_1m_alphas_cumprod = torch.sqrt(1.0 - self.alphas_cumprod)
+
+    def marginal_prob(self, x, t):
+        log_mean_coeff = -0.25 * t ** 2 * (self.beta_1 - self.beta_0) - 0.5 * t * self.beta_0
+        mean = torch.exp(log_mean_coeff[:, None]) * x
+        std = torch.sqrt(1.0 - torch.exp(2.0 * log_mean_coeff))
+        return mean, std
 
     def sde(self, x, t):
         beta_t = self.beta_0 + t * (self.beta_1 - self.beta_0)
@@ -73,6 +84,12 @@ class subVPSDE(SDE):
         discount = 1.0 - torch.exp(-2 * self.beta_0 * t - (self.beta_1 - self.beta_0) * t ** 2)
         return -0.5 * beta_t[:, None] * x, torch.sqrt(beta_t * discount)
 
+    def marginal_prob(self, x, t):
+        log_mean_coeff = -0.25 * t ** 2 * (self.beta_1 - self.beta_0) - 0.5 * t * self.beta_0
+        mean = torch.exp(log_mean_coeff)[:, None] * x
+        std = 1 - torch.exp(2.0 * log_mean_coeff)
+        return mean, std
+
     def prior_sampling(self, noise):
         return noise
 
@@ -91,6 +108,10 @@ class VESDE(SDE):
 
     def prior_sampling(self, noise):
         return noise * self.sigma_max
+
+    def marginal_prob(self, x, t):
+        std = self.sigma_min * (self.sigma_max / self.sigma_min) ** t
+        return x, std
 
     def discretize(self, x, t):
         timestep = (t * (self.N - 1) / self.T).long()
@@ -145,3 +166,55 @@ def pc_sampler(sde, score_fn, prior_noise, draw, predictor="reverse_diffusion", 
             x, x_mean = langevin_corrector(sde, score_fn, x, vec_t, snr, n_steps, draw)
         x, x_mean = predict(sde, score_fn, x, vec_t, draw)
     return x_mean if denoise else x
+
+
+# ---- losses.py (score models as functions score_fn(x, t) / model_fn(x, labels)) ----
+
+def _reduce_op(reduce_mean):
+    return torch.mean if reduce_mean else lambda *args, **kwargs: 0.5 * torch.sum(*args, **kwargs)
+
+
+def sde_loss(sde, score_fn, batch, rand, draw, reduce_mean=True, likelihood_weighting=True, eps=1e-5):
+    """get_sde_loss_fn's loss_fn: returns (loss, per-sample losses)."""
+    reduce_op = _reduce_op(reduce_mean)
+    t = rand(batch.shape[0]) * (sde.T - eps) + eps
+    z = draw(batch)
+    mean, std = sde.marginal_prob(batch, t)
+    perturbed_data = mean + std[:, None] * z
+    score = score_fn(perturbed_data, t)
+    if not likelihood_weighting:
+        losses = torch.square(score * std[:, None] + z)
+        losses = reduce_op(losses.reshape(losses.shape[0], -1), dim=-1)
+    else:
+        g2 = sde.sde(torch.zeros_like(batch), t)[1] ** 2
+        losses = torch.square(score + z / std[:, None])
+        losses = reduce_op(losses.reshape(losses.shape[0], -1), dim=-1) * g2
+    return torch.mean(losses), losses
+
+
+def smld_loss(vesde, model_fn, batch, randint, draw, reduce_mean=False):
+    """get_smld_loss_fn's loss_fn (NCSN): returns (loss, per-sample losses)."""
+    smld_sigma_array = torch.flip(vesde.discrete_sigmas, dims=(0,))
+    reduce_op = _reduce_op(reduce_mean)
+    labels = randint(vesde.N, batch.shape[0])
+    sigmas = smld_sigma_array[labels]
+    noise = draw(batch) * sigmas[:, None]
+    perturbed_data = noise + batch
+    score = model_fn(perturbed_data, labels)
+    target = -noise / (sigmas ** 2)[:, None]
+    losses = torch.square(score - target)
+    losses = reduce_op(losses.reshape(losses.shape[0], -1), dim=-1) * sigmas ** 2
+    return torch.mean(losses), losses
+
+
+def ddpm_loss(vpsde, model_fn, batch, randint, draw, reduce_mean=True):
+    """get_ddpm_loss_fn's loss_fn: returns (loss, per-sample losses)."""
+    reduce_op = _reduce_op(reduce_mean)
+    labels = randint(vpsde.N, batch.shape[0])
+    noise = draw(batch)
+    perturbed_data = (vpsde.sqrt_alphas_cumprod[labels, None] * batch
+                      + vpsde.sqrt_1m_alphas_cumprod[labels, None] * noise)
+    score = model_fn(perturbed_data, labels)
+    losses = torch.square(score - noise)
+    losses = reduce_op(losses.reshape(losses.shape[0], -1), dim=-1)
+    return torch.mean(losses), losses

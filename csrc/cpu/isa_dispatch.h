@@ -82,5 +82,9 @@ void fused_step_avx512(const FusedStepArgs& args, int64_t begin, int64_t end);
 void linear_step_avx2(const LinearStepArgs& args, int64_t begin, int64_t end);
 void linear_step_avx512(const LinearStepArgs& args, int64_t begin, int64_t end);
 
+// The fused training loss (diffkern/loss_math.h), forward or backward, for samples [begin, end).
+void training_loss_avx2(const LossArgs& args, int64_t begin, int64_t end, bool backward);
+void training_loss_avx512(const LossArgs& args, int64_t begin, int64_t end, bool backward);
+
 }  // namespace cpu
 }  // namespace diffkern

@@ -13,21 +13,12 @@
 #include <vector>
 
 #include "../likelihood_common.h"
+#include "block_tree_sum.cuh"
 #include "diffkern/trace_math.h"
 
 namespace diffkern {
 namespace cuda {
 namespace {
-
-// The tree sum of a block's lane values (partial[lane] set by every lane): the result in partial[0].
-template <class acc_t>
-__device__ void block_tree_sum(acc_t* partial, int lane) {
-  __syncthreads();
-  for (int stride = kTraceLanes / 2; stride > 0; stride /= 2) {
-    trace_tree_level(partial, lane, stride);
-    __syncthreads();
-  }
-}
 
 // Sample n's probe sum over features [first, last) in the documented order (valid in lane 0).
 template <class T, class acc_t>

@@ -23,6 +23,7 @@ from ._schema import (
     RK_MAX_OUTPUTS,
     RK_MAX_TRACES,
     linear_row_width,
+    loss_row_fields,
     rk_row_width,
 )
 
@@ -34,7 +35,8 @@ _UINT64 = 1 << 64
 __all__ = ["BUILD", "NOISE_DTYPES", "RK_MAX_INPUTS", "RK_MAX_OUTPUTS", "RK_MAX_TRACES", "NoiseKey",
            "any_requires_grad", "check_device", "check_noise_layout", "check_seed_step", "check_shape",
            "cuda_kernels_available", "fused_step", "likelihood_step", "linear_step", "noise_args", "philox4x32_10",
-           "probe_trace", "rademacher", "randn", "random_bits", "rk_row_width", "rk_stage", "seed_to_int64"]
+           "probe_trace", "rademacher", "randn", "random_bits", "rk_row_width", "rk_stage", "seed_to_int64",
+           "training_loss"]
 
 
 def cuda_kernels_available() -> bool:
@@ -394,6 +396,51 @@ def rk_stage(inputs: Sequence[torch.Tensor], coefficients: torch.Tensor, *, prob
     return torch.ops.diffkern.rk_stage([t.contiguous() for t in inputs], probes, products, coefficients.contiguous(),
                                        list(traces), log_density, int(outputs), bool(error), float(trace_scale),
                                        float(atol), float(rtol))
+
+
+def training_loss(x0: torch.Tensor, model_output: torch.Tensor, noise: Optional[torch.Tensor] = None, *,
+                  coefficients: torch.Tensor, stream_noise: bool = False, seed: int = 0, step: int = 0,
+                  sample_offset: int = 0, stream: int = 0, seed_step: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The fused training loss of csrc/include/diffkern/loss_math.h: per-sample losses, float64 [batch],
+    loss_n = weight_n sum_j (p_m model_output + p_x0 x0 + p_z z)^2 with rows [1 or batch,
+    len(coefficients.LOSS_FIELDS)] (float64, on x0's device). z is ``noise``, or with ``stream_noise``
+    the stream (seed, step, sample_offset + n, stream), drawn again by the backward instead of stored.
+    Differentiable in model_output, x0 and a given noise."""
+    if type(seed) is not int or not 0 <= seed < _UINT64:
+        _check_training_loss(x0, model_output, noise, coefficients,
+                             NoiseKey(seed, step, sample_offset, stream, seed_step))
+    if seed >= _INT64_SIGN:
+        seed -= _UINT64
+    try:
+        return torch.ops.diffkern.training_loss(x0, model_output, noise, coefficients, stream_noise, seed, step,
+                                                sample_offset, stream, seed_step)
+    except (RuntimeError, TypeError, NotImplementedError):
+        _check_training_loss(x0, model_output, noise, coefficients,
+                             NoiseKey(seed, step, sample_offset, stream, seed_step))
+        raise
+
+
+def _check_training_loss(x0, model_output, noise, coefficients, noise_key: NoiseKey) -> None:
+    """The arguments of training_loss, one by one: raises an error that names the first bad one."""
+    if not isinstance(x0, torch.Tensor) or x0.dtype not in NOISE_DTYPES or x0.dim() < 1:
+        raise ValueError(f"x0 must be a float16, bfloat16, float32 or float64 tensor [batch, ...], got "
+                         f"{getattr(x0, 'dtype', type(x0).__name__)} {tuple(getattr(x0, 'shape', ()))}")
+    check_device(x0.device)
+    for name, t in (("model_output", model_output), ("noise", noise)):
+        if t is None and name == "noise":
+            continue
+        if not isinstance(t, torch.Tensor) or t.shape != x0.shape or t.dtype != x0.dtype or t.device != x0.device:
+            raise ValueError(f"{name} must be a {x0.dtype} tensor of x0's shape {tuple(x0.shape)} on {x0.device}, got "
+                             f"{getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}")
+    width = len(loss_row_fields())
+    if (not isinstance(coefficients, torch.Tensor) or coefficients.dtype != torch.float64 or coefficients.dim() != 2
+            or coefficients.shape[1] != width or coefficients.shape[0] not in (1, x0.shape[0])
+            or coefficients.device != x0.device):
+        raise ValueError(f"coefficients must be float64 [1 or batch ({x0.shape[0]}), {width}] on {x0.device}, got "
+                         f"{getattr(coefficients, 'dtype', type(coefficients).__name__)} "
+                         f"{tuple(getattr(coefficients, 'shape', ()))}")
+    key = noise_key
+    noise_args(check_shape(x0.shape), key.seed, key.step, key.sample_offset, key.stream, key.seed_step, x0.device)
 
 
 # the fake kernels and autograd formulas register themselves with torch.library on import

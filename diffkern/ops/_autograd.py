@@ -29,9 +29,10 @@ class _NoDoubleBackward(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        raise RuntimeError("diffkern::fused_step (ddpm_step, ddim_step, q_sample, the SDE and EDM steps, the "
-                           "samplers' steps) has no double backward: the gradient of its gradient is not computed. "
-                           "Differentiate it once, or use diffkern.reference.fused_step for higher derivatives")
+        raise RuntimeError("diffkern's fused steps (ddpm_step, ddim_step, q_sample, the SDE and EDM steps, the "
+                           "samplers' steps) and its training loss have no double backward: the gradient of their "
+                           "gradient is not computed. Differentiate them once, or use their diffkern.reference "
+                           "twins for higher derivatives")
 
 
 def _fused_step_backward(ctx, grad_out, grad_aux):
@@ -164,3 +165,34 @@ def _likelihood_step_backward(ctx, grad_x, grad_delta, grad_trace):
 
 torch.library.register_autograd("diffkern::likelihood_step", _likelihood_step_backward,
                                 setup_context=_likelihood_step_setup_context)
+
+
+def _training_loss_setup_context(ctx, inputs, output):
+    x0, model_output, noise, coefficients, stream_noise, seed, step, sample_offset, stream, seed_step = inputs
+    if coefficients.requires_grad:
+        raise ValueError(f"diffkern::training_loss: {_NO_TABLE_GRAD}")
+    # x0, the model output and the rows: nothing of the noise's size is kept (the backward draws it again)
+    ctx.save_for_backward(x0, model_output, noise, coefficients, seed_step)
+    ctx.options = (stream_noise, seed, step, sample_offset, stream)
+
+
+def _training_loss_backward(ctx, grad_loss):
+    x0, model_output, noise, coefficients, seed_step = ctx.saved_tensors
+    stream_noise, seed, step, sample_offset, stream = ctx.options
+    want = [ctx.needs_input_grad[1], ctx.needs_input_grad[0], noise is not None and ctx.needs_input_grad[2]]
+    with torch.no_grad():
+        grad_m, grad_x0, grad_noise = torch.ops.diffkern.training_loss_backward(
+            grad_loss.to(torch.float64).contiguous(), x0, model_output, noise, coefficients, stream_noise, seed, step,
+            sample_offset, stream, seed_step, want)
+    grads = [grad_x0 if want[1] else None, grad_m if want[0] else None, grad_noise if want[2] else None]
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (grad_loss, x0, model_output, noise)):
+        # a second derivative (the loss is quadratic) is not computed by the backward kernel
+        present = [g for g in grads if g is not None]
+        wrapped = iter(_NoDoubleBackward.apply(len(present), *present, *[t for t in (grad_loss, x0, model_output, noise)
+                                                                         if t is not None and t.requires_grad]))
+        grads = [next(wrapped) if g is not None else None for g in grads]
+    return (*grads, None, None, None, None, None, None, None)
+
+
+torch.library.register_autograd("diffkern::training_loss", _training_loss_backward,
+                                setup_context=_training_loss_setup_context)

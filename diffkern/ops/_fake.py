@@ -16,6 +16,7 @@ from ._schema import (
     RK_MAX_OUTPUTS,
     RK_MAX_TRACES,
     linear_row_width,
+    loss_row_fields,
     rk_row_width,
     step_row_fields,
 )
@@ -252,3 +253,42 @@ def _fused_step_backward_fake(grad_out, grad_aux, x, model_output, model_output_
             for want, here in zip(output_mask, present)]
 
 
+
+
+def _check_training_loss_fake(op, x0, model_output, noise, coefficients, seed_step):
+    torch._check(x0.dtype in NOISE_DTYPES and x0.dim() >= 1,
+                 lambda: f"diffkern::{op}: x0 must be floating-point [batch, ...], got {x0.dtype} {tuple(x0.shape)}")
+    for name, t in (("model_output", model_output), ("noise", noise)):
+        if t is not None:
+            torch._check(t.shape == x0.shape and t.dtype == x0.dtype and t.device == x0.device,
+                         lambda: f"diffkern::{op}: {name} must be a {x0.dtype} tensor of x0's shape {tuple(x0.shape)} "
+                                 f"on {x0.device}, got {t.dtype} {tuple(t.shape)} on {t.device}")
+    width = len(loss_row_fields())
+    torch._check(coefficients.dtype == torch.float64 and coefficients.dim() == 2 and coefficients.shape[1] == width
+                 and coefficients.shape[0] in (1, x0.shape[0]) and coefficients.device == x0.device,
+                 lambda: f"diffkern::{op}: coefficients must be float64 [1 or batch, {width}] on {x0.device}, got "
+                         f"{coefficients.dtype} {tuple(coefficients.shape)} on {coefficients.device}")
+    _check_seed_step_fake(op, seed_step, x0.device)
+
+
+@torch.library.register_fake("diffkern::training_loss")
+def _training_loss_fake(x0, model_output, noise, coefficients, stream_noise, seed, step, sample_offset, stream,
+                        seed_step):
+    _check_training_loss_fake("training_loss", x0, model_output, noise, coefficients, seed_step)
+    return x0.new_empty((x0.shape[0],), dtype=torch.float64)
+
+
+@torch.library.register_fake("diffkern::training_loss_backward")
+def _training_loss_backward_fake(grad_loss, x0, model_output, noise, coefficients, stream_noise, seed, step,
+                                 sample_offset, stream, seed_step, output_mask):
+    _check_training_loss_fake("training_loss_backward", x0, model_output, noise, coefficients, seed_step)
+    torch._check(grad_loss.dtype == torch.float64 and grad_loss.shape == (x0.shape[0],),
+                 lambda: f"diffkern::training_loss_backward: grad_loss must be float64 [{x0.shape[0]}]")
+    present = (True, True, noise is not None)
+    return [x0.new_empty(x0.shape if want and here else (0,)) for want, here in zip(output_mask, present)]
+
+
+torch.library.register_fake("diffkern::_training_loss_cpu_isa")(
+    lambda x0, model_output, noise, coefficients, stream_noise, seed, step, sample_offset, stream, seed_step, isa:
+    _training_loss_fake(x0, model_output, noise, coefficients, stream_noise, seed, step, sample_offset, stream,
+                        seed_step))

@@ -20,6 +20,11 @@ def linear_row_width(inputs: int, outputs: int) -> int:
     return inputs + 3 + outputs * (inputs + 2)
 
 
+def loss_row_fields() -> list:
+    """The named columns of a training_loss coefficient row (csrc/include/diffkern/loss_math.h)."""
+    return torch.ops.diffkern.loss_row_fields().split(",")
+
+
 def step_row_fields() -> list:
     """The named columns of a fused_step coefficient row, as the compiled library lays them out."""
     return torch.ops.diffkern.step_row_fields().split(",")

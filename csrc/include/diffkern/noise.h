@@ -13,9 +13,8 @@
 
 DK_NAMESPACE_BEGIN
 
-// Stream ids used by diffkern itself; users may pick any other 32-bit value.
-constexpr uint32_t kStreamSampling = 0;  // the default: sampler noise, dk.randn
-constexpr uint32_t kStreamProbes = 1;    // Hutchinson probes
+// The stream is any 32-bit value; the ids diffkern itself uses are named in one place,
+// diffkern/noise.py.
 
 // Where the numbers of a call come from. seed_step, when not null, points at two int64 values
 // (seed, step) in the memory of the device that runs the kernel; it overrides seed and step so a

@@ -81,3 +81,27 @@ struct FusedStepBackwardArgs {
 };
 
 }  // namespace diffkern
+
+namespace diffkern {
+
+// The fused training loss (diffkern/loss_math.h) and its backward.
+struct LossArgs {
+  int dtype;  // c10::ScalarType of x0, the model output and a given noise tensor
+  int64_t batch, features;
+  StepInput x0, m, noise;  // noise.data is null unless noise_source is kTensor
+  // Coefficient rows [table_rows, kLossRowSize], float64: sample n uses row n, or row 0 when
+  // table_rows is 1.
+  const double* table;
+  int64_t table_rows;
+  NoiseSource noise_source;
+  uint64_t seed, step, sample_offset;
+  uint32_t stream;
+  const int64_t* seed_step;
+  double* loss_out;          // forward: [batch] per-sample losses
+  const double* grad_loss;   // backward: [batch] the gradient of each per-sample loss
+  void* grad_m;              // backward outputs, [batch, features] contiguous, or null when not wanted
+  void* grad_x0;
+  void* grad_noise;
+};
+
+}  // namespace diffkern
