@@ -54,8 +54,10 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
             # median then measures the other load (e.g. OpenMP threads waiting for a time slice)
             noisy = stats.median > 1.5 * stats.min or stats.iqr > 0.25 * stats.median
             noisy_rows += noisy
+            kept = b.extra_info.get("kept_for_backward")
+            kept = f"  adds {kept / 1e6:.3f} MB kept for backward" if kept is not None else ""
             write(f"    {b.extra_info['label']:<28} {stats.min * 1e3:10.3f} {stats.median * 1e3:10.3f} ms "
-                  f"{gbps:9.2f} GB/s  {vs_copy}{'  NOISY' if noisy else ''}")
+                  f"{gbps:9.2f} GB/s  {vs_copy}{kept}{'  NOISY' if noisy else ''}")
     if noisy_rows:
         write(f"  {noisy_rows} row(s) marked NOISY: their median is over 1.5x their minimum or their spread over "
               "25% of the median; rerun on an idle machine (see the README, 'Speed') and trust the minimum meanwhile")

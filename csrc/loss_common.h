@@ -68,12 +68,7 @@ inline TrainingLoss prepare_training_loss(DK_TRAINING_LOSS_PARAMS) {
   const at::Tensor& table = coefficients.is_contiguous() ? coefficients : result.copies.back();
   a.table = table.const_data_ptr<double>();
   a.table_rows = table.size(0);
-  const NoiseParams params = noise_params_for(seed, step, sample_offset, stream, seed_step, x0.device());
-  a.seed = params.seed;
-  a.step = params.step;
-  a.sample_offset = params.sample_offset;
-  a.stream = params.stream;
-  a.seed_step = params.seed_step;
+  set_noise_key(a, noise_params_for(seed, step, sample_offset, stream, seed_step, x0.device()));
   return result;
 }
 

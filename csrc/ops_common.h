@@ -62,6 +62,17 @@ inline NoiseParams noise_params_for(int64_t seed, int64_t step, int64_t sample_o
                      seed_step_ptr};
 }
 
+// Copies a checked noise key into an op's argument struct (every kernel argument struct names the
+// key's fields alike).
+template <class Args>
+inline void set_noise_key(Args& a, const NoiseParams& params) {
+  a.seed = params.seed;
+  a.step = params.step;
+  a.stream = params.stream;
+  a.sample_offset = params.sample_offset;
+  a.seed_step = params.seed_step;
+}
+
 // The output and parameters of a randn / random_bits call, checked.
 struct NoiseFill {
   at::Tensor out;
@@ -256,12 +267,7 @@ inline FusedStep prepare_fused_step(DK_FUSED_STEP_PARAMS, const at::Tensor* out 
   a.aux_kind = static_cast<AuxOutput>(aux);
 
   a.noise_source = noise.has_value() ? NoiseSource::kTensor : (stream_noise ? NoiseSource::kStream : NoiseSource::kNone);
-  const NoiseParams params = noise_params_for(seed, step, sample_offset, stream, seed_step, x.device());
-  a.seed = params.seed;
-  a.step = params.step;
-  a.stream = params.stream;
-  a.sample_offset = params.sample_offset;
-  a.seed_step = params.seed_step;
+  set_noise_key(a, noise_params_for(seed, step, sample_offset, stream, seed_step, x.device()));
 
   result.args = a;
   if (out != nullptr) {
@@ -393,12 +399,7 @@ inline LinearStep prepare_linear_step(DK_LINEAR_STEP_PARAMS, const at::TensorLis
   a.row = row;
   a.clip = clip;
   a.noise_source = noise.has_value() ? NoiseSource::kTensor : (stream_noise ? NoiseSource::kStream : NoiseSource::kNone);
-  const NoiseParams params = noise_params_for(seed, step, sample_offset, stream, seed_step, x.device());
-  a.seed = params.seed;
-  a.step = params.step;
-  a.stream = params.stream;
-  a.sample_offset = params.sample_offset;
-  a.seed_step = params.seed_step;
+  set_noise_key(a, noise_params_for(seed, step, sample_offset, stream, seed_step, x.device()));
 
   const size_t count = static_cast<size_t>(outputs) + (x0 ? 1 : 0);
   if (given != nullptr) {

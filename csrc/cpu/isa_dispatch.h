@@ -22,7 +22,8 @@ const char* isa_name(Isa isa);
 // Parses "auto", "scalar", "avx2", "avx512"; throws for unknown names or ISAs this CPU lacks.
 Isa isa_from_name(const char* name);
 
-enum class Distribution { kNormal, kRademacher };
+// kBits: the raw Philox words, stored as the bit patterns of floats (random_bits' int32 output).
+enum class Distribution { kNormal, kRademacher, kBits };
 
 // Values of the noise stream (standard normals or Rademacher signs) for blocks [begin, end) of a
 // contiguous [rows, row_size] output (see diffkern/noise_fill.h for the index space).

@@ -80,7 +80,13 @@ at::Tensor random_bits_cpu(c10::SymIntArrayRef size, int64_t seed, int64_t step,
                            int64_t stream, const std::optional<at::Tensor>& seed_step, at::Device device) {
   TORCH_CHECK(device.is_cpu(), "diffkern::random_bits: CPU kernel called for device ", device);
   NoiseFill fill = prepare_noise_fill(size, seed, step, sample_offset, stream, seed_step, at::kInt, at::kCPU);
-  fill_scalar(fill.out.mutable_data_ptr<int32_t>(), fill.shape, fill.params, BitsGenerator{});
+  const Isa isa = best_isa();
+  if (isa == Isa::kScalar) {
+    fill_scalar(fill.out.mutable_data_ptr<int32_t>(), fill.shape, fill.params, BitsGenerator{});
+  } else {  // the SIMD fill moves the words as float bit patterns into the int32 output
+    fill_noise(reinterpret_cast<float*>(fill.out.mutable_data_ptr<int32_t>()), at::kFloat, fill.shape, fill.params,
+               isa, Distribution::kBits);
+  }
   return fill.out;
 }
 

@@ -8,7 +8,7 @@ from typing import Callable, NamedTuple, Optional
 
 import torch
 
-from .. import coefficients, ops
+from .. import ops
 from .._model import call_model
 from .._validate import check_real, check_tensor
 from ..noise import TRAINING_NOISE_STREAM
@@ -26,13 +26,6 @@ class TrainingBatch(NamedTuple):
     model_output: torch.Tensor
     levels: Levels
     dropped: Optional[torch.Tensor]
-
-
-def _noising_rows(levels: Levels, dtype: torch.dtype) -> torch.Tensor:
-    """Per-sample rows of the fused step for x_t = c_x0 x0 + c_z z (the step's x is x0, a = 1)."""
-    rows = coefficients.rows((levels.c_x0.shape[0],), device=levels.c_x0.device, a=1.0, c=levels.c_x0,
-                             sigma=levels.c_z)
-    return rows.to(torch.float64 if dtype == torch.float64 else torch.float32)
 
 
 def _conditions(cond, null_cond, mask):
@@ -76,7 +69,8 @@ def training_loss(model: Callable, x0: torch.Tensor, objective="ddpm", *, seed: 
     ops.noise_args(list(x0.shape), seed, step, sample_offset, TRAINING_NOISE_STREAM, None, device)  # checks the key
     time_dtype = torch.float64 if x0.dtype == torch.float64 else torch.float32
     levels = objective.levels(batch, key, device, time_dtype)
-    x_t, _ = ops.fused_step(x0, coefficients=_noising_rows(levels, x0.dtype), row=-1, stream_noise=True, seed=seed,
+    noising, loss_rows = objective.rows(levels, x0.dtype, math.prod(x0.shape[1:]))
+    x_t, _ = ops.fused_step(x0, coefficients=noising, row=-1, stream_noise=True, seed=seed,
                             step=step, sample_offset=sample_offset, stream=TRAINING_NOISE_STREAM)
     mask = dropped(batch, key, device, p_uncond)
     output = call_model(model, x_t, levels.model_time, _conditions(cond, null_cond, mask), cond_key)
@@ -85,9 +79,7 @@ def training_loss(model: Callable, x0: torch.Tensor, objective="ddpm", *, seed: 
                          f"{tuple(x0.shape)}")
     if output.dtype != x0.dtype:
         output = output.to(x0.dtype)
-    weight = levels.weight * objective.reduction(math.prod(x0.shape[1:]))
-    rows = coefficients.loss_rows(*levels.residual, weight)
-    per_sample = ops.training_loss(x0, output, coefficients=rows, stream_noise=True, seed=seed, step=step,
+    per_sample = ops.training_loss(x0, output, coefficients=loss_rows, stream_noise=True, seed=seed, step=step,
                                    sample_offset=sample_offset, stream=TRAINING_NOISE_STREAM)
     if weights is not None:
         if not isinstance(weights, torch.Tensor) or weights.shape != (batch,):

@@ -13,6 +13,7 @@ into a denoiser):
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Optional
@@ -26,6 +27,11 @@ from ..sde import SDE, VESDE, VPSDE, SubVPSDE
 from .draws import BatchKey, discrete, normal, uniform
 
 REDUCTIONS = ("mean", "sum")
+
+
+@functools.lru_cache(maxsize=1)
+def _default_schedule() -> DDPMSchedule:
+    return DDPMSchedule()
 
 
 @dataclass(frozen=True)
@@ -55,8 +61,20 @@ class Objective:
         """The factor of a sample's sum of squares: 1 / features for the mean over features, else 1."""
         return 1.0 / features if self.reduce == "mean" else 1.0
 
+    def rows(self, levels: Levels, dtype: torch.dtype, features: int):
+        """The batch's coefficient rows: the fused q_sample's (x_t = c_x0 x0 + c_z z; float64 for float64
+        data, else float32) and the fused loss's (residual and weight times the reduction, float64)."""
+        noising = coefficients.rows((levels.c_x0.shape[0],), device=levels.c_x0.device, a=1.0, c=levels.c_x0,
+                                    sigma=levels.c_z)
+        loss = coefficients.loss_rows(*levels.residual, levels.weight * self.reduction(features))
+        return noising.to(_rows_dtype(dtype)), loss
+
     def _check_reduce(self) -> None:
         check_choice("reduce", self.reduce, REDUCTIONS)
+
+
+def _rows_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _time(t: torch.Tensor, time_dtype: torch.dtype) -> torch.Tensor:
@@ -90,17 +108,44 @@ class DDPMObjective(Objective):
         return "epsilon"
 
     def _schedule(self) -> DDPMSchedule:
-        return self.schedule if self.schedule is not None else DDPMSchedule()
+        return self.schedule if self.schedule is not None else _default_schedule()
+
+    def _columns(self, abar, _abar_prev):
+        """Per timestep: alphas_cumprod, the noising (sqrt(abar), sqrt(1 - abar)), the residual and the weight."""
+        weight = torch.ones_like(abar)
+        if self.weighting == "min_snr":
+            weight = coefficients.min_snr_weight(abar / (1 - abar), self.gamma, self.prediction_type)
+        residual = coefficients.ddpm_residual(abar, self.prediction_type)
+        return torch.stack([abar, abar.sqrt(), (1 - abar).sqrt(), *residual, weight], 1)
+
+    def _key(self, *more) -> tuple:
+        return ("ddpm_training", 0, self.prediction_type, self.weighting, self.gamma, *more)
+
+    def rows(self, levels, dtype, features):
+        # gathered from per-timestep tables of both rows (built once per device, dtype and width), as
+        # Objective.rows would compute them
+        t, schedule = levels.draws["t"], self._schedule()
+        device, reduction = t.device, self.reduction(features)
+
+        def noising(abar, abar_prev):
+            return coefficients.rows(abar.shape, a=1.0, c=abar.sqrt(), sigma=(1 - abar).sqrt())
+
+        def loss(abar, abar_prev):
+            columns = self._columns(abar, abar_prev)
+            return coefficients.loss_rows(columns[:, 3], columns[:, 4], columns[:, 5], columns[:, 6] * reduction)
+
+        return (schedule.device_table(self._key("noising"), noising, device, _rows_dtype(dtype))[t],
+                schedule.device_table(self._key("loss", reduction), loss, device, torch.float64)[t])
 
     def levels(self, batch, key, device, time_dtype):
         schedule = self._schedule()
         t = discrete(batch, key, device, schedule.num_train_timesteps)
-        abar = schedule.alphas_cumprod.to(device)[t]
-        weight = torch.ones_like(abar)
-        if self.weighting == "min_snr":
-            weight = coefficients.min_snr_weight(abar / (1 - abar), self.gamma, self.prediction_type)
-        return Levels(abar.sqrt(), (1 - abar).sqrt(), t, coefficients.ddpm_residual(abar, self.prediction_type),
-                      weight, {"t": t, "alphas_cumprod": abar})
+        # one gather from a table of every timestep's columns, built once per device (a training step
+        # then does no per-sample arithmetic on the host side of the kernels)
+        table = schedule.device_table(self._key(), self._columns, torch.device(device), torch.float64)
+        row = table[t]
+        return Levels(row[:, 1], row[:, 2], t, (row[:, 3], row[:, 4], row[:, 5]), row[:, 6],
+                      {"t": t, "alphas_cumprod": row[:, 0]})
 
 
 @dataclass(frozen=True)

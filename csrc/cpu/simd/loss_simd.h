@@ -38,7 +38,9 @@ const acc_t* loss_noise(const LossArgs& a, int64_t n, int64_t samples, int64_t f
   return buf;
 }
 
-// The squared residuals of `count` elements, padded with zeros to a whole round of the lanes.
+// The squared residuals of `count` elements, padded with zeros to what chunk_sum reads: whole blocks
+// of 4 within the first round of the lanes, whole rounds beyond it (a 2-feature sample pads to 4,
+// not to a round of 4 kLossLanes).
 template <class acc_t>
 int64_t squared_residuals(const LossRow<acc_t> row, const acc_t* __restrict__ m, const acc_t* __restrict__ x0,
                           const acc_t* __restrict__ z, acc_t* __restrict__ r2, int64_t count) {
@@ -46,7 +48,8 @@ int64_t squared_residuals(const LossRow<acc_t> row, const acc_t* __restrict__ m,
     const acc_t r = loss_residual(row, m[k], x0[k], z[k]);
     r2[k] = r * r;
   }
-  const int64_t padded = (count + 4 * kLossLanes - 1) / (4 * kLossLanes) * (4 * kLossLanes);
+  constexpr int64_t round = 4 * kLossLanes;
+  const int64_t padded = count <= round ? (count + 3) / 4 * 4 : (count + round - 1) / round * round;
   for (int64_t k = count; k < padded; ++k) r2[k] = acc_t(0);
   return padded;
 }
@@ -71,6 +74,37 @@ acc_t chunk_sum(const acc_t* __restrict__ r2, int64_t count, int64_t padded) {
   return lanes == 0 ? acc_t(0) : partial[0];
 }
 
+// chunk_sum of a sample of at most one round of the lanes (count <= 4 kLossLanes): lane l holds block
+// l alone, its 4 squares added to 0 in order (a short last block adds fewer: the padding's zeros would
+// add exactly), then the tree over the lanes in use.
+template <class acc_t>
+DK_INLINE acc_t round_sum(const LossRow<acc_t> row, const acc_t* __restrict__ m, const acc_t* __restrict__ x0,
+                const acc_t* __restrict__ z, int64_t count) {
+  acc_t partial[kLossLanes];
+  const int lanes = static_cast<int>((count + 3) / 4);
+  const int full = static_cast<int>(count / 4);
+  for (int l = 0; l < full; ++l) {
+    acc_t r[4];
+    for (int e = 0; e < 4; ++e) r[e] = loss_residual(row, m[4 * l + e], x0[4 * l + e], z[4 * l + e]);
+    partial[l] = (((acc_t(0) + r[0] * r[0]) + r[1] * r[1]) + r[2] * r[2]) + r[3] * r[3];
+  }
+  if (full < lanes) {
+    acc_t sum = acc_t(0);
+    for (int64_t k = 4 * full; k < count; ++k) {
+      const acc_t r = loss_residual(row, m[k], x0[k], z[k]);
+      sum = sum + r * r;
+    }
+    partial[full] = sum;
+  }
+  if (lanes <= 1) return lanes == 0 ? acc_t(0) : partial[0];
+  int used = 1;
+  while (used < lanes) used *= 2;
+  for (int l = lanes; l < used; ++l) partial[l] = acc_t(0);
+  for (int stride = used / 2; stride > 0; stride /= 2)
+    for (int l = 0; l < stride; ++l) trace_tree_level(partial, l, stride);
+  return partial[0];
+}
+
 // Per-sample losses of samples [begin, end).
 template <class V, class T, class acc_t>
 void loss_forward(const LossArgs& a, int64_t begin, int64_t end) {
@@ -85,6 +119,26 @@ void loss_forward(const LossArgs& a, int64_t begin, int64_t end) {
       const acc_t* m = run_of<T>(a.m, a.features, n0, samples, 0, count, bm, zeros);
       const acc_t* x0 = run_of<T>(a.x0, a.features, n0, samples, 0, count, bx, zeros);
       const acc_t* z = loss_noise<V, T>(a, n0, samples, 0, count, bz, normals, zeros);
+      if (count <= 4) {  // one block, one lane, no tree: the lane's running sum is the loss
+        for (int64_t s = 0; s < samples; ++s) {
+          const LossRow<acc_t> row = loss_row<acc_t>(a, n0 + s);
+          acc_t sum = acc_t(0);
+          for (int64_t k = s * count; k < (s + 1) * count; ++k) {
+            const acc_t r = loss_residual(row, m[k], x0[k], z[k]);
+            sum = sum + r * r;
+          }
+          a.loss_out[n0 + s] = row.weight * static_cast<double>(acc_t(0) + sum);
+        }
+        continue;
+      }
+      if (count <= 4 * kLossLanes) {  // one round of the lanes: without chunk_sum's padding per sample
+        for (int64_t s = 0; s < samples; ++s) {
+          const LossRow<acc_t> row = loss_row<acc_t>(a, n0 + s);
+          const int64_t k = s * count;
+          a.loss_out[n0 + s] = row.weight * static_cast<double>(acc_t(0) + round_sum(row, m + k, x0 + k, z + k, count));
+        }
+        continue;
+      }
       for (int64_t s = 0; s < samples; ++s) {
         const LossRow<acc_t> row = loss_row<acc_t>(a, n0 + s);
         const int64_t k = s * count;

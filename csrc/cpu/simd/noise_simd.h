@@ -116,6 +116,14 @@ struct RademacherDraw {  // the sign bit of each word: -1 or +1
   }
 };
 
+struct BitsDraw {  // the words themselves, as float bit patterns (only ever moved, never computed on)
+  template <class V>
+  static void values(const Words<V>& bits, int, typename V::F out[4]) {
+    const typename V::I words[4] = {bits.x, bits.y, bits.z, bits.w};
+    for (int e = 0; e < 4; ++e) out[e] = V::from_bits(words[e]);
+  }
+};
+
 // The 4 W values of W blocks, lane after lane: dst[4 l + e] is element e of lane l's block.
 template <class V, class Draw>
 void draw_blocks(const NoiseKey& key, typename V::I block, typename V::I sample, float* dst) {
@@ -252,6 +260,7 @@ void fill_entry(const cpu::NoiseFillArgs& a) {
 template <class V>
 void fill_noise_entry(const cpu::NoiseFillArgs& a) {
   if (a.distribution == cpu::Distribution::kRademacher) return fill_entry<V, RademacherDraw>(a);
+  if (a.distribution == cpu::Distribution::kBits) return fill_entry<V, BitsDraw>(a);
   return fill_entry<V, NormalDraw>(a);
 }
 
