@@ -5,7 +5,7 @@
     x0 = dk.sample_ddpm(model, (16, 3, 32, 32), num_inference_steps=100, seed=0)
 
 Layers (data flows down): this module, the command line (``cli``), ``demo``, ``distributed`` and the
-drop-ins (``diffkern.diffusers``) -> ``sampling``, ``likelihood`` -> ``ode``, ``coefficients``,
+drop-ins (``diffkern.diffusers``) -> ``sampling``, ``likelihood``, ``training`` -> ``ode``, ``coefficients``,
 ``sde``, ``schedules``, ``steps``, ``noise`` -> ``ops`` -> the compiled kernels (csrc/).
 """
 import importlib
@@ -58,25 +58,23 @@ from .steps import (
     q_sample,
     q_sample_with_noise,
 )
+from .training import TrainingBatch, training_loss
 
 __all__ = [
-    "__version__", "randn", "rademacher", "random_bits", "cuda_kernels_available", "build_info", "reference",
-    "coefficients",
-    "DDPMSchedule", "ddpm_step", "ddim_step", "q_sample", "q_sample_with_noise",
-    "sample_ddpm", "sample_ddim", "classifier_grad",
-    "SDE", "VPSDE", "SubVPSDE", "VESDE", "karras_sigmas", "score_from_epsilon", "epsilon_from_score",
-    "score_from_denoiser", "denoiser_from_score",
-    "euler_maruyama_step", "euler_step", "heun_correct", "heun_step", "euler_ancestral_step", "langevin_step",
-    "sample_euler_maruyama", "sample_ode", "sample_euler", "sample_heun", "sample_euler_ancestral",
-    "sample_langevin", "sample_pc", "sample_dpmpp", "sample_flow", "sample_pfgm", "pfgm_forward", "pfgm_prior",
-    "models", "StepInfo",
-    "hutchinson_trace", "exact_trace", "log_likelihood", "cnf_log_likelihood", "LogLikelihood",
+    "__version__", "build_info", "classifier_grad", "cnf_log_likelihood", "coefficients", "cuda_kernels_available",
+    "ddim_step", "ddpm_step", "DDPMSchedule", "denoiser_from_score", "epsilon_from_score", "euler_ancestral_step",
+    "euler_maruyama_step", "euler_step", "exact_trace", "heun_correct", "heun_step", "hutchinson_trace",
+    "karras_sigmas", "langevin_step", "log_likelihood", "LogLikelihood", "models", "pfgm_forward", "pfgm_prior",
+    "q_sample", "q_sample_with_noise", "rademacher", "randn", "random_bits", "reference", "sample_ddim",
+    "sample_ddpm", "sample_dpmpp", "sample_euler", "sample_euler_ancestral", "sample_euler_maruyama", "sample_flow",
+    "sample_heun", "sample_langevin", "sample_ode", "sample_pc", "sample_pfgm", "score_from_denoiser",
+    "score_from_epsilon", "SDE", "StepInfo", "SubVPSDE", "training_loss", "TrainingBatch", "VESDE", "VPSDE"
 ]
 
 # Submodules reachable as attributes without an explicit import (``import diffkern; diffkern.diffusers``);
 # the optional integrations import their peer only then, and say how to install it when it is missing.
 _LAZY = ("diffusers", "distributed", "demo", "cli", "sampling", "likelihood", "ode", "ops", "steps", "noise", "sde",
-         "schedules")
+         "schedules", "training")
 
 
 def __getattr__(name):

@@ -1,4 +1,4 @@
-"""Command line: `python -m diffkern [info|demo|generate|evaluate]` (also installed as the `diffkern`
+"""Command line: `python -m diffkern [info|demo|generate|evaluate|train]` (also installed as the `diffkern`
 command). The samplers and their options come from the registry (diffkern.sampling.registry).
 
 Errors in the user's input (an argument, a model that does not fit the shape or the data, a device
@@ -47,6 +47,13 @@ def _fail(parser: argparse.ArgumentParser, message: str):
     own parser.error prints its usage first)."""
     print(f"{parser.prog}: error: {message}", file=sys.stderr)
     raise SystemExit(2)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser with its errors as one line (the usage is a --help away)."""
+
+    def error(self, message):
+        _fail(self, f"{message} (see {self.prog} --help)")
 
 
 def _positive_int(text: str) -> int:
@@ -269,6 +276,51 @@ def _evaluate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     return _in_process_group("evaluate", args, work)
 
 
+def _json_object(text, flag: str, parser: argparse.ArgumentParser) -> dict:
+    import json
+
+    try:
+        value = json.loads(text) if text else {}
+    except json.JSONDecodeError as error:
+        _fail(parser, f"{flag} is not JSON: {error}")
+    if not isinstance(value, dict):
+        _fail(parser, f"{flag} must be a JSON object")
+    return value
+
+
+def _train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from diffkern import training
+
+    config = training.TrainConfig(
+        data=args.data if args.data in training.BUILTIN else os.path.abspath(args.data),
+        objective=args.objective, objective_options=_json_object(args.objective_options, "--objective-options", parser),
+        model=args.model, model_kwargs=_json_object(args.model_kwargs, "--model-kwargs", parser), steps=args.steps,
+        batch_size=args.batch_size, accumulation=args.accumulation, lr=args.lr, weight_decay=args.weight_decay,
+        ema_decay=args.ema_decay, seed=args.seed)
+    try:
+        config.checked()
+    except ValueError as error:
+        _fail(parser, str(error))
+    device = _device_of(args.device, parser)
+
+    def work(joined):
+        import torch
+
+        import diffkern as dk
+
+        run_device = device
+        if run_device is None and torch.cuda.is_available() and dk.cuda_kernels_available():
+            run_device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+        summary = training.train(config, args.out, device=run_device, progress=not args.no_progress,
+                                 checkpoint_every=args.checkpoint_every, record_steps=args.record_steps)
+        if not joined or int(os.environ.get("RANK", "0")) == 0:
+            print(f"trained {summary['steps']} steps (from step {summary['resumed_from']}) in "
+                  f"{summary['wall_s']:.1f} s on {summary['world_size']} process(es); final loss "
+                  f"{summary['final_loss']:.5g}; {os.path.join(args.out, training.trainer.CHECKPOINT)}")
+
+    return _in_process_group("train", args, work)
+
+
 def _as_flags(message: str) -> str:
     """A registry message in the command line's words: a leading option name as its --flag."""
     from diffkern.sampling import registry
@@ -302,7 +354,7 @@ def _add_sampler_options(generate: argparse.ArgumentParser) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="diffkern", description="diffkern: fused diffusion-step kernels")
+    parser = _Parser(prog="diffkern", description="diffkern: fused diffusion-step kernels")
     commands = parser.add_subparsers(dest="command")
     info = commands.add_parser("info", help="what was built and a check of the noise stream (default)")
     parser.add_argument("--seed", type=_seed, default=0, help="seed of the noise values shown (default 0)")
@@ -352,9 +404,35 @@ def main(argv=None) -> int:
                           "[0, 1) scaled from 256 levels: see dk.log_likelihood)")
     evaluate.add_argument("--batch-size", type=_positive_int, default=256, help="per process (default 256)")
     evaluate.add_argument("--seed", type=_seed, default=argparse.SUPPRESS, help="probe seed (default 0)")
-    for sub in (generate, evaluate):
+    train = commands.add_parser(
+        "train", help="train a model on a dataset (DDP under torchrun), resumable",
+        description="Run alone or as `torchrun --nproc_per_node=K -m diffkern train ...`. Every batch's samples, "
+                    "times and noise are the same for any world size and --accumulation. Writes DIR/checkpoint.pt "
+                    "(load it with --model diffkern.training:load_checkpoint --model-kwargs "
+                    "'{\"path\": \"DIR/checkpoint.pt\"}'), DIR/loss.json and DIR/loss.png.")
+    train.add_argument("--data", required=True, help="FILE.npy or FILE.npz ([N, ...] rows), or a built-in set: ring "
+                       "(2-d), mixture64d (64-d)")
+    train.add_argument("--objective", default="ddpm", help="ddpm, score_matching, edm or flow_matching (default ddpm)")
+    train.add_argument("--objective-options", default=None, help='JSON object, e.g. \'{"prediction_type": '
+                       '"v_prediction", "weighting": "min_snr"}\' or \'{"sde": "ve"}\'')
+    train.add_argument("--model", default="mlp", help="mlp (an MLP with a time embedding), unet (diffusers' "
+                       "UNet2DModel, for images) or MODULE:ATTR of a factory(sample_shape=..., **model_kwargs)")
+    train.add_argument("--model-kwargs", default=None, help='JSON object, e.g. \'{"hidden": 128, "depth": 3}\'')
+    train.add_argument("--steps", type=_positive_int, default=2000, help="optimizer steps (default 2000)")
+    train.add_argument("--batch-size", type=_positive_int, default=256, help="the global batch, over all processes "
+                       "and micro-batches (default 256)")
+    train.add_argument("--accumulation", type=_positive_int, default=1, help="micro-batches per step (default 1)")
+    train.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default 1e-3)")
+    train.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
+    train.add_argument("--ema-decay", type=float, default=0.999, help="EMA of the weights (default 0.999)")
+    train.add_argument("--checkpoint-every", type=_positive_int, default=500, help="steps (default 500)")
+    train.add_argument("--record-steps", type=int, default=0, help=argparse.SUPPRESS)  # the reproducibility tests'
+    train.add_argument("--seed", type=_seed, default=argparse.SUPPRESS, help="seed (default 0)")
+    folders = {generate: "shards, samples.npz, manifest", evaluate: "shards, likelihood.npz, manifest",
+               train: "checkpoint.pt, loss.json, loss.png"}
+    for sub in (generate, evaluate, train):
         sub.add_argument("--device", default="auto", help="auto (the rank's GPU when present, else CPU), cpu, cuda")
-        sub.add_argument("--out", required=True, help="the run's folder (shards, result, manifest)")
+        sub.add_argument("--out", required=True, help=f"the run's folder ({folders[sub]})")
         sub.add_argument("--timeout", type=float, default=1800.0, help="seconds a rank waits for the others")
         sub.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
@@ -365,6 +443,8 @@ def main(argv=None) -> int:
             return _generate(args, generate)
         if args.command == "evaluate":
             return _evaluate(args, evaluate)
+        if args.command == "train":
+            return _train(args, train)
         return _info(args)
     except ImportError as error:  # the extension is missing or built against another torch
         print(error, file=sys.stderr)

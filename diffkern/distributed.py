@@ -40,7 +40,9 @@ import torch
 
 from ._validate import check_positive_int
 from .ode import resolve_solver
+from .sampling import registry as _registry
 from .sampling.registry import SAMPLERS, SDES, Sampler, make_sampler, probe_model  # noqa: F401 (public names)
+from .training import data as _data
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _SHARD = re.compile(r"^(\d{12})-(\d{12})-([0-9a-f]{16})-([0-9a-f]{64})\.npy$")
@@ -357,6 +359,16 @@ def _default_device(device):
     return torch.device("cpu")
 
 
+def _on_device(model, device: torch.device):
+    """A torch module whose parameters all lie on another device, moved to the run's device (a
+    checkpoint loads on the CPU; the run may be on a GPU); any other model as it is."""
+    if isinstance(model, torch.nn.Module):
+        devices = {p.device for p in model.parameters()}
+        if devices and device not in devices:
+            return model.to(device)
+    return model
+
+
 def generate(model, *, sampler, num_samples: int, shape: Sequence[int], batch_size: int, seed: int = 0, out: str,
              dtype: torch.dtype = torch.float32, device=None, progress: bool = True, timeout: float = 1800.0,
              config: Optional[dict] = None) -> str:
@@ -390,6 +402,7 @@ def generate(model, *, sampler, num_samples: int, shape: Sequence[int], batch_si
                          f"{type(sampler).__name__}: a plain function's options cannot be recorded, so a rerun could "
                          "not tell another configuration from this one")
     device = _default_device(device)
+    model = _on_device(model, device)
     sampler.probe(model, row_shape, device=device, dtype=dtype)
     storage = _storage_dtype(dtype)
     full_config = {"kind": "generate", **sampler.config(), "num_samples": num_samples, "shape": list(row_shape),
@@ -412,18 +425,7 @@ def generate(model, *, sampler, num_samples: int, shape: Sequence[int], batch_si
 
 def load_data(path: str) -> np.ndarray:
     """A dataset from .npy, or from .npz (its array ``data``, ``samples`` or ``x``, or its only array)."""
-    if not isinstance(path, (str, os.PathLike)) or not os.path.isfile(path):
-        raise ValueError(f"data file {path!r} does not exist")
-    loaded = np.load(path, allow_pickle=False)
-    if isinstance(loaded, np.ndarray):
-        return loaded
-    keys = list(loaded.keys())
-    for key in ("data", "samples", "x"):
-        if key in keys:
-            return loaded[key]
-    if len(keys) == 1:
-        return loaded[keys[0]]
-    raise ValueError(f"{path} holds arrays {keys}; name the data 'data', 'samples' or 'x'")
+    return _data.load_array(path)
 
 
 def evaluate(model, data, *, sde="vp", steps: int = 100, solver: str = "heun", probes: int = 1,
@@ -456,6 +458,10 @@ def evaluate(model, data, *, sde="vp", steps: int = 100, solver: str = "heun", p
     resolve_solver(solver, steps, None, None, None, max_num_evals=10000)  # checks solver before anything is written
     the_sde = make_sde(sde) if isinstance(sde, str) else sde
     device = _default_device(device)
+    model = _on_device(model, device)
+    trained = getattr(model, "diffkern_trained", None)
+    if isinstance(trained, dict):
+        _registry.check_trained(trained, "score", {"sde": sde} if isinstance(sde, str) else {}, "evaluate")
     probe_model("score", model, data.shape[1:], device=device, dtype=torch.float64)
     total = data.shape[0]
     digest = hashlib.sha256(np.ascontiguousarray(data).tobytes()).hexdigest()

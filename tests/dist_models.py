@@ -27,3 +27,32 @@ NOT_CALLABLE = 3.0
 
 def identity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return x
+
+
+def slow_mlp(sample_shape, delay: float = 0.01, **kwargs):
+    """train's MLP, `delay` seconds slower per call: a run long enough to kill between checkpoints."""
+    import math
+    import time
+
+    from diffkern.training import TimeMLP
+
+    class Slow(TimeMLP):
+        def forward(self, x, t):
+            time.sleep(delay)
+            return super().forward(x, t)
+
+    return Slow(math.prod(sample_shape), **kwargs)
+
+
+def two_features(sample_shape):
+    """A network that drops features: train must refuse it before writing anything."""
+
+    class Drop(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale = torch.nn.Parameter(torch.ones(()))
+
+        def forward(self, x, t):
+            return self.scale * x[:, :1]
+
+    return Drop()

@@ -1,7 +1,6 @@
 """`python -m diffkern generate / evaluate` under torchrun (gloo, one thread per process): identical
 results for any world size and batch size, resume after SIGKILL, corrupt shards regenerated, another
 configuration refused, bad input failing fast on every rank, and the Python API."""
-import hashlib
 import json
 import os
 import signal
@@ -12,46 +11,20 @@ import time
 import numpy as np
 import pytest
 import torch
+from cli_runner import ROOT, environment, snapshot, torchrun, worker_pids
 
 import diffkern as dk
 from diffkern import distributed
 from diffkern.models import GaussianMixture, mixture_model
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TESTS = os.path.dirname(os.path.abspath(__file__))
 MODEL = ["--model", "diffkern.models:mixture_model"]
 GENERATE = ["generate", *MODEL, "--sampler", "ddpm", "--steps", "50", "--num-samples", "60", "--shape", "2",
             "--seed", "3", "--no-progress", "--device", "cpu"]
 
 
-def _env():
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([ROOT, TESTS]))
-    env.pop("WORLD_SIZE", None)
-    return env
-
-
-def torchrun(nproc, args, timeout=180, extra=()):
-    """diffkern's CLI under torchrun with nproc CPU processes (gloo); nproc 0: without torchrun."""
-    launcher = [] if nproc == 0 else ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                                      *extra]
-    command = [sys.executable, *launcher, "-m", "diffkern", *args]
-    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=_env(), cwd=ROOT)
-
-
 def _samples(out):
     with np.load(os.path.join(out, "samples.npz")) as f:
         return f["samples"]
-
-
-def _snapshot(folder):
-    """Every file under folder with its bytes' hash."""
-    state = {}
-    for base, _, files in os.walk(folder):
-        for name in files:
-            path = os.path.join(base, name)
-            with open(path, "rb") as f:
-                state[os.path.relpath(path, folder)] = hashlib.sha256(f.read()).hexdigest()
-    return state
 
 
 def test_generate_is_identical_for_any_world_size_and_batch_size(tmp_path):
@@ -107,25 +80,6 @@ def test_evaluate_is_identical_for_any_world_size_and_batch_size(tmp_path):
         assert np.array_equal(f["log_p"], whole.log_p.numpy())
 
 
-def _worker_pids(parent):
-    """PIDs of the processes torchrun started (children of its agent) with their LOCAL_RANK."""
-    found = {}
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            if ppid != parent:
-                continue
-            with open(f"/proc/{pid}/environ", "rb") as f:
-                env = dict(kv.split(b"=", 1) for kv in f.read().split(b"\0") if b"=" in kv)
-            found[int(env.get(b"LOCAL_RANK", b"-1"))] = int(pid)
-        except (OSError, ValueError, IndexError):
-            continue
-    return found
-
-
 def test_a_killed_worker_is_restarted_and_the_result_is_unchanged(tmp_path):
     args = ["generate", "--model", "dist_models:slow_mixture", "--sampler", "ddpm", "--steps", "100",
             "--num-samples", "96", "--shape", "2", "--batch-size", "4", "--seed", "8", "--no-progress", "--device",
@@ -135,14 +89,15 @@ def test_a_killed_worker_is_restarted_and_the_result_is_unchanged(tmp_path):
     out = str(tmp_path / "killed")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max-restarts=1",
                "-m", "diffkern", *args, "--out", out]
-    agent = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), cwd=ROOT)
+    agent = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment(),
+                             cwd=ROOT)
     killed = False
     deadline = time.monotonic() + 120
     shards = os.path.join(out, "shards")
     while agent.poll() is None and time.monotonic() < deadline:
         done = len([n for n in os.listdir(shards) if n.endswith(".npy")]) if os.path.isdir(shards) else 0
         if not killed and done >= 4:
-            workers = _worker_pids(agent.pid)
+            workers = worker_pids(agent.pid)
             if 1 in workers:
                 os.kill(workers[1], signal.SIGKILL)
                 killed = True
@@ -178,12 +133,12 @@ def test_truncated_and_corrupt_shards_are_regenerated(tmp_path):
 def test_another_configuration_is_refused_and_nothing_changes(tmp_path):
     out = str(tmp_path / "run")
     assert torchrun(0, [*GENERATE, "--batch-size", "16", "--out", out]).returncode == 0
-    before = _snapshot(out)
+    before = snapshot(out)
     changed = [a if a != "3" else "4" for a in GENERATE]  # --seed 3 -> 4
     run = torchrun(2, [*changed, "--batch-size", "16", "--out", out])
     assert run.returncode != 0
     assert "another configuration" in run.stderr and "seed: 3 there, 4 now" in run.stderr
-    assert _snapshot(out) == before
+    assert snapshot(out) == before
     # the same configuration with another batch size resumes (samples do not depend on it)
     run = torchrun(0, [*GENERATE, "--batch-size", "8", "--out", out])
     assert run.returncode == 0, run.stderr[-3000:]

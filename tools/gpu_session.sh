@@ -59,6 +59,12 @@ except RuntimeError as e:
 fi
 
 if [[ "$STAGES" == *" tests "* ]]; then
+  # the kernels that have never run on a GPU first (FIRST_TESTS), so their result comes back even if
+  # the whole suite does not finish
+  stage "CUDA tests of ${FIRST_TESTS:=tests/test_training.py}"
+  timeout 150 python3 -m pytest -q -p no:cacheprovider -p no:warnings -rfE -k cuda $FIRST_TESTS \
+      > "$OUT/first-tests.log" 2>&1
+  grep -oE "(FAILED|ERROR) tests/\S+" "$OUT/first-tests.log" | sort | uniq | head -40; tail -1 "$OUT/first-tests.log"
   stage "tests"
   EXTRA=$(printf '%s\n' "$@" | grep -v -E '^(build|diag|tests|bench)$' | tr '\n' ' ')
   timeout "${TESTS_S:-330}" python3 -m pytest -v -p no:cacheprovider -p no:warnings -rfE --timeout 120 -n "${XDIST:-8}" \

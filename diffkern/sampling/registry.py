@@ -266,7 +266,29 @@ class Sampler:
         """One model evaluation on a batch of two samples of per-sample ``shape``, called as this
         sampler calls it (a mid-level time or noise level): raises a ValueError that says what did
         not fit, before a long run (or a distributed job's files) starts."""
+        trained = getattr(model, "diffkern_trained", None)
+        if isinstance(trained, dict):
+            check_trained(trained, self.entry.model, dict(self.options), f"the {self.name} sampler")
         probe_model(self.entry.model, model, shape, device=device, dtype=dtype)
+
+
+def _a(word) -> str:
+    return f"{'an' if str(word)[:1] in 'aeiou' else 'a'} {word}"
+
+
+def check_trained(trained: dict, kind: str, options: dict, user: str) -> None:
+    """Refuses a model trained by ``diffkern train`` (its ``diffkern_trained`` record: the model kind and
+    the sampler options it was trained for) where ``user`` needs a ``kind`` model read with ``options``:
+    a v-prediction DDPM model under an epsilon sampler, or a VE score model under a VP sampler, would
+    sample something else without an error."""
+    if trained.get("kind") != kind:
+        users = ", ".join(name for name, entry in ENTRIES.items() if entry.model == trained.get("kind"))
+        raise ValueError(f"the model was trained as {_a(trained.get('kind'))} model (objective "
+                         f"{trained.get('objective')}), but {user} takes {_a(kind)} model; use {users or 'another'}")
+    for name, value in trained.get("options", {}).items():
+        if name in options and options[name] != value:
+            raise ValueError(f"the model was trained for {name}={value!r} (objective {trained.get('objective')}), "
+                             f"but {user} has {name}={options[name]!r}")
 
 
 def make_sampler(sampler: str, *, steps: Optional[int] = None, **options) -> Sampler:

@@ -1,7 +1,9 @@
 """Training what diffkern samples: fused objectives (``training_loss``), reproducible batches
 (``draws``), and the ``train`` command's loop (``trainer``)."""
+from .data import BUILTIN, load_dataset
 from .draws import BatchKey
 from .loss import TrainingBatch, training_loss
+from .models import EDMPrecond, TimeMLP, TimeScaled
 from .objectives import (
                          OBJECTIVES,
                          DDPMObjective,
@@ -11,6 +13,8 @@ from .objectives import (
                          ScoreMatchingObjective,
                          make_objective,
 )
+from .trainer import TrainConfig, load_checkpoint, train
 
-__all__ = ["OBJECTIVES", "BatchKey", "DDPMObjective", "EDMObjective", "FlowMatchingObjective", "Objective",
-           "ScoreMatchingObjective", "TrainingBatch", "make_objective", "training_loss"]
+__all__ = ["BUILTIN", "OBJECTIVES", "BatchKey", "DDPMObjective", "EDMObjective", "EDMPrecond", "FlowMatchingObjective",
+           "Objective", "ScoreMatchingObjective", "TimeMLP", "TimeScaled", "TrainConfig", "TrainingBatch",
+           "load_checkpoint", "load_dataset", "make_objective", "train", "training_loss"]

@@ -1,0 +1,49 @@
+"""Datasets by name or file, for ``train``, ``generate``'s checks, ``evaluate`` and the demo: ``.npy`` /
+``.npz`` files ([N, ...] rows) and built-in sets that need no download."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+
+from ..models import GaussianMixture
+
+BUILTIN_SIZE, BUILTIN_SEED = 8192, 2026
+BUILTIN = {
+    "ring": lambda: GaussianMixture.ring().sample(BUILTIN_SIZE, seed=BUILTIN_SEED),
+    "mixture64d": lambda: GaussianMixture.high_dimensional().sample(BUILTIN_SIZE, seed=BUILTIN_SEED),
+}
+
+
+def load_array(path) -> np.ndarray:
+    """A dataset from .npy, or from .npz (its array ``data``, ``samples`` or ``x``, or its only array)."""
+    if not isinstance(path, (str, os.PathLike)) or not os.path.isfile(path):
+        raise ValueError(f"data file {path!r} does not exist")
+    try:
+        loaded = np.load(path, allow_pickle=False)
+    except (ValueError, OSError) as error:
+        raise ValueError(f"{path} is not a .npy or .npz file numpy can read: {error}") from None
+    if isinstance(loaded, np.ndarray):
+        return loaded
+    keys = list(loaded.keys())
+    for key in ("data", "samples", "x"):
+        if key in keys:
+            return loaded[key]
+    if len(keys) == 1:
+        return loaded[keys[0]]
+    raise ValueError(f"{path} holds arrays {keys}; name the data 'data', 'samples' or 'x'")
+
+
+def load_dataset(data) -> torch.Tensor:
+    """float32 [N, ...]: a built-in set by name (``BUILTIN``), a file, or an array; checked for at least
+    one row, a feature dimension and finite values."""
+    if isinstance(data, str) and data in BUILTIN:
+        return BUILTIN[data]().to(torch.float32)
+    array = load_array(data) if isinstance(data, (str, os.PathLike)) else np.asarray(data)
+    if array.ndim < 2 or array.shape[0] < 1 or not np.issubdtype(array.dtype, np.number):
+        raise ValueError(f"data must be a numeric array [N, ...] with N >= 1 and a feature dimension, got "
+                         f"{array.dtype} {array.shape} (built-in sets: {', '.join(BUILTIN)})")
+    if not np.isfinite(array).all():
+        raise ValueError("data holds non-finite values (nan or inf)")
+    return torch.from_numpy(np.ascontiguousarray(array)).to(torch.float32)

@@ -1,0 +1,146 @@
+"""Networks the ``train`` command builds, and the wrappers that give a trained network the convention of
+the samplers (the registry's model kinds).
+
+- ``TimeMLP``: an MLP on flattened samples with a sinusoidal embedding of the time, for low-dimensional
+  data;
+- ``unet``: diffusers' UNet2DModel for images (needs diffusers);
+- ``TimeScaled``: feeds a network time * scale (a DDPM timestep is in [0, T); a flow or SDE time in
+  [0, 1]; EDM's c_noise around [-1.5, 1]: each network sees times of the size its embedding expects);
+- ``DividedByStd``: a score model as net / std(t), so the network predicts something of unit size;
+- ``NoiseLevelLabels``: a network trained on discrete noise-level labels as a score of sigma;
+- ``EDMPrecond``: EDM's preconditioning, D(x, sigma) = c_skip x + c_out F(c_in x, c_noise), the
+  denoiser dk.sample_heun and friends take.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .. import coefficients
+from .._model import model_output_of
+
+
+class TimeMLP(torch.nn.Module):
+    """x [B, ...] and a time [B] -> [B, ...]: the flattened sample and a sinusoidal embedding of the time
+    through ``depth`` SiLU layers of width ``hidden``."""
+
+    def __init__(self, features: int, hidden: int = 256, depth: int = 3, embedding: int = 64):
+        super().__init__()
+        if embedding % 2:
+            raise ValueError(f"embedding must be even, got {embedding}")
+        self.features, self.embedding = int(features), int(embedding)
+        layers, width = [], self.features + self.embedding
+        for _ in range(depth):
+            layers += [torch.nn.Linear(width, hidden), torch.nn.SiLU()]
+            width = hidden
+        layers.append(torch.nn.Linear(width, self.features))
+        self.net = torch.nn.Sequential(*layers)
+
+    def time_embedding(self, t: torch.Tensor) -> torch.Tensor:
+        half = self.embedding // 2
+        frequencies = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+        angles = t.reshape(-1, 1).to(torch.float32) * frequencies
+        return torch.cat([angles.sin(), angles.cos()], 1)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(x.shape[0], -1)
+        t = t.reshape(-1).expand(x.shape[0]) if t.numel() == 1 else t
+        embedding = self.time_embedding(t).to(flat.dtype)
+        return self.net(torch.cat([flat, embedding], 1)).reshape(x.shape)
+
+
+def unet(sample_shape, block_out_channels=(32, 64), layers_per_block: int = 1, norm_num_groups: int = 8):
+    """diffusers' UNet2DModel for samples of shape (channels, height, width)."""
+    try:
+        from diffusers import UNet2DModel
+    except ImportError:
+        raise ValueError("model 'unet' is diffusers' UNet2DModel: pip install diffusers") from None
+    if len(sample_shape) != 3:
+        raise ValueError(f"model 'unet' takes images (channels, height, width), got samples of shape "
+                         f"{tuple(sample_shape)}")
+    channels, height, width = sample_shape
+    blocks = len(block_out_channels)
+    return UNet2DModel(sample_size=(height, width), in_channels=channels, out_channels=channels,
+                       block_out_channels=tuple(block_out_channels), layers_per_block=layers_per_block,
+                       norm_num_groups=norm_num_groups, down_block_types=("DownBlock2D",) * blocks,
+                       up_block_types=("UpBlock2D",) * blocks)
+
+
+class TimeScaled(torch.nn.Module):
+    """net(x, time * scale), its prediction tensor (a diffusers model's .sample)."""
+
+    def __init__(self, net: torch.nn.Module, scale: float = 1.0):
+        super().__init__()
+        self.net, self.scale = net, float(scale)
+
+    def forward(self, x, t, *args, **kwargs):
+        t = t * self.scale if self.scale != 1.0 else t
+        # a float32 network run in float64 (evaluate's likelihoods) computes in its own precision and
+        # answers in the caller's
+        dtype = next((p.dtype for p in self.net.parameters() if p.is_floating_point()), x.dtype)
+        if x.dtype == dtype:
+            return model_output_of(self.net(x, t, *args, **kwargs))
+        return model_output_of(self.net(x.to(dtype), t, *args, **kwargs)).to(x.dtype)
+
+
+class GeometricLevels:
+    """The N noise levels sigma_max (sigma_min / sigma_max)^(label / (N - 1)), label 0 .. N - 1 (score_sde's
+    discrete SMLD / NCSN chain), for fractional labels too."""
+
+    def __init__(self, sigma_min: float, sigma_max: float, num_scales: int):
+        self.log_max, self.log_ratio = math.log(sigma_max), math.log(sigma_max / sigma_min)
+        self.last = max(num_scales - 1, 1)
+
+    def sigma(self, label: torch.Tensor) -> torch.Tensor:
+        return torch.exp(self.log_max - label.to(torch.float64) / self.last * self.log_ratio)
+
+    def label(self, sigma: torch.Tensor) -> torch.Tensor:
+        return (self.log_max - sigma.to(torch.float64).log()) / self.log_ratio * self.last
+
+
+class DividedByStd(torch.nn.Module):
+    """A score model net(x, t) / std(t) (score_sde's parameterization: its VP models' score is -model / std,
+    its NCSN++ divides by sigma): the network predicts something of unit size, the noise, where the
+    score itself grows as 1 / std at small noise and a plain network never learns it."""
+
+    def __init__(self, net, std):
+        super().__init__()
+        self.net, self.std = net, std
+
+    def forward(self, x, t, *args, **kwargs):
+        std = self.std(torch.as_tensor(t, device=x.device).reshape(-1)).to(torch.float64)
+        out = model_output_of(self.net(x, t, *args, **kwargs))
+        return (out.double() / std.reshape((-1,) + (1,) * (x.dim() - 1))).to(out.dtype)
+
+
+class NoiseLevelLabels(torch.nn.Module):
+    """A network trained on the labels of GeometricLevels as score_fn(x, sigma): sigma mapped to its
+    (fractional) label."""
+
+    def __init__(self, net, levels: GeometricLevels):
+        super().__init__()
+        self.net, self.levels = net, levels
+
+    def forward(self, x, sigma, *args, **kwargs):
+        sigma = torch.as_tensor(sigma, dtype=torch.float64, device=x.device).reshape(-1).expand(x.shape[0])
+        return model_output_of(self.net(x, self.levels.label(sigma).to(torch.float32), *args, **kwargs))
+
+
+class EDMPrecond(torch.nn.Module):
+    """EDM's denoiser around a raw network F trained with EDMObjective: D(x, sigma) = c_skip x +
+    c_out F(c_in x, c_noise), sigma a tensor [B] (or a number)."""
+
+    def __init__(self, net, sigma_data: float = 0.5):
+        super().__init__()
+        self.net, self.sigma_data = net, float(sigma_data)
+
+    def forward(self, x, sigma, *args, **kwargs):
+        sigma = torch.as_tensor(sigma, dtype=torch.float64, device=x.device).reshape(-1)
+        if sigma.numel() == 1:
+            sigma = sigma.expand(x.shape[0])
+        c_skip, c_out, c_in, c_noise = coefficients.edm_preconditioning(sigma, self.sigma_data)
+        shape = (-1,) + (1,) * (x.dim() - 1)
+        time = c_noise.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
+        f = model_output_of(self.net((c_in.reshape(shape) * x.double()).to(x.dtype), time, *args, **kwargs))
+        return (c_skip.reshape(shape) * x.double() + c_out.reshape(shape) * f.double()).to(x.dtype)
