@@ -175,14 +175,20 @@ class FusedScheduler:
                                sample_offset=self.sample_offset,
                                step=noise_step % (1 << 32))
 
+    def _dk_output(self, plan, tensors: dict, noise, noise_step: int, return_dict: bool, output_class):
+        """Run a plan whose outputs are (prev_sample, pred_original_sample) and return them as diffusers does."""
+        prev_sample, pred_original_sample = self._dk_run(plan, tensors, noise, noise_step=noise_step)
+        if not return_dict:
+            return (prev_sample, pred_original_sample)
+        return output_class(prev_sample=prev_sample, pred_original_sample=pred_original_sample)
+
     def _dk_sigma_step(self, plan, model_output, sample, generator, return_dict, output_class, always_draw=False):
         """The step of Euler and Euler-ancestral: noise as diffusers draws it (in the model dtype; Euler
         when the row is noisy, Euler-ancestral at every step, so the generator advances as in diffusers),
         the prev sample in the model dtype, and x0."""
         noise = None
         if generator is not None and (plan.noisy or always_draw):
-            noise = randn_tensor(model_output.shape, dtype=model_output.dtype, device=model_output.device,
-                                 generator=generator)
+            noise = self._dk_noise_like(generator, model_output.shape, model_output.dtype, model_output.device)
         prev_sample, pred_original_sample = self._dk_run(
             plan, {"sample": sample, "model_output": model_output}, noise, noise_step=self.step_index)
         self._step_index += 1

@@ -5,7 +5,6 @@ from typing import Optional
 
 import torch
 from diffusers import schedulers
-from diffusers.utils.torch_utils import randn_tensor
 
 from ._base import FusedScheduler, drop_in
 from ._linear_form import as_float, compile_step, term
@@ -69,11 +68,6 @@ class DDIMScheduler(FusedScheduler, schedulers.DDIMScheduler):
                     " `variance_noise` stays `None`.")
             noise = variance_noise
             if noise is None and generator is not None:
-                noise = randn_tensor(model_output.shape, generator=generator, device=model_output.device,
-                                     dtype=model_output.dtype)
-        prev_sample, pred_original_sample = self._dk_run(
-            plan, {"sample": sample, "model_output": model_output}, noise, noise_step=t)
-        if not return_dict:
-            return (prev_sample, pred_original_sample)
-        return schedulers.scheduling_ddim.DDIMSchedulerOutput(prev_sample=prev_sample,
-                                                               pred_original_sample=pred_original_sample)
+                noise = self._dk_noise_like(generator, model_output.shape, model_output.dtype, model_output.device)
+        return self._dk_output(plan, {"sample": sample, "model_output": model_output}, noise, t, return_dict,
+                               schedulers.scheduling_ddim.DDIMSchedulerOutput)
