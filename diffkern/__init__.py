@@ -74,7 +74,7 @@ __all__ = [
 # Submodules reachable as attributes without an explicit import (``import diffkern; diffkern.diffusers``);
 # the optional integrations import their peer only then, and say how to install it when it is missing.
 _LAZY = ("diffusers", "distributed", "demo", "cli", "sampling", "likelihood", "ode", "ops", "steps", "noise", "sde",
-         "schedules", "training")
+         "schedules", "training", "k_diffusion")
 
 
 def __getattr__(name):

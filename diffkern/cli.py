@@ -347,10 +347,16 @@ def _add_sampler_options(generate: argparse.ArgumentParser) -> None:
     types = {"eta": float, "sigma_min": float, "sigma_max": float, "order": int, "langevin_steps": _positive_int,
              "step_size": float, "z_max": float}
     for name, option in registry.OPTIONS.items():
-        readers = registry.readers(name)
-        default = f"; default {option.default}" if option.default is not None else ""
+        by_default = {}  # each sampler's own default, grouped
+        for reader in registry.readers(name):
+            by_default.setdefault(registry.ENTRIES[reader].options[name], []).append(reader)
+        if len(by_default) == 1:
+            (default, readers), = by_default.items()
+            text = ", ".join(readers) + (f"; default {default}" if default is not None else "")
+        else:
+            text = "; ".join(f"{', '.join(readers)}: default {default}" for default, readers in by_default.items())
         generate.add_argument(f"--{name.replace('_', '-')}", dest=name, type=types.get(name, str), default=None,
-                              help=f"{option.help} ({', '.join(readers)}{default})")
+                              help=f"{option.help} ({text})")
 
 
 def main(argv=None) -> int:

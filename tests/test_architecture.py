@@ -21,9 +21,10 @@ LAYERS = [
     ["diffkern.ops"],
     ["diffkern.coefficients", "diffkern.reference", "diffkern.noise", "diffkern.schedules", "diffkern.sde",
      "diffkern._model", "diffkern.steps", "diffkern.ode", "diffkern.models"],
-    ["diffkern.sampling", "diffkern.likelihood", "diffkern.training"],
+    # the k-diffusion drop-ins need nothing above the formulas (no peer package), and the registry lists them
+    ["diffkern.sampling", "diffkern.likelihood", "diffkern.training", "diffkern.k_diffusion"],
     ["diffkern", "diffkern.__main__", "diffkern.cli", "diffkern.demo", "diffkern.distributed", "diffkern.diffusers",
-     "diffkern.k_diffusion", "diffkern.samplers", "diffkern.solvers", "diffkern.rk", "diffkern.pfgm"],
+     "diffkern.samplers", "diffkern.solvers", "diffkern.rk", "diffkern.pfgm"],
 ]
 # Functions whose signature is fixed by something else: the fake kernels and autograd formulas take
 # their op's schema (csrc/ops.cpp).

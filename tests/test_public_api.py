@@ -18,7 +18,7 @@ import diffkern as dk
 SNAPSHOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "api_snapshot.json")
 MODULES = ("diffkern.ops", "diffkern.reference", "diffkern.coefficients", "diffkern.models", "diffkern.distributed",
            "diffkern.sampling", "diffkern.sampling.registry", "diffkern.likelihood", "diffkern.ode",
-           "diffkern.training")
+           "diffkern.training", "diffkern.k_diffusion")
 
 
 def _describe(obj) -> object:

@@ -18,11 +18,14 @@ NAMES = list(registry.SAMPLERS)
 
 
 def test_every_entry_is_complete():
+    k_names = {"k_euler", "k_euler_ancestral", "k_heun", "k_dpm_2", "k_dpm_2_ancestral", "k_lms",
+               "k_dpmpp_2s_ancestral", "k_dpmpp_sde", "k_dpmpp_2m", "k_dpmpp_2m_sde", "k_dpmpp_3m_sde"}
     assert set(NAMES) == {"ddpm", "ddim", "euler_maruyama", "ode", "pc", "euler", "heun", "euler_ancestral",
-                          "langevin", "dpmpp", "flow", "pfgm"}
+                          "langevin", "dpmpp", "flow", "pfgm"} | k_names
     for name, entry in registry.ENTRIES.items():
         assert entry.name == name and entry.model in registry.MODELS and entry.model in MIXTURE_OUTPUTS
-        assert entry.function is getattr(dk, entry.function.__name__), name  # a public sampler
+        module = dk.k_diffusion if name.startswith("k_") else dk  # a public sampler
+        assert entry.function is getattr(module, entry.function.__name__), name
         assert set(entry.options) <= set(registry.OPTIONS), name
         assert isinstance(entry.default_steps, int) and entry.default_steps >= 1, name
         # every option an entry reads is a keyword of its function or a schedule option it builds from
@@ -119,7 +122,8 @@ def test_the_help_lists_every_sampler_and_who_reads_each_option(capsys):
     text = " ".join(capsys.readouterr().out.split())
     for name in NAMES:
         assert name in text
-    assert "(ddim, dpmpp; default 0.0)" in text  # --eta
+    assert "(ddim, dpmpp: default 0.0; k_euler_ancestral," in text  # --eta, each sampler's own default
+    assert "k_dpmpp_3m_sde: default 1.0)" in text
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -13,12 +13,14 @@ entry on the built-in mixture through the Python API and the command line.
 """
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
+from .._model import StepInfo
 from .._validate import check_choice, check_positive, check_positive_int, check_real
 from ..schedules import DDPMSchedule
 from ..sde import VESDE, VPSDE, SubVPSDE, karras_sigmas
@@ -60,7 +62,7 @@ class Option:
 
 
 OPTIONS: Dict[str, Option] = {
-    "eta": Option(0.0, "noise of DDIM / DPM-Solver++ steps (0: deterministic)",
+    "eta": Option(0.0, "noise of DDIM / DPM-Solver++ / ancestral steps (0: deterministic)",
                   lambda n, v: check_real(n, v)),
     "prediction_type": Option("epsilon", "what the DDPM model predicts: epsilon, sample or v_prediction",
                               lambda n, v: check_choice(n, v, PREDICTION_TYPES)),
@@ -158,6 +160,59 @@ def _pfgm(steps, options):
                                                    solver=options["solver"], **run)
 
 
+class _StepRecords:
+    """k-diffusion's callback dicts ({x, i, sigma, ...}: x before the step) as the one callback record,
+    StepInfo (the state after the step): each record goes out when the next step (or the run's end)
+    gives its state."""
+
+    def __init__(self, callback, levels: list):
+        self.callback, self.levels, self.pending = callback, levels, None
+
+    def __call__(self, values: dict) -> None:
+        self.flush(values["x"])
+        i = values["i"]
+        self.pending = (i, values["denoised"])
+
+    def flush(self, x) -> None:
+        if self.pending is not None:
+            i, denoised = self.pending
+            self.callback(StepInfo(i, "sigma", self.levels[i], self.levels[i + 1], x, denoised))
+            self.pending = None
+
+
+def _k_diffusion(function, noisy: bool):
+    """A diffkern.k_diffusion sampler on Karras sigmas, started from sigma_max times the stream's step 0
+    and (``noisy``) with its noise from the stream, so that its samples are the same for any batch split."""
+    def build(steps, options):
+        def sample(model, shape, *, seed=0, sample_offset=0, device=None, dtype=torch.float32, x_T=None,
+                   progress=False, callback=None):
+            from .._model import step_callback
+            from ..noise import randn, resolve_device
+
+            device = resolve_device(device)
+            sigmas = karras_sigmas(steps, options["sigma_min"], options["sigma_max"])
+            levels = sigmas.tolist()
+            sigmas = sigmas.to(device=device, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+            if x_T is None:
+                x = randn(tuple(shape), seed=seed, step=0, sample_offset=sample_offset, device=device,
+                          dtype=dtype) * levels[0]
+            elif not isinstance(x_T, torch.Tensor) or tuple(x_T.shape) != tuple(shape):
+                raise ValueError(f"x_T must be a tensor of shape {tuple(shape)}")
+            else:
+                x = x_T.to(device=device, dtype=dtype)
+            records = _StepRecords(step_callback(callback, ("i", "level", "x", "denoised")), levels) \
+                if callback is not None else None
+            extra = {"eta": options["eta"]} if "eta" in options else {}
+            if noisy:
+                extra.update(seed=seed, sample_offset=sample_offset)
+            x = function(model, x, sigmas, callback=records, disable=not progress, **extra)
+            if records is not None:
+                records.flush(x)
+            return x
+        return sample
+    return build
+
+
 def _two_per_step(steps, options):
     return 2 * steps if options.get("solver", "heun") == "heun" else steps
 
@@ -192,6 +247,29 @@ ENTRIES: Dict[str, SamplerEntry] = {e.name: e for e in (
     SamplerEntry("pfgm", "PFGM", sample_pfgm, "field", 100, {"z_max": 40.0, "solver": "heun"}, _pfgm,
                  _two_per_step),
 )}
+
+
+def _k_entries():
+    """k-diffusion's sampler menu (diffkern.k_diffusion), as k_<its name>."""
+    from .. import k_diffusion as K
+
+    one, two = (lambda steps, options: steps), (lambda steps, options: 2 * steps - 1)
+    table = [("euler", "Euler", False, one), ("euler_ancestral", "Euler ancestral", True, one),
+             ("heun", "Heun", False, two), ("dpm_2", "DPM-2", False, two),
+             ("dpm_2_ancestral", "DPM-2 ancestral", True, two), ("lms", "LMS", False, one),
+             ("dpmpp_2s_ancestral", "DPM++ 2S ancestral", True, two), ("dpmpp_sde", "DPM++ SDE", True, two),
+             ("dpmpp_2m", "DPM++ 2M", False, one), ("dpmpp_2m_sde", "DPM++ 2M SDE", True, one),
+             ("dpmpp_3m_sde", "DPM++ 3M SDE", True, one)]
+    for name, label, noisy, calls in table:
+        function = getattr(K, f"sample_{name}")
+        takes_eta = "eta" in inspect.signature(function).parameters
+        options = dict(_KARRAS, eta=1.0) if takes_eta else dict(_KARRAS)
+        # the churn samplers draw nothing without churn; the registry gives them none
+        yield SamplerEntry(f"k_{name}", f"{label} (k-diffusion)", function, "denoiser", 30, options,
+                           _k_diffusion(function, noisy), calls)
+
+
+ENTRIES.update({entry.name: entry for entry in _k_entries()})
 SAMPLERS: Tuple[str, ...] = tuple(ENTRIES)
 
 _SOLVERS = {"ode": ODE_SOLVERS, "flow": FLOW_SOLVERS, "pfgm": PFGM_SOLVERS}
