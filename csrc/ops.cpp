@@ -188,6 +188,11 @@ TORCH_LIBRARY(diffkern, m) {
   // the stream (seed, step, sample_offset + n, stream) if stream_noise (drawn again, not stored), else 0.
   // x0, model_output and noise share shape and dtype. Summed in one fixed order on every device.
   m.def("loss_row_fields() -> str", &loss_row_fields);
+  // The empirical Poisson field of PFGM (diffkern/poisson_field.h) at points [batch, N] (N <= 64) a
+  // height dz [batch] > 0 above M charges [M, N] on the plane: the charges' mean weighted by
+  // |y~ - x~_j|^-(N+1) ([batch, N], the points' dtype) and the log of the weights' sum (float64 [batch]).
+  m.def("poisson_field(Tensor points, Tensor dz, Tensor charges) -> (Tensor, Tensor)");
+  m.def("_poisson_field_cpu_isa(Tensor points, Tensor dz, Tensor charges, str isa) -> (Tensor, Tensor)");
   m.def(
       "training_loss(Tensor x0, Tensor model_output, Tensor? noise, Tensor coefficients, bool stream_noise, "
       "int seed, int step, int sample_offset, int stream, Tensor? seed_step) -> Tensor");

@@ -418,7 +418,8 @@ def main(argv=None) -> int:
                     "'{\"path\": \"DIR/checkpoint.pt\"}'), DIR/loss.json and DIR/loss.png.")
     train.add_argument("--data", required=True, help="FILE.npy or FILE.npz ([N, ...] rows), or a built-in set: ring "
                        "(2-d), mixture64d (64-d)")
-    train.add_argument("--objective", default="ddpm", help="ddpm, score_matching, edm or flow_matching (default ddpm)")
+    train.add_argument("--objective", default="ddpm",
+                       help="ddpm, score_matching, edm, flow_matching or pfgm (default ddpm)")
     train.add_argument("--objective-options", default=None, help='JSON object, e.g. \'{"prediction_type": '
                        '"v_prediction", "weighting": "min_snr"}\' or \'{"sde": "ve"}\'')
     train.add_argument("--model", default="mlp", help="mlp (an MLP with a time embedding), unet (diffusers' "

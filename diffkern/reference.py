@@ -341,3 +341,12 @@ def pfgm_integrate(field_fn, x: torch.Tensor, z_start: float, z_end: float, num_
             x_next = (x_acc + h / 2 * k2 + h / 2 * k1).to(x.dtype)
         x = x_next.reshape(x.shape)
     return x
+
+
+def poisson_field(points: torch.Tensor, dz: torch.Tensor, charges: torch.Tensor) -> tuple:
+    """ops.poisson_field in float64, directly: log w_ij = -(N+1)/2 log(|y_i - x_j|^2 + dz_i^2), the mean
+    weighted by softmax_j(log w_ij) and logsumexp_j(log w_ij) (a [batch, M] matrix: for tests)."""
+    p, c, h = points.double(), charges.double(), dz.double()
+    d2 = ((p[:, None, :] - c[None, :, :]) ** 2).sum(-1) + h[:, None] ** 2
+    log_w = -(p.shape[1] + 1) / 2 * d2.log()
+    return (torch.softmax(log_w, 1) @ c).to(points.dtype), torch.logsumexp(log_w, 1)

@@ -81,6 +81,7 @@ KINDS = [
      "trained as a noise_level_score model"),
     ("edm", {}, ("heun", {}), ("flow", {}), "trained as a denoiser model"),
     ("flow_matching", {"timestep_sampling": "logit_normal"}, ("flow", {}), ("ddim", {}), "trained as a velocity"),
+    ("pfgm", {"M": 450.0}, ("pfgm", {}), ("ddim", {}), "trained as a field model"),
 ]
 
 

@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "diffkern/poisson_field.h"
 #include "diffkern/step_args.h"
 
 namespace diffkern {
@@ -86,6 +87,11 @@ void linear_step_avx512(const LinearStepArgs& args, int64_t begin, int64_t end);
 // The fused training loss (diffkern/loss_math.h), forward or backward, for samples [begin, end).
 void training_loss_avx2(const LossArgs& args, int64_t begin, int64_t end, bool backward);
 void training_loss_avx512(const LossArgs& args, int64_t begin, int64_t end, bool backward);
+
+// The Poisson field (diffkern/poisson_field.h) of points [begin, end), the charges read from the
+// [features, count] copy charges_t.
+void poisson_field_avx2(const FieldArgs& args, const void* charges_t, int64_t begin, int64_t end);
+void poisson_field_avx512(const FieldArgs& args, const void* charges_t, int64_t begin, int64_t end);
 
 }  // namespace cpu
 }  // namespace diffkern

@@ -36,7 +36,7 @@ __all__ = ["BUILD", "NOISE_DTYPES", "RK_MAX_INPUTS", "RK_MAX_OUTPUTS", "RK_MAX_T
            "any_requires_grad", "check_device", "check_noise_layout", "check_seed_step", "check_shape",
            "cuda_kernels_available", "fused_step", "likelihood_step", "linear_step", "noise_args", "philox4x32_10",
            "probe_trace", "rademacher", "randn", "random_bits", "rk_row_width", "rk_stage", "seed_to_int64",
-           "training_loss"]
+           "training_loss", "poisson_field", "FIELD_MAX_FEATURES"]
 
 
 def cuda_kernels_available() -> bool:
@@ -441,6 +441,42 @@ def _check_training_loss(x0, model_output, noise, coefficients, noise_key: Noise
                          f"{tuple(getattr(coefficients, 'shape', ()))}")
     key = noise_key
     noise_args(check_shape(x0.shape), key.seed, key.step, key.sample_offset, key.stream, key.seed_step, x0.device)
+
+
+FIELD_MAX_FEATURES = 64  # kFieldMaxFeatures of csrc/include/diffkern/poisson_field.h
+
+
+def poisson_field(points: torch.Tensor, dz: torch.Tensor, charges: torch.Tensor) -> tuple:
+    """The empirical Poisson field of csrc/include/diffkern/poisson_field.h at points [batch, N] a height
+    dz [batch] (> 0) above charges [M, N] on the plane (N <= FIELD_MAX_FEATURES): (the charges' mean
+    weighted by |y~ - x~_j|^-(N+1), [batch, N] in the points' dtype; log of the weights' sum, float64
+    [batch]). One pass over the charges per point, nothing of size batch x M."""
+    try:
+        return torch.ops.diffkern.poisson_field(points, dz, charges)
+    except (RuntimeError, TypeError, NotImplementedError):
+        _check_poisson_field(points, dz, charges)
+        raise
+
+
+def _check_poisson_field(points, dz, charges) -> None:
+    """The arguments of poisson_field, one by one: raises an error that names the first bad one."""
+    if not isinstance(points, torch.Tensor) or points.dtype not in (torch.float32, torch.float64) or points.dim() != 2:
+        raise ValueError(f"points must be a float32 or float64 tensor [batch, features], got "
+                         f"{getattr(points, 'dtype', type(points).__name__)} {tuple(getattr(points, 'shape', ()))}")
+    check_device(points.device)
+    if not 1 <= points.shape[1] <= FIELD_MAX_FEATURES:
+        raise ValueError(f"points must have 1 to {FIELD_MAX_FEATURES} features, got {points.shape[1]} (larger: "
+                         "diffkern.models.EmpiricalPoissonField)")
+    if (not isinstance(charges, torch.Tensor) or charges.dim() != 2 or charges.shape[1] != points.shape[1]
+            or charges.shape[0] < 1):
+        raise ValueError(f"charges must be a tensor [count >= 1, {points.shape[1]}] like the points, got "
+                         f"{tuple(getattr(charges, 'shape', ())) or type(charges).__name__}")
+    if not isinstance(dz, torch.Tensor) or dz.shape != (points.shape[0],):
+        raise ValueError(f"dz must be a tensor [{points.shape[0]}], got {tuple(getattr(dz, 'shape', ()))}")
+    for name, t in (("dz", dz), ("charges", charges)):
+        if t.dtype != points.dtype or t.device != points.device:
+            raise ValueError(f"{name} must be {points.dtype} on {points.device} like the points, got {t.dtype} on "
+                             f"{t.device}")
 
 
 # the fake kernels and autograd formulas register themselves with torch.library on import

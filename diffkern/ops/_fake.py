@@ -292,3 +292,18 @@ torch.library.register_fake("diffkern::_training_loss_cpu_isa")(
     lambda x0, model_output, noise, coefficients, stream_noise, seed, step, sample_offset, stream, seed_step, isa:
     _training_loss_fake(x0, model_output, noise, coefficients, stream_noise, seed, step, sample_offset, stream,
                         seed_step))
+
+
+@torch.library.register_fake("diffkern::poisson_field")
+def _poisson_field_fake(points, dz, charges):
+    torch._check(points.dim() == 2 and points.dtype in (torch.float32, torch.float64),
+                 lambda: "diffkern::poisson_field: points must be float32 or float64 [batch, features]")
+    torch._check(charges.dim() == 2 and charges.shape[1] == points.shape[1] and charges.dtype == points.dtype,
+                 lambda: "diffkern::poisson_field: charges must be [count, features] of the points' dtype")
+    torch._check(dz.dim() == 1 and dz.shape[0] == points.shape[0] and dz.dtype == points.dtype,
+                 lambda: "diffkern::poisson_field: dz must be [batch] of the points' dtype")
+    return points.new_empty(points.shape), points.new_empty((points.shape[0],), dtype=torch.float64)
+
+
+torch.library.register_fake("diffkern::_poisson_field_cpu_isa")(
+    lambda points, dz, charges, isa: _poisson_field_fake(points, dz, charges))

@@ -28,6 +28,15 @@ def uniform(batch: int, key: BatchKey, device, stream: int = TRAINING_TIME_STREA
     return ((high * (1 << 26) + low).to(torch.float64) + 0.5) / float(1 << 53)
 
 
+def uniform_pair(batch: int, key: BatchKey, device, stream: int = TRAINING_TIME_STREAM):
+    """Two float64 [batch] uniforms in (0, 1) from the four words of each sample's first block: the first
+    equals uniform() (words 0, 1), the second comes from words 2, 3."""
+    words = random_bits((batch, 4), seed=key.seed, step=key.step, sample_offset=key.sample_offset, stream=stream,
+                        device=device).to(torch.int64) & 0xFFFFFFFF
+    return [((words[:, 2 * i] >> 5) * (1 << 26) + (words[:, 2 * i + 1] >> 6)).to(torch.float64).add_(0.5)
+            .div_(float(1 << 53)) for i in range(2)]
+
+
 def normal(batch: int, key: BatchKey, device, stream: int = TRAINING_TIME_STREAM) -> torch.Tensor:
     """float64 [batch] standard normals (the stream's float32 normals of each sample's feature 0)."""
     return randn((batch, 1), seed=key.seed, step=key.step, sample_offset=key.sample_offset, stream=stream,

@@ -8,12 +8,14 @@ from typing import Callable, NamedTuple, Optional
 
 import torch
 
-from .. import ops
+from .. import coefficients, ops
 from .._model import call_model
 from .._validate import check_real, check_tensor
+from ..models import poisson_field_mean
 from ..noise import TRAINING_NOISE_STREAM
+from ..sampling.pfgm import field_parts
 from .draws import BatchKey, dropped
-from .objectives import Levels, make_objective
+from .objectives import Levels, PFGMObjective, make_objective
 
 
 class TrainingBatch(NamedTuple):
@@ -42,7 +44,8 @@ def _conditions(cond, null_cond, mask):
 
 def training_loss(model: Callable, x0: torch.Tensor, objective="ddpm", *, seed: int, step: int, sample_offset: int = 0,
                   cond=None, null_cond=None, p_uncond: float = 0.0, cond_key: Optional[str] = None,
-                  weights: Optional[torch.Tensor] = None, return_batch: bool = False, **objective_options):
+                  weights: Optional[torch.Tensor] = None, charges: Optional[torch.Tensor] = None,
+                  return_batch: bool = False, **objective_options):
     """The loss of one training step on the batch x0 [B, ...]: the mean over samples of the objective's
     per-sample loss (diffkern.training.objectives; ``objective`` is one, or its name with its options
     as keywords).
@@ -58,7 +61,12 @@ def training_loss(model: Callable, x0: torch.Tensor, objective="ddpm", *, seed: 
     ``model(x_t, time, **{cond_key: cond})``, returning a tensor, an object with ``.sample`` or a tuple
     (diffusers' UNet2DModel works unchanged); ``time`` is the objective's (int64 timesteps for DDPM,
     float times, EDM's c_noise). ``weights`` (a [B] tensor) multiplies the per-sample losses. Returns
-    the loss (float32, float64 for float64 x0), or a TrainingBatch with ``return_batch``."""
+    the loss (float32, float64 for float64 x0), or a TrainingBatch with ``return_batch``.
+
+    ``objective="pfgm"`` (PFGMObjective) regresses a field model ``model(x, z) -> (v_x, v_z)`` on the
+    normalised Poisson field of ``charges`` ([M, ...] data points; default x0 itself) at the batch's
+    perturbed points: give a split batch the whole batch as charges, and its samples see the field the
+    whole batch would."""
     objective = make_objective(objective, **objective_options)
     check_tensor("x0", x0, min_dim=2)
     p_uncond = check_real("p_uncond", p_uncond)
@@ -68,6 +76,11 @@ def training_loss(model: Callable, x0: torch.Tensor, objective="ddpm", *, seed: 
     key = BatchKey(seed, step, sample_offset)
     ops.noise_args(list(x0.shape), seed, step, sample_offset, TRAINING_NOISE_STREAM, None, device)  # checks the key
     time_dtype = torch.float64 if x0.dtype == torch.float64 else torch.float32
+    if isinstance(objective, PFGMObjective):
+        per_sample, batch_record = _pfgm_loss(model, x0, objective, key, charges, (cond, cond_key))
+        return _finish(per_sample, weights, time_dtype, batch_record if return_batch else None)
+    if charges is not None:
+        raise ValueError("charges go with objective='pfgm' (the Poisson field's data points)")
     levels = objective.levels(batch, key, device, time_dtype)
     noising, loss_rows = objective.rows(levels, x0.dtype, math.prod(x0.shape[1:]))
     x_t, _ = ops.fused_step(x0, coefficients=noising, row=-1, stream_noise=True, seed=seed,
@@ -81,12 +94,56 @@ def training_loss(model: Callable, x0: torch.Tensor, objective="ddpm", *, seed: 
         output = output.to(x0.dtype)
     per_sample = ops.training_loss(x0, output, coefficients=loss_rows, stream_noise=True, seed=seed, step=step,
                                    sample_offset=sample_offset, stream=TRAINING_NOISE_STREAM)
+    return _finish(per_sample, weights, time_dtype, (x_t, output, levels, mask) if return_batch else None)
+
+
+def _finish(per_sample: torch.Tensor, weights, time_dtype: torch.dtype, record: Optional[tuple]):
+    """The mean of the (weighted) per-sample losses, or with a record the TrainingBatch."""
+    batch = per_sample.shape[0]
     if weights is not None:
         if not isinstance(weights, torch.Tensor) or weights.shape != (batch,):
             raise ValueError(f"weights must be a tensor [{batch}] (one per sample), got "
                              f"{tuple(getattr(weights, 'shape', ())) or type(weights).__name__}")
-        per_sample = per_sample * weights.to(device=device, dtype=torch.float64)
+        per_sample = per_sample * weights.to(device=per_sample.device, dtype=torch.float64)
     loss = per_sample.mean().to(time_dtype)
-    if return_batch:
-        return TrainingBatch(loss, per_sample, x_t, output, levels, mask)
+    if record is not None:
+        return TrainingBatch(loss, per_sample, *record)
     return loss
+
+
+def _pfgm_loss(model, x0: torch.Tensor, objective: PFGMObjective, key: BatchKey, charges, condition: tuple):
+    """PFGM's loss (PFGMObjective): per-sample losses and the batch's record."""
+    batch, features = x0.shape[0], math.prod(x0.shape[1:])
+    flat = x0.reshape(batch, features)
+    if charges is None:
+        charges = flat
+    elif not isinstance(charges, torch.Tensor) or charges.dim() < 2 or math.prod(charges.shape[1:]) != features \
+            or charges.shape[0] < 1:
+        raise ValueError(f"charges must be a tensor [M >= 1, ...] of samples like x0's ({tuple(x0.shape[1:])}), got "
+                         f"{tuple(getattr(charges, 'shape', ())) or type(charges).__name__}")
+    charges = charges.reshape(charges.shape[0], features).to(flat.device)
+    if not bool(torch.isfinite(charges).all()):
+        raise ValueError("charges hold non-finite values")
+    y, z, draws = objective.perturb(flat, key)
+    mean, _ = poisson_field_mean(y, z, charges)
+    direction = torch.cat([mean - y, -z[:, None]], 1)
+    target = math.sqrt(features) * direction / (direction.norm(dim=1, keepdim=True) + objective.gamma)
+    x_in = y.reshape(x0.shape).to(x0.dtype)
+    cond, cond_key = condition
+    z_in = z.clamp_min(1e-10).to(torch.float64 if x0.dtype == torch.float64 else torch.float32)
+    # a field model returns a pair (or one tensor [B, N + 1]): called directly, not through call_model,
+    # which would take a pair's first element as the output
+    if cond is None:
+        raw = model(x_in, z_in)
+    else:
+        raw = model(x_in, z_in, **{cond_key: cond}) if cond_key else model(x_in, z_in, cond)
+    output = field_parts(raw, x_in)
+    dtype = torch.float64 if x0.dtype == torch.float64 else torch.float32
+    prediction = torch.cat([output[0].reshape(batch, features), output[1].reshape(batch, 1)], 1).to(dtype)
+    target = target.to(dtype)
+    rows = coefficients.loss_rows(1.0, 0.0, -1.0, objective.reduction(features + 1)).to(flat.device)
+    per_sample = ops.training_loss(target, prediction, target, coefficients=rows)
+    ones = torch.ones(batch, dtype=torch.float64, device=flat.device)
+    levels = Levels(ones, draws["radius"], z, (ones, ones * 0, -ones), ones * objective.reduction(features + 1),
+                    dict(draws, target=target))
+    return per_sample, (x_in, prediction, levels, None)

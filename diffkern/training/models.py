@@ -8,12 +8,14 @@ the samplers (the registry's model kinds).
   [0, 1]; EDM's c_noise around [-1.5, 1]: each network sees times of the size its embedding expects);
 - ``DividedByStd``: a score model as net / std(t), so the network predicts something of unit size;
 - ``NoiseLevelLabels``: a network trained on discrete noise-level labels as a score of sigma;
+- ``FieldHead``: a network with one output more as a Poisson-field model (x, z) -> (v_x, v_z);
 - ``EDMPrecond``: EDM's preconditioning, D(x, sigma) = c_skip x + c_out F(c_in x, c_noise), the
   denoiser dk.sample_heun and friends take.
 """
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 
@@ -25,16 +27,18 @@ class TimeMLP(torch.nn.Module):
     """x [B, ...] and a time [B] -> [B, ...]: the flattened sample and a sinusoidal embedding of the time
     through ``depth`` SiLU layers of width ``hidden``."""
 
-    def __init__(self, features: int, hidden: int = 256, depth: int = 3, embedding: int = 64):
+    def __init__(self, features: int, hidden: int = 256, depth: int = 3, embedding: int = 64,
+                 out_features: Optional[int] = None):
         super().__init__()
         if embedding % 2:
             raise ValueError(f"embedding must be even, got {embedding}")
         self.features, self.embedding = int(features), int(embedding)
+        self.out_features = self.features if out_features is None else int(out_features)
         layers, width = [], self.features + self.embedding
         for _ in range(depth):
             layers += [torch.nn.Linear(width, hidden), torch.nn.SiLU()]
             width = hidden
-        layers.append(torch.nn.Linear(width, self.features))
+        layers.append(torch.nn.Linear(width, self.out_features))
         self.net = torch.nn.Sequential(*layers)
 
     def time_embedding(self, t: torch.Tensor) -> torch.Tensor:
@@ -47,11 +51,14 @@ class TimeMLP(torch.nn.Module):
         flat = x.reshape(x.shape[0], -1)
         t = t.reshape(-1).expand(x.shape[0]) if t.numel() == 1 else t
         embedding = self.time_embedding(t).to(flat.dtype)
-        return self.net(torch.cat([flat, embedding], 1)).reshape(x.shape)
+        out = self.net(torch.cat([flat, embedding], 1))
+        return out.reshape(x.shape) if self.out_features == self.features else out
 
 
-def unet(sample_shape, block_out_channels=(32, 64), layers_per_block: int = 1, norm_num_groups: int = 8):
-    """diffusers' UNet2DModel for samples of shape (channels, height, width)."""
+def unet(sample_shape, block_out_channels=(32, 64), layers_per_block: int = 1, norm_num_groups: int = 8,
+         extra_channels: int = 0):
+    """diffusers' UNet2DModel for samples of shape (channels, height, width) (with ``extra_channels``
+    more outputs: a Poisson field's z part)."""
     try:
         from diffusers import UNet2DModel
     except ImportError:
@@ -61,7 +68,7 @@ def unet(sample_shape, block_out_channels=(32, 64), layers_per_block: int = 1, n
                          f"{tuple(sample_shape)}")
     channels, height, width = sample_shape
     blocks = len(block_out_channels)
-    return UNet2DModel(sample_size=(height, width), in_channels=channels, out_channels=channels,
+    return UNet2DModel(sample_size=(height, width), in_channels=channels, out_channels=channels + extra_channels,
                        block_out_channels=tuple(block_out_channels), layers_per_block=layers_per_block,
                        norm_num_groups=norm_num_groups, down_block_types=("DownBlock2D",) * blocks,
                        up_block_types=("UpBlock2D",) * blocks)
@@ -82,6 +89,42 @@ class TimeScaled(torch.nn.Module):
         if x.dtype == dtype:
             return model_output_of(self.net(x, t, *args, **kwargs))
         return model_output_of(self.net(x.to(dtype), t, *args, **kwargs)).to(x.dtype)
+
+
+class FieldHead(torch.nn.Module):
+    """A Poisson-field model (x, z) -> (v_x, v_z) around a network with one output more than the data has
+    features (an MLP's N + 1 outputs, or an image network's C + 1 channels, whose last channel's mean is
+    the z part): the network sees log(z) * ``time_scale`` as its time (z spans decades), and v_z =
+    -softplus(.) is negative everywhere, as the normalised field above the data is, so the sampler's
+    dx/dz = v_x / v_z never divides by a z part of the wrong sign.
+
+    ``radial`` (for an MLP on flat samples): the network is given x / r and log r, r = (|x|^2 + z^2 + 1)^(1/2),
+    instead of x. PFGM's prior puts samples of low-dimensional data at radii of 10^4 and more (its radial
+    law has a tail in r^-2 at N = 2), far beyond the perturbations the network was trained on; in these
+    coordinates a far point is a direction and one more decade, where the field is a point charge's."""
+
+    def __init__(self, net: torch.nn.Module, time_scale: float = 100.0, radial: bool = False):
+        super().__init__()
+        self.net, self.time_scale, self.radial = net, float(time_scale), bool(radial)
+
+    def forward(self, x: torch.Tensor, z, *args, **kwargs):
+        z = torch.as_tensor(z, device=x.device).reshape(-1).expand(x.shape[0])
+        dtype = next((p.dtype for p in self.net.parameters() if p.is_floating_point()), x.dtype)
+        z64 = z.to(torch.float64)
+        t = z64.clamp_min(1e-30).log() * self.time_scale
+        inputs = x.to(dtype)
+        if self.radial:
+            flat = x.reshape(x.shape[0], -1).to(torch.float64)
+            r = (flat.square().sum(1) + z64.square() + 1).sqrt()
+            inputs = torch.cat([flat / r[:, None], r.log()[:, None]], 1).to(dtype)
+        out = model_output_of(self.net(inputs, t.to(dtype), *args, **kwargs))
+        batch = x.shape[0]
+        if out.dim() == 2:  # [B, N + 1]
+            v_x, v_z = out[:, :-1].reshape(x.shape), out[:, -1]
+        else:  # [B, C + 1, ...]
+            v_x, v_z = out[:, :-1].reshape(x.shape), out[:, -1].reshape(batch, -1).mean(1)
+        return v_x.to(x.dtype), -torch.nn.functional.softplus(v_z).to(torch.float64 if x.dtype == torch.float64
+                                                                        else torch.float32)
 
 
 class GeometricLevels:

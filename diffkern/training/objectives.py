@@ -9,7 +9,8 @@ into a denoiser):
 - ``ScoreMatchingObjective``: denoising score matching for a score SDE (score_sde's get_sde_loss_fn, t ~
   U(eps, T)), or with ``continuous=False`` score_sde's discrete DDPM (VP) and SMLD / NCSN (VE) losses;
 - ``EDMObjective``: EDM's preconditioned denoiser loss, sigma log-normal;
-- ``FlowMatchingObjective``: rectified flow, t uniform, logit-normal or "mode" (SD3's densities).
+- ``FlowMatchingObjective``: rectified flow, t uniform, logit-normal or "mode" (SD3's densities);
+- ``PFGMObjective``: Poisson flow, a field model regressed on the batch's normalised field.
 """
 from __future__ import annotations
 
@@ -22,9 +23,10 @@ import torch
 
 from .. import coefficients
 from .._validate import check_choice, check_finite, check_positive, check_positive_int
+from ..noise import PFGM_PERTURBATION_STREAM, TRAINING_NOISE_STREAM, randn
 from ..schedules import DDPMSchedule
 from ..sde import SDE, VESDE, VPSDE, SubVPSDE
-from .draws import BatchKey, discrete, normal, uniform
+from .draws import BatchKey, discrete, normal, uniform, uniform_pair
 
 REDUCTIONS = ("mean", "sum")
 
@@ -280,7 +282,69 @@ class FlowMatchingObjective(Objective):
                       coefficients.flow_weight(t, self.weighting), {"t": t})
 
 
-OBJECTIVES = {cls.name: cls for cls in (DDPMObjective, ScoreMatchingObjective, EDMObjective, FlowMatchingObjective)}
+@dataclass(frozen=True)
+class PFGMObjective(Objective):
+    """Poisson flow (Xu et al. 2022; seed 002 eqs. 98-100), as PFGM's code trains it: each sample is moved
+    off the data plane to (x + |n| (1 + tau)^m u, |e| sigma_end (1 + tau)^m), with m ~ U[0, M) (U[0,
+    restrict_m) where the height |e| sigma_end falls below restrict_below), n ~ N(0, sigma_end^2 I_N), u
+    uniform on the unit sphere and e ~ N(0, 1); the target is the normalised field of the batch's
+    charges at that point, sqrt(N) E / (|E| + gamma) with E = (xbar - y, -z) (xbar the charges' mean
+    weighted by |y~ - x~_j|^-(N+1), ops.poisson_field), and the loss |f(y, z) - target|^2, averaged over
+    the N + 1 coordinates (``reduce_mean``, PFGM's reduce_mean=True) or half summed. The model is a
+    field model f(x, z) -> (v_x, v_z) (dk.sample_pfgm's convention: any positive or negative scale)."""
+
+    sigma_end: float = 0.01
+    M: float = 291.0
+    tau: float = 0.03
+    gamma: float = 5.0
+    restrict_m: Optional[float] = 200.0
+    restrict_below: float = 0.005
+    reduce_mean: bool = True
+    name = "pfgm"
+    model = "field"
+
+    def __post_init__(self):
+        for name in ("sigma_end", "M", "tau"):
+            check_positive(name, getattr(self, name))
+        check_finite("gamma", self.gamma)
+        if self.gamma < 0:
+            raise ValueError(f"gamma must be >= 0, got {self.gamma}")
+        if self.restrict_m is not None:
+            check_positive("restrict_m", self.restrict_m)
+        check_positive("restrict_below", self.restrict_below)
+        if not isinstance(self.reduce_mean, bool):
+            raise ValueError(f"reduce_mean must be a bool, got {self.reduce_mean!r}")
+
+    def reduction(self, features: int) -> float:
+        return 1.0 / features if self.reduce_mean else 0.5
+
+    def levels(self, batch, key, device, time_dtype):
+        raise ValueError("PFGM has no noise levels: training_loss perturbs its samples with perturb()")
+
+    def perturb(self, x0: torch.Tensor, key: BatchKey):
+        """(y [batch, N], z [batch], draws) in float64 for the flattened samples x0 [batch, N], every draw
+        from the stream: m (and its restricted redraw) on the training-time stream, e and n on PFGM's
+        perturbation stream (one [batch, N + 1] draw: e first), u from the training-noise stream."""
+        batch, features = x0.shape
+        device = x0.device
+        u_m, u_restrict = uniform_pair(batch, key, device)
+        m = u_m * self.M
+        gauss = randn((batch, features + 1), seed=key.seed, step=key.step, sample_offset=key.sample_offset,
+                      stream=PFGM_PERTURBATION_STREAM, device=device).double()
+        height = gauss[:, 0].abs() * self.sigma_end
+        if self.restrict_m is not None:  # PFGM's restrict_M: bound the norms of samples near the plane
+            m = torch.where(height < self.restrict_below, u_restrict * self.restrict_m, m)
+        multiplier = (1 + self.tau) ** m
+        radius = (gauss[:, 1:] * self.sigma_end).norm(dim=1) * multiplier
+        direction = randn((batch, features), seed=key.seed, step=key.step, sample_offset=key.sample_offset,
+                          stream=TRAINING_NOISE_STREAM, device=device).double()
+        direction = direction / direction.norm(dim=1, keepdim=True)
+        y = x0.double() + direction * radius[:, None]
+        return y, height * multiplier, {"m": m, "z": height * multiplier, "radius": radius}
+
+
+OBJECTIVES = {cls.name: cls for cls in (DDPMObjective, ScoreMatchingObjective, EDMObjective, FlowMatchingObjective,
+                                        PFGMObjective)}
 
 
 def make_objective(objective, **options) -> Objective:

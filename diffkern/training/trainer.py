@@ -31,7 +31,16 @@ from ..schedules import DDPMSchedule
 from ..sde import VESDE, VPSDE, SubVPSDE
 from .data import BUILTIN, load_dataset
 from .loss import training_loss
-from .models import DividedByStd, EDMPrecond, GeometricLevels, NoiseLevelLabels, TimeMLP, TimeScaled, unet
+from .models import (
+    DividedByStd,
+    EDMPrecond,
+    FieldHead,
+    GeometricLevels,
+    NoiseLevelLabels,
+    TimeMLP,
+    TimeScaled,
+    unet,
+)
 from .objectives import make_objective
 
 CHECKPOINT = "checkpoint.pt"
@@ -114,6 +123,8 @@ def trained_for(objective_) -> dict:
         return {"kind": "denoiser", "objective": name, "options": {}}
     if name == "flow_matching":
         return {"kind": "velocity", "objective": name, "options": {}}
+    if name == "pfgm":
+        return {"kind": "field", "objective": name, "options": {}}
     sde = next(key for key, cls in SDES.items() if type(objective_.sde) is cls)
     if objective_.continuous:
         return {"kind": "score", "objective": name, "options": {"sde": sde, "parameterization": "score"}}
@@ -127,11 +138,13 @@ def build_network(config: TrainConfig, sample_shape) -> torch.nn.Module:
     model_kwargs and the sample shape as sample_shape=...), taking the objective's native time."""
     torch.manual_seed(config.seed)  # the same initial weights on every rank and every rerun
     kwargs = dict(config.model_kwargs)
+    field = config.objective == "pfgm"  # a Poisson field: one output more, and the z part
     try:
-        if config.model == "mlp":
-            net = TimeMLP(math.prod(sample_shape), **kwargs)
+        if config.model == "mlp":  # a field MLP takes radial coordinates (FieldHead): one input more
+            features = math.prod(sample_shape)
+            net = TimeMLP(features + 1, out_features=features + 1, **kwargs) if field else TimeMLP(features, **kwargs)
         elif config.model == "unet":
-            net = unet(sample_shape, **kwargs)
+            net = unet(sample_shape, **kwargs, **({"extra_channels": 1} if field else {}))
         elif ":" in config.model:
             net = _factory(config.model)(sample_shape=tuple(sample_shape), **kwargs)
         else:
@@ -141,6 +154,8 @@ def build_network(config: TrainConfig, sample_shape) -> torch.nn.Module:
     if not isinstance(net, torch.nn.Module):
         raise ValueError(f"model {config.model!r} is a {type(net).__name__}, not a torch.nn.Module")
     objective_ = objective(config)
+    if field:
+        return FieldHead(net, radial=config.model == "mlp") if config.model in ("mlp", "unet") else net
     network = TimeScaled(net, time_scale(objective_))
     if trained_for(objective_)["kind"] in ("score", "noise_level_score"):
         network = DividedByStd(network, _std_of(objective_))
@@ -352,14 +367,18 @@ def train(config: TrainConfig, out: str, *, device=None, progress: bool = True, 
     for step in bar:
         optimizer.zero_grad(set_to_none=True)
         total = torch.zeros((), dtype=torch.float64, device=device)
+        # PFGM's target is the field of the whole global batch: every micro-batch gets it as its charges
+        charges = data[epochs.rows_at(step * config.batch_size, config.batch_size)].to(device) \
+            if objective_.name == "pfgm" else None
         for k in range(config.accumulation):
             first = (k * group.world + group.rank) * per_rank  # this micro-batch's global samples
             x0 = data[epochs.rows_at(step * config.batch_size + first, per_rank)].to(device)
+            extra = {"charges": charges} if charges is not None else {}
             sync = k == config.accumulation - 1 or group.world == 1
             context = trained.no_sync() if not sync and hasattr(trained, "no_sync") else _nothing()
             with context:
                 batch = training_loss(trained, x0, objective_, seed=config.seed, step=step, sample_offset=first,
-                                      return_batch=True)
+                                      return_batch=True, **extra)
                 (batch.loss / config.accumulation).backward()
             total += batch.per_sample.detach().sum()
             if step < start + record_steps:
