@@ -313,7 +313,7 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="mode"):
         dk.hutchinson_trace(lambda y: y, x, mode="fd")
     with pytest.raises(ValueError, match="solver"):
-        dk.log_likelihood(lambda y, t: y, x, dk.VPSDE(), 10, solver="rk4")
+        dk.log_likelihood(lambda y, t: y, x, dk.VPSDE(), 10, solver="rk45")
     with pytest.raises(ValueError, match="trace"):
         dk.log_likelihood(lambda y, t: y, x, dk.VPSDE(), 10, trace="approximate")
     with pytest.raises(ValueError, match="eps"):

@@ -218,9 +218,9 @@ def counting(fn):
 @pytest.mark.parametrize("solver,num_steps,expected", [
     ("euler", 7, 7), ("heun", 7, 14), ("dopri5", 7, 6 * 7 + 1), ("bosh3", 7, 3 * 7 + 1),
     ("dopri5", None, None), ("bosh3", None, None)])
-@pytest.mark.parametrize("error_norm", ["batch", "sample"])
+@pytest.mark.parametrize("error_norm", ["batch", "rms", "sample"])
 def test_num_evals_counts_model_calls(solver, num_steps, expected, error_norm):
-    if num_steps is not None and error_norm == "sample":
+    if num_steps is not None and error_norm != "batch":
         pytest.skip("fixed steps take no error norm")
     score = counting(batched_gaussian_score(VP))
     kwargs = {} if num_steps is not None else {"error_norm": error_norm, "rtol": 1e-4, "atol": 1e-4}
@@ -350,7 +350,7 @@ def test_sample_ode_adaptive_against_the_closed_form_flow(solver):
     (lambda: dk.log_likelihood(gaussian_score(VP), DATA, VP, solver="heun", atol=1e-3), "atol"),
     (lambda: dk.log_likelihood(gaussian_score(VP), DATA, VP, 10, solver="dopri5", error_norm="sample"), "error_norm"),
     (lambda: dk.log_likelihood(gaussian_score(VP), DATA, VP, time_grid="uniform"), "time_grid"),
-    (lambda: dk.log_likelihood(gaussian_score(VP), DATA, VP, solver="rk4"), "solver"),
+    (lambda: dk.log_likelihood(gaussian_score(VP), DATA, VP, solver="rk45"), "solver"),
     (lambda: dk.log_likelihood(gaussian_score(VP), DATA, VP, atol=0.0), "atol"),
     (lambda: dk.log_likelihood(gaussian_score(VP), DATA, VP, rtol=1.5), "rtol"),
     (lambda: dk.log_likelihood(gaussian_score(VP), DATA, VP, rtol=float("nan")), "rtol"),
@@ -377,7 +377,7 @@ def test_evaluation_budget_and_non_finite_models_stop_with_a_clear_error():
 def test_empty_batches_and_defaults():
     empty = dk.log_likelihood(gaussian_score(VP), DATA[:0], VP)
     assert empty.log_p.shape == (0,) and empty.num_evals == 0
-    assert likelihood.SOLVERS == ("auto", "euler", "heun", "dopri5", "bosh3")
+    assert likelihood.SOLVERS == ("auto", "euler", "heun", "rk4", "dopri5", "bosh3")
     default = dk.log_likelihood(gaussian_score(VP), DATA[:4], VP, trace="exact")
     explicit = dk.log_likelihood(gaussian_score(VP), DATA[:4], VP, solver="dopri5", rtol=1e-5, atol=1e-5,
                                  trace="exact")
@@ -386,9 +386,27 @@ def test_empty_batches_and_defaults():
     assert fixed.num_evals == 40  # "auto" with num_steps: Heun, as before the adaptive solvers
 
 
+def test_the_rms_norm_steps_on_the_average_error():
+    """error_norm="rms" (torchdiffeq's kind): fewer evaluations than the worst sample's norm on a batch
+    whose samples differ in difficulty, and a result still within the tolerance's reach of a tight solve."""
+    torch.manual_seed(0)
+    net = dk.training.ConcatSquashMLP(2, (32, 32)).double()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.mul_(3.0)  # dynamics that vary across the plane
+        x = 2 * torch.randn(64, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+        tight = dk.cnf_log_likelihood(net, x, 0.0, 1.0, trace="exact", rtol=1e-10, atol=1e-10)
+        worst, rms = (dk.cnf_log_likelihood(net, x, 0.0, 1.0, trace="exact", rtol=1e-4, atol=1e-4, error_norm=norm)
+                      for norm in ("batch", "rms"))
+    assert rms.num_evals < worst.num_evals  # measured 26 against 38
+    # local errors of 1e-4 per dimension over ~10 steps: the global error reaches a few 1e-3 (measured
+    # 2.6e-3 for rms, 7e-4 for the worst-sample norm)
+    assert float((rms.log_p - tight.log_p).abs().max()) < 1e-2
+
+
 @requires_cuda
 @pytest.mark.cuda
-@pytest.mark.parametrize("error_norm", ["batch", "sample"])
+@pytest.mark.parametrize("error_norm", ["batch", "rms", "sample"])
 def test_cuda_adaptive_likelihood_matches_cpu(error_norm):
     score = mlp_score()
     x = torch.randn(16, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))

@@ -403,7 +403,7 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="positive noise levels"):
         dk.sample_langevin(MIX.sigma_score, (4, 1), [1.0, 0.0])
     with pytest.raises(ValueError, match="solver"):
-        dk.sample_ode(lambda x, t: x, (4, 1), sde, 10, solver="rk4")
+        dk.sample_ode(lambda x, t: x, (4, 1), sde, 10, solver="rk45")
     with pytest.raises(ValueError, match="parameterization"):
         dk.sample_euler_maruyama(lambda x, t: x, (4, 1), sde, 10, parameterization="v")
     with pytest.raises(ValueError, match="shape"):

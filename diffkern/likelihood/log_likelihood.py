@@ -7,9 +7,15 @@ with x_{t1} the ODE solution from x. The state, the log-density integral and the
 advance in one fused kernel per model evaluation (diffkern.ode: fixed-grid Euler / Heun, adaptive
 dopri5 / bosh3).
 
-Gradients: these functions do not differentiate their result yet. They refuse an x that requires
-grad and a model whose output requires grad (its parameters do) while gradients are recorded, rather
-than return a gradient that would be wrong; call them under torch.no_grad() to evaluate.
+Gradients (``gradient=``): "backprop" records the solve for autograd (through the fused stages,
+whose backward is linear, and Jacobian products made with create_graph, so the trace estimate's
+dependence on x and the model's parameters is differentiated; memory grows with the steps);
+"adjoint" keeps nothing of the trajectory and integrates the adjoint ODE backwards (diffkern.ode.adjoint;
+constant memory, gradients to the adjoint tolerances); "none" never records; "auto" (default) is
+"backprop" when gradients are recorded and x or the model's parameters require grad, else "none".
+Step-size control stays outside autograd. With ``regularise`` the solve also integrates RNODE's
+kinetic energy int ||F||^2 dt and Jacobian norm int ||v^T dF/dx||^2 dt (Finlay et al. 2020) from the
+same model evaluations and Jacobian products.
 """
 from __future__ import annotations
 
@@ -21,7 +27,7 @@ import torch
 
 from .._model import model_output_of
 from .._validate import check_choice, check_finite
-from ..ode import ADAPTIVE_SOLVERS, LinearODE, fixed, resolve_solver, rk
+from ..ode import ADAPTIVE_SOLVERS, LinearODE, adjoint, fixed, resolve_solver, rk
 from ..sde import VPSDE
 from .traces import basis_probes, check_x, jacobian_products, probes
 
@@ -38,6 +44,8 @@ class LogLikelihood(NamedTuple):
     delta_log_p: torch.Tensor    # the integral of tr(dF/dx) dt
     x_end: torch.Tensor          # the ODE's end point (the latent)
     num_evals: int = 0           # model evaluations (batched calls, each with its Jacobian products)
+    kinetic_energy: Optional[torch.Tensor] = None  # with regularise: int ||F||^2 dt per sample
+    jacobian_norm: Optional[torch.Tensor] = None   # with regularise: int ||v^T dF/dx||^2 dt per sample
 
 
 @dataclass(frozen=True)
@@ -51,6 +59,7 @@ class _Trace:
     seed: int = 0
     mode: str = "vjp"
     sample_offset: int = 0
+    step: int = 0
 
     def probes(self, x):
         """(probes [K, B, ...], the trace's scale)."""
@@ -58,19 +67,18 @@ class _Trace:
         if self.kind == "exact":
             return basis_probes(x), 1.0
         # one set of probes for the whole solve, as FFJORD and score_sde do
-        return probes(x, self.num_probes, self.distribution, self.seed, 0, self.sample_offset), 1.0 / self.num_probes
+        return (probes(x, self.num_probes, self.distribution, self.seed, self.step, self.sample_offset),
+                1.0 / self.num_probes)
 
 
-_NO_GRADIENTS = ("diffkern's log-likelihoods are not differentiable yet (their Jacobian products are not "
-                 "recorded), so a gradient would be wrong; evaluate under torch.no_grad()")
+GRADIENTS = ("auto", "none", "backprop", "adjoint")
+_JVP_NOT_DIFFERENTIATED = ("mode='jvp' Jacobian products are not differentiated (torch.func's forward mode is not "
+                           "recorded here): use mode='vjp', gradient='adjoint', or evaluate under torch.no_grad()")
 
 
-def _refuse_gradients(x: torch.Tensor) -> bool:
-    """Whether gradients are being recorded (then the model is checked at its first call)."""
-    recording = torch.is_grad_enabled()
-    if recording and x.requires_grad:
-        raise ValueError(f"x requires grad: {_NO_GRADIENTS} or pass x.detach()")
-    return recording
+class _NeedsGraph(Exception):
+    """Raised at the first model evaluation of gradient="auto" when the model's output records its
+    parameters: the solve restarts with gradient="backprop"."""
 
 
 def _records_parameters(output: torch.Tensor, x_in: Optional[torch.Tensor]) -> bool:
@@ -90,46 +98,143 @@ def _records_parameters(output: torch.Tensor, x_in: Optional[torch.Tensor]) -> b
     return False
 
 
-def _solve(system_parts: tuple, x: torch.Tensor, span: tuple, choice, trace: _Trace, *, max_num_evals: int,
-           progress: bool, desc: str):
-    """(x(t1), the integral of tr(dF/dx) dt, model evaluations) on the fixed grid span[2] or adaptive
-    steps from span[0] to span[1]. system_parts = (velocity_terms, model_at): model_at(t) is the
-    network m(., t) as a function of x."""
+def _rnode_integrands(probes: torch.Tensor, trace_scale: float) -> Callable:
+    """RNODE's regularisers at one evaluation, float64 [B, 2]: ||F||^2 and the Hutchinson estimate
+    trace_scale sum_k ||v_k^T dF/dx||^2 of ||dF/dx||_F^2, with F = a x + b m and
+    v^T dF/dx = a v + b v^T dm/dx (the products the trace already needs)."""
+    def integrands(x, m, products, a, b):
+        if isinstance(a, torch.Tensor):
+            shape = (-1,) + (1,) * (x.dim() - 1)
+            a, b = a.reshape(shape).to(x.dtype), b.reshape(shape).to(x.dtype)
+        kinetic = (a * x + b * m).flatten(1).pow(2).sum(1)
+        jacobian = trace_scale * (a * probes + b * products).flatten(2).pow(2).sum(2).sum(0)
+        return torch.stack([kinetic, jacobian], 1).double()
+    return integrands
+
+
+@dataclass(frozen=True)
+class _Gradient:
+    """How the result is differentiated: ``mode`` (GRADIENTS), the adjoint's solver choice and the
+    tensors it differentiates (``params``)."""
+
+    mode: str = "auto"
+    params: tuple = ()
+    adjoint_choice: Optional[object] = None
+    regularise: bool = False
+
+
+def _gradient(gradient: str, model, x, choice, *, adjoint_params, adjoint_rtol, adjoint_atol, trace: _Trace,
+              regularise) -> _Gradient:
+    """Checks the gradient arguments; for "adjoint", the parameters and the backward solver."""
+    check_choice("gradient", gradient, GRADIENTS)
+    if not isinstance(regularise, bool):
+        raise ValueError(f"regularise must be True or False, got {regularise!r}")
+    if gradient in ("auto", "backprop") and trace.mode == "jvp" and torch.is_grad_enabled() and (
+            gradient == "backprop" or x.requires_grad):
+        raise ValueError(_JVP_NOT_DIFFERENTIATED)
+    if gradient != "adjoint":
+        for name, value in (("adjoint_rtol", adjoint_rtol), ("adjoint_atol", adjoint_atol),
+                            ("adjoint_params", adjoint_params)):
+            if value is not None:
+                raise ValueError(f"{name} goes with gradient='adjoint', not gradient={gradient!r}")
+        return _Gradient(gradient, regularise=regularise)
+    if adjoint_params is None:
+        if not isinstance(model, torch.nn.Module):
+            raise ValueError("gradient='adjoint' needs the tensors to differentiate: pass adjoint_params=(the "
+                             "model's parameters) when the model is not an nn.Module")
+        adjoint_params = model.parameters()
+    try:
+        params = tuple(adjoint_params)
+    except TypeError:
+        raise ValueError("adjoint_params must be an iterable of tensors (the model's parameters)") from None
+    if not all(isinstance(p, torch.Tensor) for p in params):
+        raise ValueError("adjoint_params must be an iterable of tensors (the model's parameters)")
+    params = tuple(p for p in params if p.requires_grad)
+    if not params and not x.requires_grad:
+        raise ValueError("gradient='adjoint' with nothing to differentiate: neither x nor any of the model's "
+                         "parameters (adjoint_params) requires grad")
+    if choice.num_steps is not None:  # the fixed grid reversed, the same solver
+        backward = choice
+    else:
+        backward = choice._replace(rtol=adjoint.check_tolerance("adjoint_rtol", adjoint_rtol, choice.rtol),
+                                   atol=adjoint.check_tolerance("adjoint_atol", adjoint_atol, choice.atol),
+                                   error_norm="batch")
+    return _Gradient("adjoint", params, backward, regularise)
+
+
+def _solve(system_parts: tuple, x: torch.Tensor, span: tuple, choice, trace: _Trace, gradient: _Gradient, *,
+           max_num_evals: int, progress: bool, desc: str):
+    """The Solution (x(t1), the integral of tr(dF/dx) dt, model evaluations, the regularisers) on the
+    fixed grid span[2] or adaptive steps from span[0] to span[1], differentiated as ``gradient`` says.
+    system_parts = (velocity_terms, model_at): model_at(t) is the network m(., t) as a function of x."""
     velocity_terms, model_at = system_parts
     t0, t1, grid = span
     v, scale = trace.probes(x)
     time_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    unchecked = [_refuse_gradients(x)]  # a model whose parameters require grad is refused at its first call
+    regulariser = _rnode_integrands(v, scale) if gradient.regularise else None
 
-    def inspect(output, x_in):
-        unchecked[0] = False
-        if _records_parameters(output, x_in):
-            raise ValueError(f"the model's output requires grad (its parameters do): {_NO_GRADIENTS}")
+    def time_batch(t):
+        return (t.to(time_dtype) if isinstance(t, torch.Tensor)
+                else torch.full((x.shape[0],), t, dtype=time_dtype, device=x.device))
 
-    def evaluate(y, t, need_products):
-        t_batch = (t.to(time_dtype) if isinstance(t, torch.Tensor)
-                   else torch.full((x.shape[0],), t, dtype=time_dtype, device=x.device))
-        fn = model_at(t_batch)
-        if need_products:
-            return jacobian_products(fn, y, v, trace.mode, inspect=inspect if unchecked[0] else None)
-        output = fn(y)
-        if not isinstance(output, torch.Tensor) or output.shape != y.shape:
-            raise ValueError(f"the model must return a tensor of x's shape {tuple(y.shape)}, got "
-                             f"{tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__}")
-        if unchecked[0]:
-            inspect(output, None)
-        return output.detach().to(y.dtype), None
+    def evaluator(differentiable: bool, watch: bool):
+        """evaluate(y, t, need_products) of the solve; ``watch``: raise _NeedsGraph at the first
+        evaluation if the model's output records parameters."""
+        unchecked = [watch]
 
-    system = LinearODE(velocity_terms, evaluate, v, scale)
-    if choice.solver in ADAPTIVE_SOLVERS:
-        return rk.solve(system, x, float(t0), float(t1), choice, max_num_evals=max_num_evals, progress=progress,
+        def inspect(output, x_in):
+            unchecked[0] = False
+            if _records_parameters(output, x_in):
+                raise _NeedsGraph
+
+        def evaluate(y, t, need_products):
+            fn = model_at(time_batch(t))
+            if need_products:
+                if differentiable:
+                    if trace.mode == "jvp":
+                        raise ValueError(_JVP_NOT_DIFFERENTIATED)
+                    return jacobian_products(fn, y, v, trace.mode, create_graph=True)
+                return jacobian_products(fn, y, v, trace.mode, inspect=inspect if unchecked[0] else None)
+            output = fn(y)
+            if not isinstance(output, torch.Tensor) or output.shape != y.shape:
+                got = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
+                raise ValueError(f"the model must return a tensor of x's shape {tuple(y.shape)}, got {got}")
+            if unchecked[0]:
+                inspect(output, None)
+            output = output.to(y.dtype)
+            return (output if differentiable else output.detach()), None
+        return evaluate
+
+    def forward(x_start, differentiable=False, watch=False):
+        system = LinearODE(velocity_terms, evaluator(differentiable, watch), v, scale, regulariser)
+        if choice.solver in ("euler", "heun"):
+            return fixed.integrate(system, x_start, grid, choice.solver, progress=progress, desc=desc)
+        return rk.solve(system, x_start, float(t0), float(t1), choice, max_num_evals=max_num_evals, progress=progress,
                         desc=desc, grid=None if grid is None else grid.tolist())
-    return fixed.integrate(system, x, grid, choice.solver, progress=progress, desc=desc)
+
+    mode = gradient.mode
+    if mode == "adjoint":
+        flow = adjoint.Flow(velocity_terms, model_at, time_dtype, v, scale, regulariser, gradient.params)
+        return adjoint.solve(flow, forward, x, (t0, t1, grid), gradient.adjoint_choice, max_num_evals=max_num_evals,
+                             progress=progress, desc=desc)
+    if mode == "none" or not torch.is_grad_enabled():
+        with torch.no_grad():
+            return forward(x)
+    if mode == "backprop" or x.requires_grad:
+        return forward(x, differentiable=True)
+    try:  # "auto": the first evaluation tells whether the model's parameters record gradients
+        return forward(x, watch=True)
+    except _NeedsGraph:
+        return forward(x, differentiable=True)
 
 
-def _result(x_end, delta, prior_log_p, features, bits_offset, num_evals):
-    log_p = prior_log_p + delta
-    return LogLikelihood(log_p, -log_p / (features * math.log(2)) + bits_offset, prior_log_p, delta, x_end, num_evals)
+def _result(solution, prior_log_p, features, bits_offset):
+    log_p = prior_log_p + solution.log_density
+    kinetic = jacobian = None
+    if solution.regularisers is not None:
+        kinetic, jacobian = solution.regularisers[:, 0], solution.regularisers[:, 1]
+    return LogLikelihood(log_p, -log_p / (features * math.log(2)) + bits_offset, prior_log_p, solution.log_density,
+                         solution.x, solution.num_evals, kinetic, jacobian)
 
 
 def likelihood_time_grid(sde, num_steps: int, eps: float, time_grid: str = "auto") -> torch.Tensor:
@@ -154,7 +259,10 @@ def log_likelihood(score_fn: Callable, x: torch.Tensor, sde, num_steps: Optional
                    error_norm: Optional[str] = None, num_probes: int = 1, seed: int = 0, eps: float = 1e-5,
                    trace: str = "hutchinson", distribution: str = "rademacher", mode: str = "vjp",
                    parameterization: str = "score", bits_offset: float = 0.0, time_grid: str = "auto",
-                   sample_offset: int = 0, max_num_evals: int = 10000, progress: bool = False) -> LogLikelihood:
+                   sample_offset: int = 0, max_num_evals: int = 10000, progress: bool = False,
+                   gradient: str = "auto", adjoint_rtol: Optional[float] = None,
+                   adjoint_atol: Optional[float] = None, adjoint_params=None,
+                   regularise: bool = False) -> LogLikelihood:
     """log p_eps(x) of a score model through the probability-flow ODE dx/dt = f(t) x - g(t)^2 s(x, t) / 2,
     integrated from t = eps to T, with the trace of dF/dx = f(t) I - g(t)^2 ds/dx / 2 estimated by
     Hutchinson (num_probes probes, fixed for the whole solve) or computed exactly (``trace="exact"``).
@@ -168,12 +276,16 @@ def log_likelihood(score_fn: Callable, x: torch.Tensor, sde, num_steps: Optional
       batch together with the worst sample's error: fewest model evaluations, but the steps (so the
       results, at the level of the tolerance) depend on which samples share the batch.
       ``error_norm="sample"`` gives every sample its own steps (the model sees per-sample times):
-      results independent of the batch split, at a few more evaluations. ``max_num_evals`` bounds
+      results independent of the batch split, at a few more evaluations. ``error_norm="rms"``
+      steps the batch with the root mean square of the samples' errors, as torchdiffeq's RMS over the
+      whole state does (fewer evaluations than "batch"; the worst sample is held to the tolerance
+      only on average). ``max_num_evals`` bounds
       the model evaluations. With ``num_steps`` they take that many fixed steps on ``time_grid``
       instead (fifth / third order, no error control, batch-independent).
-    * ``"heun"`` (second order, two evaluations per step) and ``"euler"``: ``num_steps`` fixed steps
-      (default 100) on ``time_grid`` (see likelihood_time_grid), no host decision per step, the same
-      number of model calls on every rank of a distributed run. Fixed steps refuse ``rtol``, ``atol``
+    * ``"heun"`` (second order, two evaluations per step), ``"euler"`` and ``"rk4"`` (the classic
+      fourth-order method, four evaluations per step: RNODE's training solver): ``num_steps`` fixed
+      steps (default 100) on ``time_grid`` (see likelihood_time_grid), no host decision per step, the
+      same number of model calls on every rank of a distributed run. Fixed steps refuse ``rtol``, ``atol``
       and ``error_norm``; adaptive steps refuse ``time_grid``.
     * ``"auto"`` (default): ``"dopri5"``, or ``"heun"`` when ``num_steps`` is given. dopri5 is the
       default because it reaches a given accuracy with the fewest model evaluations of these solvers
@@ -184,7 +296,14 @@ def log_likelihood(score_fn: Callable, x: torch.Tensor, sde, num_steps: Optional
     dequantisation noise the discrete likelihood adds log2 of the number of bins per unit of the
     data's scale: bits_offset = 7 for data scaled to [-1, 1], 8 for [0, 1] (the default 0 reports the
     density itself). ``parameterization="epsilon"`` for noise-prediction models. The result's
-    ``num_evals`` counts model evaluations.
+    ``num_evals`` counts model evaluations (of the forward solve).
+
+    Gradients of the result with respect to x and the model's parameters (module docstring):
+    ``gradient`` "auto" (default), "backprop", "adjoint" or "none". The adjoint integrates backwards
+    with the forward solver, to ``adjoint_rtol`` / ``adjoint_atol`` (default: the forward's
+    tolerances; torchdiffeq's names) on adaptive steps, on the reversed grid for fixed ones, and
+    differentiates ``adjoint_params`` (default: score_fn's parameters when it is an nn.Module).
+    ``regularise=True`` fills the result's ``kinetic_energy`` and ``jacobian_norm``.
     """
     check_x(x)
     choice = resolve_solver(solver, num_steps, rtol, atol, error_norm, max_num_evals=max_num_evals,
@@ -197,10 +316,12 @@ def log_likelihood(score_fn: Callable, x: torch.Tensor, sde, num_steps: Optional
 
     t_grid = None if choice.num_steps is None else likelihood_time_grid(sde, choice.num_steps, eps, time_grid)
     desc = f"log-likelihood ({choice.solver})" if choice.solver in ADAPTIVE_SOLVERS else "log-likelihood"
-    x_end, delta, num_evals = _solve((sde.velocity_terms(parameterization), model_at), x, (eps, sde.T, t_grid),
-                                     choice, _Trace(trace, num_probes, distribution, seed, mode, sample_offset),
-                                     max_num_evals=max_num_evals, progress=progress, desc=desc)
-    return _result(x_end, delta, sde.prior_logp(x_end), math.prod(x.shape[1:]), bits_offset, num_evals)
+    how = _Trace(trace, num_probes, distribution, seed, mode, sample_offset)
+    grad = _gradient(gradient, score_fn, x, choice, adjoint_params=adjoint_params, adjoint_rtol=adjoint_rtol,
+                     adjoint_atol=adjoint_atol, trace=how, regularise=regularise)
+    solution = _solve((sde.velocity_terms(parameterization), model_at), x, (eps, sde.T, t_grid), choice, how, grad,
+                      max_num_evals=max_num_evals, progress=progress, desc=desc)
+    return _result(solution, sde.prior_logp(solution.x), math.prod(x.shape[1:]), bits_offset)
 
 
 def standard_normal_logp(z: torch.Tensor) -> torch.Tensor:
@@ -209,23 +330,24 @@ def standard_normal_logp(z: torch.Tensor) -> torch.Tensor:
     return -0.5 * z.shape[1] * math.log(2 * math.pi) - 0.5 * (z ** 2).sum(1)
 
 
-def _cnf_velocity_terms(t):
-    if isinstance(t, torch.Tensor):
-        return torch.zeros_like(t, dtype=torch.float64), torch.ones_like(t, dtype=torch.float64)
-    return 0.0, 1.0
-
-
 def cnf_log_likelihood(f: Callable, x: torch.Tensor, t0: float = 0.0, t1: float = 1.0,
                        num_steps: Optional[int] = None, *, solver: str = "auto", rtol: Optional[float] = None,
                        atol: Optional[float] = None, error_norm: Optional[str] = None, num_probes: int = 1,
                        seed: int = 0, trace: str = "hutchinson", distribution: str = "rademacher", mode: str = "vjp",
                        base_logp: Optional[Callable] = None, bits_offset: float = 0.0, sample_offset: int = 0,
-                       max_num_evals: int = 10000, progress: bool = False) -> LogLikelihood:
+                       max_num_evals: int = 10000, progress: bool = False, gradient: str = "auto",
+                       adjoint_rtol: Optional[float] = None, adjoint_atol: Optional[float] = None,
+                       adjoint_params=None, regularise: bool = False, step: int = 0) -> LogLikelihood:
     """log p(x) of a continuous normalizing flow dz/dt = f(z, t) (FFJORD): the flow carries x at t0 to
     z at t1, where the base density (default N(0, I)) is evaluated, and
     log p(x) = base_logp(z(t1)) + integral_{t0}^{t1} tr(df/dz) dt. f(z, t) gets t as a float tensor [B]
-    (per-sample times with ``error_norm="sample"``). Solvers, tolerances and ``num_evals`` as in
-    log_likelihood: adaptive dopri5 by default, ``num_steps`` uniform Heun steps when given."""
+    (per-sample times with ``error_norm="sample"``). Solvers, tolerances, ``num_evals``, gradients
+    (``gradient``, ``adjoint_rtol``, ``adjoint_atol``, ``adjoint_params``) and RNODE's regularisers
+    (``regularise``) as in log_likelihood: adaptive dopri5 by default, ``num_steps`` uniform Heun
+    steps when given. The probes are the stream's (seed, step, sample_offset + n): a training loop
+    passes its step for fresh probes every step. To train a CNF by maximum likelihood, minimise
+    -log_p (plus the regularisers, each with its weight) with gradient="backprop" or "adjoint"; see
+    the README section "Training a CNF"."""
     check_x(x)
     choice = resolve_solver(solver, num_steps, rtol, atol, error_norm, max_num_evals=max_num_evals)
     t0, t1 = check_finite("t0", t0), check_finite("t1", t1)
@@ -237,8 +359,11 @@ def cnf_log_likelihood(f: Callable, x: torch.Tensor, t0: float = 0.0, t1: float 
 
     t_grid = None if choice.num_steps is None else torch.linspace(t0, t1, choice.num_steps + 1, dtype=torch.float64)
     desc = f"CNF log-likelihood ({choice.solver})" if choice.solver in ADAPTIVE_SOLVERS else "CNF log-likelihood"
-    z, delta, num_evals = _solve((_cnf_velocity_terms, model_at), x, (t0, t1, t_grid), choice,
-                                 _Trace(trace, num_probes, distribution, seed, mode, sample_offset),
-                                 max_num_evals=max_num_evals, progress=progress, desc=desc)
+    how = _Trace(trace, num_probes, distribution, seed, mode, sample_offset, step)
+    grad = _gradient(gradient, f, x, choice, adjoint_params=adjoint_params, adjoint_rtol=adjoint_rtol,
+                     adjoint_atol=adjoint_atol, trace=how, regularise=regularise)
+    solution = _solve((adjoint.unit_velocity_terms, model_at), x, (t0, t1, t_grid), choice, how, grad,
+                      max_num_evals=max_num_evals, progress=progress, desc=desc)
+    z = solution.x
     base = (base_logp or standard_normal_logp)(z)
-    return _result(z, delta, base.double(), math.prod(x.shape[1:]), bits_offset, num_evals)
+    return _result(solution, base.double(), math.prod(x.shape[1:]), bits_offset)

@@ -26,7 +26,7 @@ from .. import ops
 from .._model import interval_bar
 from .._model import progress as progress_bar
 from . import control
-from .system import LinearODE, SolverChoice
+from .system import LinearODE, Solution, SolverChoice
 from .tableaus import TABLEAUS, Tableau
 
 _ONE, _A, _B, _H, _HA, _HB = range(6)  # the basis of a coefficient row
@@ -135,14 +135,21 @@ class _Stepper:
         self.num_evals += 1
         return self.system.evaluate(x_at, t, need_products and self.with_trace)
 
-    def step(self, x_n, q, k0, tr0, t, step):
+    def regularise(self, x_at, m, products, terms):
+        """The regularisers' integrands at one stage (float64 [B, R]), or None."""
+        if self.system.regulariser is None:
+            return None
+        return self.system.regulariser(x_at, m, products, *terms)
+
+    def step(self, x_n, q, k0, tr0, t, step, r0=None):
         """One step of the pair from (x_n, q) at t by step (floats, or tensors [B] per sample): returns
-        (x_{n+1}, q_{n+1}, k and trace of its last stage (the next step's first: FSAL), error norm)."""
+        (x_{n+1}, q_{n+1}, k and trace of its last stage (the next step's first: FSAL), error norm, the
+        last stage's regularisers, the step's regulariser increment h sum_j b_j r_j)."""
         tableau = self.tableau
         s = len(tableau.c)
         per_sample = isinstance(step, torch.Tensor)
         (x_stage,), _, _, _ = self.stage("first", [x_n, k0], (0.0, 0.0), step)
-        ks, traces = [k0], [tr0]
+        ks, traces, regs = [k0], [tr0], [r0]
         if not per_sample:  # the step's a(t_i), b(t_i) in one call
             stage_times = [t + c * step for c in tableau.c]
             a_all, b_all = (v.tolist() for v in self.system.velocity_terms(torch.tensor(stage_times,
@@ -154,6 +161,7 @@ class _Stepper:
             else:
                 t_i, terms = stage_times[i], (a_all[i], b_all[i])
             m_i, products = self.call(x_stage, t_i)
+            regs.append(self.regularise(x_stage, m_i, products, terms))
             inputs = [x_stage, m_i, x_n] + ks
             if i < s - 1:
                 (k_i, x_stage), tr_i, _, _ = self.stage(i, inputs, terms, step, products=products, outputs=2)
@@ -163,7 +171,11 @@ class _Stepper:
                 (k_last,), tr_last, q_next, norm = self.stage(
                     "last", inputs, terms, step, products=products, outputs=1, error=True,
                     traces=traces if self.with_trace else (), log_density=q)
-        return x_stage, (q_next if self.with_trace else None), k_last, tr_last, norm
+        increment = None
+        if r0 is not None:
+            increment = sum(w * r for w, r in zip(tableau.b, regs) if w != 0.0)
+            increment = increment * (step.reshape(-1, 1) if per_sample else step)
+        return x_stage, (q_next if self.with_trace else None), k_last, tr_last, norm.detach(), regs[-1], increment
 
 
 def _check_start(x: torch.Tensor, m: torch.Tensor, t) -> None:
@@ -181,7 +193,9 @@ def solve(system: LinearODE, x: torch.Tensor, t0: float, t1: float, choice: Solv
           on_step: Optional[Callable] = None):
     """Integrate from t0 to t1 with the pair ``choice.solver`` to choice.rtol / atol / error_norm, or,
     with ``grid``, a fixed step on each of its intervals (no error control, no host decision,
-    batch-independent results). Returns (x(t1), q [B] float64 or None without probes, num_evals).
+    batch-independent results). Returns the Solution (x(t1), q [B] float64 or None without probes,
+    num_evals, the regularisers' integrals). Differentiable through the fused stages (ops.rk_stage has
+    a backward); the step sizes are constants to autograd.
 
     ``on_step(i, x_before, k_before, x_after)`` (fixed grids only) sees every step, k_before being the
     velocity at x_before."""
@@ -189,7 +203,9 @@ def solve(system: LinearODE, x: torch.Tensor, t0: float, t1: float, choice: Solv
     tableau = TABLEAUS[choice.solver]
     with_trace = system.probes is not None
     if batch == 0:
-        return x, (torch.zeros(0, dtype=torch.float64, device=x.device) if with_trace else None), 0
+        return Solution(x, torch.zeros(0, dtype=torch.float64, device=x.device) if with_trace else None, 0,
+                        None if system.regulariser is None else torch.zeros(0, 0, dtype=torch.float64,
+                                                                            device=x.device))
     per_sample = choice.error_norm == "sample"
     atol, rtol = choice.atol, choice.rtol
     if grid is not None:  # every step accepted: the norm is not read (atol only keeps it finite)
@@ -209,24 +225,33 @@ def solve(system: LinearODE, x: torch.Tensor, t0: float, t1: float, choice: Solv
         _check_start(x, m, t)
     (k0,), tr0, _, _ = stepper.stage("start", [x, m], terms0, 0.0 if not per_sample else torch.zeros_like(t),
                                      products=products)
+    r0 = stepper.regularise(x, m, products, terms0)
+    regularisers = None if r0 is None else torch.zeros_like(r0)
 
     x_n, q = x, (torch.zeros(batch, dtype=torch.float64, device=x.device) if with_trace else None)
     if grid is not None:
         for i in progress_bar(range(len(grid) - 1), progress, desc):
             x_before, k_before = x_n, k0
-            x_n, q, k0, tr0, _ = stepper.step(x_n, q, k0, tr0, float(grid[i]), float(grid[i + 1]) - float(grid[i]))
+            x_n, q, k0, tr0, _, r0, increment = stepper.step(x_n, q, k0, tr0, float(grid[i]),
+                                                             float(grid[i + 1]) - float(grid[i]), r0)
+            if increment is not None:
+                regularisers = regularisers + increment
             if on_step is not None:
                 on_step(i, x_before, k_before, x_n)
-        return x_n, q, stepper.num_evals
+        return Solution(x_n, q, stepper.num_evals, regularisers)
 
-    h0, d1, scale = control.initial_step_sizes(x, k0, atol, rtol)
+    # step-size control is host arithmetic outside autograd
+    x_control, k_control = x.detach(), k0.detach()
+    h0, d1, scale = control.initial_step_sizes(x_control, k_control, atol, rtol)
     h0 = (h0 if per_sample else h0.min()).clamp(max=span)
     h0_value = h0 if per_sample else float(h0)
     probe_t = t + direction * h0_value
-    (x_probe,), _, _, _ = stepper.stage("first", [x, k0], (0.0, 0.0), direction * h0_value / tableau.a[1][0])
-    a_p, b_p = system.velocity_terms(probe_t)
-    m_p, _ = stepper.call(x_probe, probe_t, need_products=False)
-    d2 = control.rms(_velocity(a_p, b_p, x_probe, m_p) - k0, scale) / h0
+    with torch.no_grad():
+        (x_probe,), _, _, _ = stepper.stage("first", [x_control, k_control], (0.0, 0.0),
+                                            direction * h0_value / tableau.a[1][0])
+        a_p, b_p = system.velocity_terms(probe_t)
+        m_p, _ = stepper.call(x_probe, probe_t, need_products=False)
+        d2 = control.rms(_velocity(a_p, b_p, x_probe, m_p.detach()) - k_control, scale) / h0
     h = control.refined_step_size(h0, d1, d2, tableau.order)
     h = h if per_sample else float(h.min())
 
@@ -251,7 +276,7 @@ def solve(system: LinearODE, x: torch.Tensor, t0: float, t1: float, choice: Solv
         if not smallest >= 1e-12 * span:  # also a nan step size
             raise RuntimeError(f"the adaptive step size fell below {1e-12 * span:.3g} at t = {_where(t)}: the model "
                                "output is probably non-finite or the ODE very stiff there")
-        x_stage, q_next, k_last, tr_last, norm = stepper.step(x_n, q, k0, tr0, t, step)
+        x_stage, q_next, k_last, tr_last, norm, r_last, increment = stepper.step(x_n, q, k0, tr0, t, step, r0)
         if per_sample:
             accept = norm <= 1.0
             x_n = torch.where(accept.reshape(-1, *[1] * (x.dim() - 1)), x_stage, x_n)
@@ -259,6 +284,9 @@ def solve(system: LinearODE, x: torch.Tensor, t0: float, t1: float, choice: Solv
             tr0 = torch.where(accept, tr_last, tr0)
             if with_trace:
                 q = torch.where(accept, q_next, q)
+            if increment is not None:
+                regularisers = torch.where(accept[:, None], regularisers + increment, regularisers)
+                r0 = torch.where(accept[:, None], r_last, r0)
             new_t = torch.where(last_step, end, t + step)
             t = torch.where(accept, new_t, t)
             grow = control.factor(norm, tableau.order)
@@ -266,13 +294,20 @@ def solve(system: LinearODE, x: torch.Tensor, t0: float, t1: float, choice: Solv
             if progress:  # a host sync, only for the bar
                 bar(float((t - t0).abs().min()))
         else:
-            r = float(norm.max()) if batch else 0.0
+            if not batch:
+                r = 0.0
+            elif choice.error_norm == "rms":
+                r = float(norm.pow(2).mean().sqrt())
+            else:
+                r = float(norm.max())
             accepted = r <= 1.0
             if accepted:
                 x_n, k0, tr0, q = x_stage, k_last, tr_last, q_next
+                if increment is not None:
+                    regularisers, r0 = regularisers + increment, r_last
                 t = t1 if last_step else t + step
                 bar(abs(t - t0))
             grow = float(control.factor(torch.tensor(r, dtype=torch.float64), tableau.order))
             h = h * (grow if accepted else min(grow, 1.0))
     bar(None)
-    return x_n, q, stepper.num_evals
+    return Solution(x_n, q, stepper.num_evals, regularisers)

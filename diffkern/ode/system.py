@@ -13,12 +13,15 @@ from typing import Callable, NamedTuple, Optional
 import torch
 
 from .._validate import check_choice, check_positive_int, check_real
-from .tableaus import TABLEAUS
+from .tableaus import EMBEDDED_PAIRS, TABLEAUS
 
-FIXED_GRID_SOLVERS = ("euler", "heun")
-ADAPTIVE_SOLVERS = tuple(TABLEAUS)  # dopri5, bosh3
+FIXED_GRID_SOLVERS = ("euler", "heun", "rk4")
+ADAPTIVE_SOLVERS = EMBEDDED_PAIRS  # dopri5, bosh3
 SOLVERS = ("auto",) + FIXED_GRID_SOLVERS + ADAPTIVE_SOLVERS
-ERROR_NORMS = ("batch", "sample")
+# "batch": the worst sample's error decides the batch's step; "rms": the root mean square of the samples'
+# errors does (torchdiffeq's RMS over the whole state, to within the max over x and log p each
+# sample takes); "sample": every sample steps alone
+ERROR_NORMS = ("batch", "rms", "sample")
 DEFAULT_RTOL = DEFAULT_ATOL = 1e-5  # score_sde's likelihood tolerances
 DEFAULT_NUM_STEPS = 100
 
@@ -36,6 +39,19 @@ class LinearODE:
     evaluate: Callable
     probes: Optional[torch.Tensor] = None
     trace_scale: float = 1.0
+    # regulariser(x, m, products, a, b) -> float64 [B, R]: integrands integrated alongside (RNODE's
+    # kinetic energy and Jacobian norm) with the solution's weights on the accepted steps
+    regulariser: Optional[Callable] = None
+
+
+class Solution(NamedTuple):
+    """A solve's end: x(t1), the log-density integral [B] (None without probes), the model evaluations
+    and the regularisers' integrals [B, R] (None without a regulariser)."""
+
+    x: torch.Tensor
+    log_density: Optional[torch.Tensor]
+    num_evals: int
+    regularisers: Optional[torch.Tensor] = None
 
 
 class SolverChoice(NamedTuple):
@@ -87,6 +103,6 @@ def resolve_solver(solver, num_steps, rtol, atol, error_norm, *, max_num_evals: 
 def fixed_grid_evaluations(choice: SolverChoice) -> int:
     """Model evaluations of a fixed-grid solve: Euler one per step, Heun two; a Runge-Kutta pair one
     at the start and then one per stage after the first (first-same-as-last)."""
-    if choice.solver in TABLEAUS:
-        return 1 + choice.num_steps * (len(TABLEAUS[choice.solver].c) - 1)
-    return choice.num_steps * (1 if choice.solver == "euler" else 2)
+    if choice.solver in ("euler", "heun"):  # diffkern.ode.fixed: no evaluation carried between steps
+        return choice.num_steps * (1 if choice.solver == "euler" else 2)
+    return 1 + choice.num_steps * (len(TABLEAUS[choice.solver].c) - 1)

@@ -1,4 +1,8 @@
-"""Butcher tableaus of the embedded Runge-Kutta pairs (both first-same-as-last)."""
+"""Butcher tableaus of the Runge-Kutta methods, all written first-same-as-last (FSAL): the embedded
+pairs dopri5 and bosh3 (adaptive steps), and Euler, Heun and the classic fourth-order method on fixed
+grids, each given one more stage at x_{n+1} (its a row is b, its weight 0) whose evaluation is the next
+step's first, so Euler costs one model evaluation per step, Heun two and RK4 four. The fixed-grid
+methods have no embedded error (all zero)."""
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -29,4 +33,12 @@ TABLEAUS = {
         ((), (1 / 2,), (0.0, 3 / 4), (2 / 9, 1 / 3, 4 / 9)),
         (2 / 9, 1 / 3, 4 / 9, 0.0),
         (2 / 9 - 7 / 24, 1 / 3 - 1 / 4, 4 / 9 - 1 / 3, -1 / 8)),
+    "euler": Tableau(1, (0.0, 1.0), ((), (1.0,)), (1.0, 0.0), (0.0, 0.0)),
+    "heun": Tableau(2, (0.0, 1.0, 1.0), ((), (1.0,), (0.5, 0.5)), (0.5, 0.5, 0.0), (0.0, 0.0, 0.0)),
+    # Kutta (1901), the RK4 of RNODE's training recipe
+    "rk4": Tableau(
+        4, (0.0, 0.5, 0.5, 1.0, 1.0),
+        ((), (0.5,), (0.0, 0.5), (0.0, 0.0, 1.0), (1 / 6, 1 / 3, 1 / 3, 1 / 6)),
+        (1 / 6, 1 / 3, 1 / 3, 1 / 6, 0.0), (0.0, 0.0, 0.0, 0.0, 0.0)),
 }
+EMBEDDED_PAIRS = ("dopri5", "bosh3")  # the tableaus with an error estimate

@@ -196,3 +196,59 @@ def _training_loss_backward(ctx, grad_loss):
 
 torch.library.register_autograd("diffkern::training_loss", _training_loss_backward,
                                 setup_context=_training_loss_setup_context)
+
+
+def _rk_stage_setup_context(ctx, inputs, output):
+    (tensors, probes, products, coefficients, traces, log_density, outputs, error, trace_scale, _, _) = inputs
+    if coefficients.requires_grad:
+        raise ValueError(f"diffkern::rk_stage: {_NO_TABLE_GRAD}")
+    ctx.save_for_backward(coefficients, probes, products)
+    ctx.layout = (len(tensors), len(traces), outputs, error, log_density is not None, trace_scale)
+    ctx.like = tensors[0]
+
+
+def _per_sample(column: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A coefficient column [1 or B] shaped to broadcast over a [B, ...] tensor."""
+    return column.reshape(-1, *([1] * (like.dim() - 1)))
+
+
+def _rk_stage_backward(ctx, grad_outputs, grad_trace, grad_log_density, grad_norm):
+    """rk_stage is linear in its inputs, products, traces and log-density (the coefficient rows are
+    constants: step-size control stays outside autograd); the error norm has no gradient. The
+    gradient is a few tensor operations, themselves differentiable (double backward works)."""
+    coefficients, probes, products = ctx.saved_tensors
+    n, traces, outputs, error, has_log_density, trace_scale = ctx.layout
+    like = ctx.like
+    need = ctx.needs_input_grad
+    batch = like.shape[0]
+    zero = torch.zeros(batch, dtype=torch.float64, device=like.device)
+    grad_q = grad_log_density if (error and has_log_density and grad_log_density is not None
+                                  and grad_log_density.numel() == batch) else None
+    beta = 2 + (outputs + 1) * n  # the log-density weights of the earlier traces and this stage's
+    grad_tr = grad_trace if grad_trace is not None else zero
+    if grad_q is not None:
+        grad_tr = grad_tr + coefficients[:, beta + traces] * grad_q
+    input_grads = []
+    for i in range(n):
+        if not need[0]:
+            input_grads.append(None)
+            continue
+        g = None
+        for j in range(outputs):
+            if grad_outputs[j] is None:
+                continue
+            term = _per_sample(coefficients[:, 2 + j * n + i], like).to(like.dtype) * grad_outputs[j]
+            g = term if g is None else g + term
+        input_grads.append(torch.zeros_like(like) if g is None else g)
+    grad_probes = grad_products = None
+    if probes is not None:
+        weight = _per_sample(trace_scale * coefficients[:, 1] * grad_tr, like)[None].to(like.dtype)
+        grad_products = probes * weight if need[2] else None
+        grad_probes = products * weight if need[1] else None
+    trace_grads = [(coefficients[:, beta + j] * grad_q if grad_q is not None else torch.zeros_like(zero))
+                   if need[4] else None for j in range(traces)]
+    grad_ld = (grad_q if grad_q is not None else zero) if need[5] and has_log_density else None
+    return (input_grads, grad_probes, grad_products, None, trace_grads, grad_ld, None, None, None, None, None)
+
+
+torch.library.register_autograd("diffkern::rk_stage", _rk_stage_backward, setup_context=_rk_stage_setup_context)

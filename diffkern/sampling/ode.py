@@ -10,30 +10,49 @@ import torch
 from .. import coefficients
 from .._model import model_output_of
 from .._validate import check_choice
-from ..ode import ADAPTIVE_SOLVERS, FIXED_GRID_SOLVERS, LinearODE, resolve_solver, rk
+from ..ode import ADAPTIVE_SOLVERS, FIXED_GRID_SOLVERS, LinearODE, adjoint, resolve_solver, rk
 from ._engine import Run, RunSpec
 from .score_sde import denoised_from_score
 
 ODE_SOLVERS = FIXED_GRID_SOLVERS + ADAPTIVE_SOLVERS
-_NOT_DIFFERENTIABLE = ("sample_ode's Runge-Kutta solvers (dopri5, bosh3) are not differentiable yet, so a gradient "
-                       "would be wrong; use solver='euler' or 'heun' (differentiable), or run under torch.no_grad()")
+GRADIENTS = ("backprop", "adjoint")
 
 
 def sample_ode(score_fn, shape, sde, num_steps: Optional[int] = None, *, solver: str = "heun", eps: float = 1e-3,
                rtol: Optional[float] = None, atol: Optional[float] = None, error_norm: Optional[str] = None,
                max_num_evals: int = 10000, parameterization: str = "score", seed: int = 0, device=None,
                dtype: torch.dtype = torch.float32, sample_offset: int = 0, x_T=None, progress: bool = False,
-               callback: Optional[Callable] = None):
+               callback: Optional[Callable] = None, gradient: str = "backprop",
+               adjoint_rtol: Optional[float] = None, adjoint_atol: Optional[float] = None, adjoint_params=None):
     """The probability-flow ODE dx = [f(x, t) - g(t)^2 s(x, t) / 2] dt from T to eps. ``solver``:
     "euler" (one model call per step) or "heun" (two; second order) on num_steps (default 100) equal
     steps; or the embedded Runge-Kutta pairs "dopri5" / "bosh3" of log_likelihood, adaptive to
     ``rtol`` / ``atol`` (default 1e-5; ``error_norm`` "batch" or "sample", ``max_num_evals``) or, with
     num_steps, on the same fixed grid. ``callback(info)`` sees each fixed step (adaptive steps
-    refuse it). Deterministic given x_T (drawn from the prior with ``seed``)."""
+    refuse it). Deterministic given x_T (drawn from the prior with ``seed``). "rk4" takes num_steps
+    classic fourth-order steps (four model calls each).
+
+    Gradients: with ``gradient="backprop"`` (default) autograd records the loop when x_T or the
+    model's parameters require grad (every step and Runge-Kutta stage has a backward);
+    ``gradient="adjoint"`` keeps nothing of the trajectory and integrates the adjoint ODE backwards
+    (diffkern.ode.adjoint) to ``adjoint_rtol`` / ``adjoint_atol`` (default: the forward's; the
+    reversed grid for fixed steps), differentiating ``adjoint_params`` (default: score_fn's
+    parameters when it is an nn.Module) and x_T. Adjoint solves run through the Runge-Kutta stages
+    for every solver (Euler and Heun as their first-same-as-last tableaus) and refuse a callback."""
     check_choice("solver", solver, ODE_SOLVERS)
+    check_choice("gradient", gradient, GRADIENTS)
     choice = resolve_solver(solver, num_steps, rtol, atol, error_norm, max_num_evals=max_num_evals)
     run = Run(RunSpec(shape, seed, device, dtype, sample_offset, x_T, progress, callback), "t")
-    if choice.solver in ADAPTIVE_SOLVERS:
+    if gradient == "adjoint":
+        if callback is not None:
+            raise ValueError("callback does not go with gradient='adjoint' (the forward solve is not recorded)")
+        return _sample_ode_adjoint(score_fn, sde, choice, eps, parameterization, run, max_num_evals,
+                                   (adjoint_params, adjoint_rtol, adjoint_atol))
+    for name, value in (("adjoint_rtol", adjoint_rtol), ("adjoint_atol", adjoint_atol),
+                        ("adjoint_params", adjoint_params)):
+        if value is not None:
+            raise ValueError(f"{name} goes with gradient='adjoint'")
+    if choice.solver not in ("euler", "heun"):
         if callback is not None and choice.num_steps is None:
             raise ValueError("callback goes with fixed steps (give num_steps); adaptive steps are not known ahead")
         return _sample_ode_rk(score_fn, sde, choice, eps, parameterization, run, max_num_evals)
@@ -68,19 +87,11 @@ def _sample_ode_rk(score_fn, sde, choice, eps, parameterization, run: Run, max_n
         sde.time_grid(1, eps)  # checks eps
     x = run.initial(sde.prior_std)
     time_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    unchecked = [torch.is_grad_enabled()]
-    if unchecked[0] and x.requires_grad:
-        raise ValueError(f"x_T requires grad: {_NOT_DIFFERENTIABLE}")
 
     def evaluate(y, t, need_products):
         t_batch = (t.to(time_dtype) if isinstance(t, torch.Tensor)
                    else torch.full((y.shape[0],), t, dtype=time_dtype, device=y.device))
-        output = run.model_output(model_output_of(score_fn(y, t_batch)), y)
-        if unchecked[0]:  # once: a model whose parameters require grad
-            unchecked[0] = False
-            if output.requires_grad:
-                raise ValueError(f"the model's output requires grad (its parameters do): {_NOT_DIFFERENTIABLE}")
-        return output, None
+        return run.model_output(model_output_of(score_fn(y, t_batch)), y), None
 
     terms = sde.velocity_terms(parameterization)
     system = LinearODE(terms, evaluate)
@@ -91,6 +102,53 @@ def _sample_ode_rk(score_fn, sde, choice, eps, parameterization, run: Run, max_n
             a, b = terms(grid[i])
             score = (k_before - a * x_before) / b * float(sde.score_scale(grid[i], parameterization))
             run.report(i, (grid[i], grid[i + 1]), x_after, denoised_from_score(sde, grid[i], x_before, score))
-    x, _, _ = rk.solve(system, x, float(sde.T), float(eps), choice, max_num_evals=max_num_evals,
-                       progress=run.progress_enabled, desc=f"ODE ({choice.solver})", grid=grid, on_step=on_step)
+    x = rk.solve(system, x, float(sde.T), float(eps), choice, max_num_evals=max_num_evals,
+                       progress=run.progress_enabled, desc=f"ODE ({choice.solver})", grid=grid, on_step=on_step).x
     return x
+
+
+def _sample_ode_adjoint(score_fn, sde, choice, eps, parameterization, run: Run, max_num_evals, options):
+    adjoint_params, adjoint_rtol, adjoint_atol = options
+    grid = None if choice.num_steps is None else sde.time_grid(choice.num_steps, eps)
+    if grid is None:
+        sde.time_grid(1, eps)  # checks eps
+    x = run.initial(sde.prior_std)
+    if adjoint_params is None:
+        if not isinstance(score_fn, torch.nn.Module):
+            raise ValueError("gradient='adjoint' needs the tensors to differentiate: pass adjoint_params=(the "
+                             "model's parameters) when score_fn is not an nn.Module")
+        adjoint_params = score_fn.parameters()
+    params = tuple(p for p in adjoint_params if isinstance(p, torch.Tensor) and p.requires_grad)
+    if not params and not x.requires_grad:
+        raise ValueError("gradient='adjoint' with nothing to differentiate: neither x_T nor any of adjoint_params "
+                         "requires grad")
+    if choice.num_steps is None:
+        backward = choice._replace(rtol=adjoint.check_tolerance("adjoint_rtol", adjoint_rtol, choice.rtol),
+                                   atol=adjoint.check_tolerance("adjoint_atol", adjoint_atol, choice.atol),
+                                   error_norm="batch")
+    else:
+        for name, value in (("adjoint_rtol", adjoint_rtol), ("adjoint_atol", adjoint_atol)):
+            if value is not None:
+                raise ValueError(f"{name} goes with adaptive steps (no num_steps); fixed steps run the adjoint on "
+                                 "the reversed grid")
+        backward = choice
+    time_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+
+    def model_at(t_batch):
+        return lambda y: run.model_output(model_output_of(score_fn(y, t_batch)), y)
+
+    def evaluate(y, t, need_products):
+        t_batch = (t.to(time_dtype) if isinstance(t, torch.Tensor)
+                   else torch.full((y.shape[0],), t, dtype=time_dtype, device=y.device))
+        return model_at(t_batch)(y).detach(), None
+
+    terms = sde.velocity_terms(parameterization)
+    span = (float(sde.T), float(eps), None if grid is None else grid.tolist())
+
+    def forward(x_start):
+        return rk.solve(LinearODE(terms, evaluate), x_start, span[0], span[1], choice, max_num_evals=max_num_evals,
+                        progress=run.progress_enabled, desc=f"ODE ({choice.solver})", grid=span[2])
+
+    flow = adjoint.Flow(terms, model_at, time_dtype, params=params)
+    return adjoint.solve(flow, forward, x, span, backward, max_num_evals=max_num_evals,
+                         progress=run.progress_enabled, desc=f"ODE ({choice.solver})").x

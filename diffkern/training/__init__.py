@@ -3,9 +3,10 @@
 from .data import BUILTIN, load_dataset
 from .draws import BatchKey
 from .loss import TrainingBatch, training_loss
-from .models import EDMPrecond, FieldHead, TimeMLP, TimeScaled
+from .models import ConcatSquashMLP, EDMPrecond, FieldHead, TimeMLP, TimeScaled
 from .objectives import (
     OBJECTIVES,
+    CNFObjective,
     DDPMObjective,
     EDMObjective,
     FlowMatchingObjective,
@@ -14,9 +15,11 @@ from .objectives import (
     ScoreMatchingObjective,
     make_objective,
 )
+from .toy_data import TOY_DATASETS, sample_toy, toy_log_density
 from .trainer import TrainConfig, load_checkpoint, train
 
-__all__ = ["BUILTIN", "OBJECTIVES", "BatchKey", "DDPMObjective", "EDMObjective", "EDMPrecond", "FieldHead",
+__all__ = ["BUILTIN", "OBJECTIVES", "TOY_DATASETS", "BatchKey", "CNFObjective", "ConcatSquashMLP",
+           "DDPMObjective", "EDMObjective", "EDMPrecond", "FieldHead",
            "FlowMatchingObjective", "Objective", "PFGMObjective", "ScoreMatchingObjective", "TimeMLP", "TimeScaled",
-           "TrainConfig", "TrainingBatch", "load_checkpoint", "load_dataset", "make_objective", "train",
-           "training_loss"]
+           "TrainConfig", "TrainingBatch", "load_checkpoint", "load_dataset", "make_objective", "sample_toy",
+           "toy_log_density", "train", "training_loss"]

@@ -8,11 +8,14 @@ import numpy as np
 import torch
 
 from ..models import GaussianMixture
+from .toy_data import TOY_DATASETS, sample_toy
 
 BUILTIN_SIZE, BUILTIN_SEED = 8192, 2026
 BUILTIN = {
     "ring": lambda: GaussianMixture.ring().sample(BUILTIN_SIZE, seed=BUILTIN_SEED),
     "mixture64d": lambda: GaussianMixture.high_dimensional().sample(BUILTIN_SIZE, seed=BUILTIN_SEED),
+    # FFJORD's 2-d toy densities (diffkern.training.toy_data)
+    **{name: (lambda name=name: sample_toy(name, BUILTIN_SIZE, BUILTIN_SEED)) for name in TOY_DATASETS},
 }
 
 

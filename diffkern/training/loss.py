@@ -11,11 +11,12 @@ import torch
 from .. import coefficients, ops
 from .._model import call_model
 from .._validate import check_real, check_tensor
+from ..likelihood import cnf_log_likelihood
 from ..models import poisson_field_mean
 from ..noise import TRAINING_NOISE_STREAM
 from ..sampling.pfgm import field_parts
 from .draws import BatchKey, dropped
-from .objectives import Levels, PFGMObjective, make_objective
+from .objectives import CNFObjective, Levels, PFGMObjective, make_objective
 
 
 class TrainingBatch(NamedTuple):
@@ -81,6 +82,12 @@ def training_loss(model: Callable, x0: torch.Tensor, objective="ddpm", *, seed: 
         return _finish(per_sample, weights, time_dtype, batch_record if return_batch else None)
     if charges is not None:
         raise ValueError("charges go with objective='pfgm' (the Poisson field's data points)")
+    if isinstance(objective, CNFObjective):
+        if cond is not None or p_uncond > 0:
+            raise ValueError("objective='cnf' trains an unconditional flow: cond and p_uncond go with the "
+                             "diffusion objectives")
+        per_sample, batch_record = _cnf_loss(model, x0, objective, key)
+        return _finish(per_sample, weights, time_dtype, batch_record if return_batch else None)
     levels = objective.levels(batch, key, device, time_dtype)
     noising, loss_rows = objective.rows(levels, x0.dtype, math.prod(x0.shape[1:]))
     x_t, _ = ops.fused_step(x0, coefficients=noising, row=-1, stream_noise=True, seed=seed,
@@ -147,3 +154,31 @@ def _pfgm_loss(model, x0: torch.Tensor, objective: PFGMObjective, key: BatchKey,
     levels = Levels(ones, draws["radius"], z, (ones, ones * 0, -ones), ones * objective.reduction(features + 1),
                     dict(draws, target=target))
     return per_sample, (x_in, prediction, levels, None)
+
+
+def _cnf_loss(model, x0: torch.Tensor, objective: CNFObjective, key: BatchKey):
+    """A CNF's negative log-likelihood (nats) plus its weighted regularisers, per sample, and the record."""
+    def f(z, t):
+        return call_model(model, z, t, None, None)
+
+    params = None
+    if objective.gradient == "adjoint":
+        params = [p for p in (model.parameters() if isinstance(model, torch.nn.Module) else ()) if p.requires_grad]
+        if not params:
+            raise ValueError("objective='cnf' with gradient='adjoint' needs an nn.Module whose parameters require grad")
+    result = cnf_log_likelihood(
+        f, x0, 0.0, objective.t1, objective.num_steps, solver=objective.solver, rtol=objective.rtol,
+        atol=objective.atol, num_probes=objective.num_probes, distribution=objective.distribution, seed=key.seed,
+        step=key.step, sample_offset=key.sample_offset, max_num_evals=objective.max_num_evals,
+        gradient=objective.gradient, adjoint_rtol=objective.adjoint_rtol, adjoint_atol=objective.adjoint_atol,
+        adjoint_params=params, regularise=objective.regularise)
+    per_sample = -result.log_p
+    if objective.regularise:
+        per_sample = (per_sample + objective.kinetic_weight * result.kinetic_energy
+                      + objective.jacobian_weight * result.jacobian_norm)
+    ones = torch.ones(x0.shape[0], dtype=torch.float64, device=x0.device)
+    draws = {"log_p": result.log_p.detach(), "num_evals": ones * result.num_evals}
+    if objective.regularise:
+        draws.update(kinetic_energy=result.kinetic_energy.detach(), jacobian_norm=result.jacobian_norm.detach())
+    levels = Levels(ones, ones * 0, ones * objective.t1, (ones, ones * 0, ones * 0), ones, draws)
+    return per_sample, (result.x_end, result.x_end, levels, None)

@@ -8,6 +8,7 @@ the samplers (the registry's model kinds).
   [0, 1]; EDM's c_noise around [-1.5, 1]: each network sees times of the size its embedding expects);
 - ``DividedByStd``: a score model as net / std(t), so the network predicts something of unit size;
 - ``NoiseLevelLabels``: a network trained on discrete noise-level labels as a score of sigma;
+- ``ConcatSquashMLP``: FFJORD's concat-squash MLP, a CNF's dynamics f(z, t);
 - ``FieldHead``: a network with one output more as a Poisson-field model (x, z) -> (v_x, v_z);
 - ``EDMPrecond``: EDM's preconditioning, D(x, sigma) = c_skip x + c_out F(c_in x, c_noise), the
   denoiser dk.sample_heun and friends take.
@@ -53,6 +54,39 @@ class TimeMLP(torch.nn.Module):
         embedding = self.time_embedding(t).to(flat.dtype)
         out = self.net(torch.cat([flat, embedding], 1))
         return out.reshape(x.shape) if self.out_features == self.features else out
+
+
+class ConcatSquash(torch.nn.Module):
+    """FFJORD's concat-squash layer: (W x + c) * sigmoid(a t + d) + b t, with a per-sample time."""
+
+    def __init__(self, inputs: int, outputs: int):
+        super().__init__()
+        self.layer = torch.nn.Linear(inputs, outputs)
+        self.hyper_gate = torch.nn.Linear(1, outputs)
+        self.hyper_bias = torch.nn.Linear(1, outputs, bias=False)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.layer(x) * torch.sigmoid(self.hyper_gate(t)) + self.hyper_bias(t)
+
+
+class ConcatSquashMLP(torch.nn.Module):
+    """A CNF's dynamics f(z, t) [B, ...] -> [B, ...] as FFJORD's toy models build it: concat-squash
+    layers of widths ``hidden`` (FFJORD's 64-64-64) with tanh between them (smooth, so the ODE stays
+    non-stiff and its Jacobian products well defined)."""
+
+    def __init__(self, features: int, hidden=(64, 64, 64)):
+        super().__init__()
+        widths = [int(features)] + [int(h) for h in hidden] + [int(features)]
+        self.layers = torch.nn.ModuleList(ConcatSquash(a, b) for a, b in zip(widths[:-1], widths[1:]))
+
+    def forward(self, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        h = z.reshape(z.shape[0], -1)
+        t = (t.reshape(-1).expand(z.shape[0]) if t.numel() == 1 else t).reshape(-1, 1).to(h.dtype)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, t)
+            if i < len(self.layers) - 1:
+                h = torch.tanh(h)
+        return h.reshape(z.shape)
 
 
 def unet(sample_shape, block_out_channels=(32, 64), layers_per_block: int = 1, norm_num_groups: int = 8,

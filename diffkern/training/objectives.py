@@ -10,7 +10,9 @@ into a denoiser):
   U(eps, T)), or with ``continuous=False`` score_sde's discrete DDPM (VP) and SMLD / NCSN (VE) losses;
 - ``EDMObjective``: EDM's preconditioned denoiser loss, sigma log-normal;
 - ``FlowMatchingObjective``: rectified flow, t uniform, logit-normal or "mode" (SD3's densities);
-- ``PFGMObjective``: Poisson flow, a field model regressed on the batch's normalised field.
+- ``PFGMObjective``: Poisson flow, a field model regressed on the batch's normalised field;
+- ``CNFObjective``: a continuous normalizing flow by maximum likelihood (FFJORD), with RNODE's
+  regularisers.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ import torch
 from .. import coefficients
 from .._validate import check_choice, check_finite, check_positive, check_positive_int
 from ..noise import PFGM_PERTURBATION_STREAM, TRAINING_NOISE_STREAM, randn
+from ..ode import resolve_solver
 from ..schedules import DDPMSchedule
 from ..sde import SDE, VESDE, VPSDE, SubVPSDE
 from .draws import BatchKey, discrete, normal, uniform, uniform_pair
@@ -343,8 +346,54 @@ class PFGMObjective(Objective):
         return y, height * multiplier, {"m": m, "z": height * multiplier, "radius": radius}
 
 
+@dataclass(frozen=True)
+class CNFObjective(Objective):
+    """Maximum likelihood of a continuous normalizing flow dz/dt = f(z, t) (FFJORD; seed "continuous
+    normalizing flows"): the per-sample loss is -log p(x) in nats from dk.cnf_log_likelihood over
+    [0, t1] (FFJORD's toy default t1 = 0.5) with ``num_probes`` Hutchinson probes of ``distribution``
+    drawn from the stream (seed, step, sample), plus RNODE's kinetic_weight int ||f||^2 dt and
+    jacobian_weight int ||v^T df/dz||^2 dt (Finlay et al. 2020). ``solver`` with ``rtol`` / ``atol``
+    (adaptive) or ``num_steps`` (fixed grid; RNODE trains with rk4), gradients by ``gradient``
+    ("backprop" or "adjoint", the adjoint to ``adjoint_rtol`` / ``adjoint_atol``)."""
+
+    t1: float = 0.5
+    solver: str = "dopri5"
+    rtol: Optional[float] = None  # adaptive steps: None is 1e-5
+    atol: Optional[float] = None
+    num_steps: Optional[int] = None
+    gradient: str = "backprop"
+    adjoint_rtol: Optional[float] = None
+    adjoint_atol: Optional[float] = None
+    num_probes: int = 1
+    distribution: str = "gaussian"
+    kinetic_weight: float = 0.0
+    jacobian_weight: float = 0.0
+    max_num_evals: int = 10000
+    name = "cnf"
+    model = "cnf"
+
+    def __post_init__(self):
+        check_positive("t1", self.t1)
+        check_choice("gradient", self.gradient, ("backprop", "adjoint"))
+        check_positive_int("num_probes", self.num_probes)
+        check_positive_int("max_num_evals", self.max_num_evals)
+        check_choice("distribution", self.distribution, ("rademacher", "gaussian"))
+        for name in ("kinetic_weight", "jacobian_weight"):
+            check_finite(name, getattr(self, name))
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        resolve_solver(self.solver, self.num_steps, self.rtol, self.atol, None, max_num_evals=self.max_num_evals)
+
+    @property
+    def regularise(self) -> bool:
+        return self.kinetic_weight > 0 or self.jacobian_weight > 0
+
+    def levels(self, batch, key, device, time_dtype):
+        raise ValueError("a CNF has no noise levels: training_loss integrates its log-likelihood")
+
+
 OBJECTIVES = {cls.name: cls for cls in (DDPMObjective, ScoreMatchingObjective, EDMObjective, FlowMatchingObjective,
-                                        PFGMObjective)}
+                                        PFGMObjective, CNFObjective)}
 
 
 def make_objective(objective, **options) -> Objective:

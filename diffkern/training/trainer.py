@@ -29,9 +29,11 @@ from .._validate import check_positive, check_positive_int, check_real
 from .._version import __version__
 from ..schedules import DDPMSchedule
 from ..sde import VESDE, VPSDE, SubVPSDE
+from . import cnf_report
 from .data import BUILTIN, load_dataset
 from .loss import training_loss
 from .models import (
+    ConcatSquashMLP,
     DividedByStd,
     EDMPrecond,
     FieldHead,
@@ -125,6 +127,8 @@ def trained_for(objective_) -> dict:
         return {"kind": "velocity", "objective": name, "options": {}}
     if name == "pfgm":
         return {"kind": "field", "objective": name, "options": {}}
+    if name == "cnf":
+        return {"kind": "cnf", "objective": name, "options": {"t1": objective_.t1}}
     sde = next(key for key, cls in SDES.items() if type(objective_.sde) is cls)
     if objective_.continuous:
         return {"kind": "score", "objective": name, "options": {"sde": sde, "parameterization": "score"}}
@@ -140,6 +144,8 @@ def build_network(config: TrainConfig, sample_shape) -> torch.nn.Module:
     kwargs = dict(config.model_kwargs)
     field = config.objective == "pfgm"  # a Poisson field: one output more, and the z part
     try:
+        if config.model == "mlp" and config.objective == "cnf":  # FFJORD's dynamics, native time in [0, t1]
+            return ConcatSquashMLP(math.prod(sample_shape), **kwargs)
         if config.model == "mlp":  # a field MLP takes radial coordinates (FieldHead): one input more
             features = math.prod(sample_shape)
             net = TimeMLP(features + 1, out_features=features + 1, **kwargs) if field else TimeMLP(features, **kwargs)
@@ -156,6 +162,8 @@ def build_network(config: TrainConfig, sample_shape) -> torch.nn.Module:
     objective_ = objective(config)
     if field:
         return FieldHead(net, radial=config.model == "mlp") if config.model in ("mlp", "unet") else net
+    if config.objective == "cnf":
+        return net
     network = TimeScaled(net, time_scale(objective_))
     if trained_for(objective_)["kind"] in ("score", "noise_level_score"):
         network = DividedByStd(network, _std_of(objective_))
@@ -315,7 +323,8 @@ def _plot(history: list, path: str) -> bool:
         ax.plot(steps[window - 1:], smooth.tolist(), lw=1.5, label=f"mean of {window} steps")
     ax.set_xlabel("training step")
     ax.set_ylabel("loss")
-    ax.set_yscale("log")
+    if all(h["loss"] > 0 for h in history):  # a CNF's negative log-likelihood can be negative
+        ax.set_yscale("log")
     ax.legend(fontsize=8)
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -357,7 +366,10 @@ def train(config: TrainConfig, out: str, *, device=None, progress: bool = True, 
             raise ValueError(f"{out} holds a checkpoint at step {start}, past steps={config.steps}; nothing was "
                              "changed")
     trained = network
-    if group.world > 1:
+    # a CNF calls its network many times per loss (and, with the adjoint, inside backward): DDP's reducer
+    # expects one forward per backward, so its gradients are averaged over the ranks by hand instead
+    by_hand = objective_.name == "cnf" and group.world > 1
+    if group.world > 1 and not by_hand:
         trained = torch.nn.parallel.DistributedDataParallel(network, device_ids=[device.index] if device.type == "cuda"
                                                             else None)
     epochs = _Epochs(data.shape[0], config.seed)
@@ -385,6 +397,10 @@ def train(config: TrainConfig, out: str, *, device=None, progress: bool = True, 
                 records.append({"step": step, "first": first, "x_t": batch.x_t.detach().cpu(),
                                 "per_sample": batch.per_sample.detach().cpu(),
                                 "draws": {k: v.cpu() for k, v in batch.levels.draws.items()}})
+        if by_hand:
+            for p in network.parameters():
+                if p.grad is not None:
+                    p.grad.copy_(group.mean(p.grad))
         optimizer.step()
         with torch.no_grad():
             for e, p in zip(ema.parameters(), network.parameters()):
@@ -402,6 +418,9 @@ def train(config: TrainConfig, out: str, *, device=None, progress: bool = True, 
     summary = {"steps": config.steps, "resumed_from": start, "final_loss": history[-1]["loss"] if history else None,
                "wall_s": time.perf_counter() - started, "world_size": group.world}
     if group.rank == 0:
+        if objective_.name == "cnf":  # test NLL beside the data's entropy, and the density beside the data
+            summary.update(cnf_report.report(ema, config.data, data.to(device), objective_.t1,
+                                             os.path.join(out, "density.png")))
         with open(os.path.join(out, "loss.json"), "w") as f:
             json.dump({"config": asdict(config), "summary": summary, "history": history}, f)
         summary["plot"] = _plot(history, os.path.join(out, "loss.png"))
