@@ -20,6 +20,7 @@ import sys
 
 import pytest
 import torch
+from bench_common import DEVICES
 
 import diffkern as dk
 
@@ -58,12 +59,13 @@ def trained_state():
     return {k: v.clone() for k, v in net.state_dict().items()}
 
 
-def iteration(impl):
+def iteration(impl, device):
     torch.manual_seed(1)
     net = ODEnet((64, 64, 64), 2)
     net.load_state_dict(trained_state())
+    net = net.to(device)
     counted = Counted(net)
-    x = dk.training.sample_toy("8gaussians", BATCH, 2).float()
+    x = dk.training.sample_toy("8gaussians", BATCH, 2).float().to(device)
     probe = dk.likelihood.probes(x, 1, "gaussian", seed=3)
 
     def f(z, t):
@@ -113,8 +115,9 @@ def iteration(impl):
 
         def step():
             net.zero_grad()
-            y0 = torch.cat([x, torch.zeros(BATCH, 1)], 1)
-            problem = to.InitialValueProblem(y0=y0, t_start=torch.zeros(BATCH), t_end=torch.full((BATCH,), T1))
+            y0 = torch.cat([x, torch.zeros(BATCH, 1, device=device)], 1)
+            problem = to.InitialValueProblem(y0=y0, t_start=torch.zeros(BATCH, device=device),
+                                             t_end=torch.full((BATCH,), T1, device=device))
             end = solver.solve(problem).ys[:, -1]
             z, delta = end[:, :2], end[:, 2]
             loss = -(dk.likelihood.standard_normal_logp(z) - delta).mean()
@@ -123,14 +126,22 @@ def iteration(impl):
     return step, counted
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("impl", IMPLS)
-def test_cnf_training_iteration(benchmark, impl):
-    step, counted = iteration(impl)
-    step()  # warm-up
+def test_cnf_training_iteration(benchmark, impl, device):
+    step, counted = iteration(impl, device)
+
+    def timed():
+        loss = step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return loss
+
+    timed()  # warm-up
     counted.evals = 0
-    loss = step()
+    loss = timed()
     benchmark.extra_info.update(evals=counted.evals, loss=float(loss.detach()))
-    benchmark.group = f"CNF training iteration (FFJORD toy, batch {BATCH}, dopri5 {TOL}) on cpu"
+    benchmark.group = f"CNF training iteration (FFJORD toy, batch {BATCH}, dopri5 {TOL}) on {device}"
     benchmark.name = impl
-    benchmark.extra_info.update(nbytes=BATCH * 2 * 4, device="cpu", label=f"{impl} ({counted.evals} evals)")
-    benchmark.pedantic(step, rounds=5, iterations=1)
+    benchmark.extra_info.update(nbytes=BATCH * 2 * 4, device=device, label=f"{impl} ({counted.evals} evals)")
+    benchmark.pedantic(timed, rounds=5, iterations=1)

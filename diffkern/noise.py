@@ -20,6 +20,7 @@ TRAINING_NOISE_STREAM = 2  # the noise of a training batch (q_sample and the los
 TRAINING_TIME_STREAM = 3  # its per-sample times or noise levels
 CFG_DROPOUT_STREAM = 4  # its classifier-free guidance dropout decisions
 PFGM_PERTURBATION_STREAM = 5  # PFGM's perturbations of the data in the augmented space
+DEQUANTIZATION_STREAM = 6  # the uniform dequantization noise of a likelihood model's training batch
 
 
 def resolve_device(device) -> torch.device:

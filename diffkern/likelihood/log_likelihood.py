@@ -138,27 +138,8 @@ def _gradient(gradient: str, model, x, choice, *, adjoint_params, adjoint_rtol, 
             if value is not None:
                 raise ValueError(f"{name} goes with gradient='adjoint', not gradient={gradient!r}")
         return _Gradient(gradient, regularise=regularise)
-    if adjoint_params is None:
-        if not isinstance(model, torch.nn.Module):
-            raise ValueError("gradient='adjoint' needs the tensors to differentiate: pass adjoint_params=(the "
-                             "model's parameters) when the model is not an nn.Module")
-        adjoint_params = model.parameters()
-    try:
-        params = tuple(adjoint_params)
-    except TypeError:
-        raise ValueError("adjoint_params must be an iterable of tensors (the model's parameters)") from None
-    if not all(isinstance(p, torch.Tensor) for p in params):
-        raise ValueError("adjoint_params must be an iterable of tensors (the model's parameters)")
-    params = tuple(p for p in params if p.requires_grad)
-    if not params and not x.requires_grad:
-        raise ValueError("gradient='adjoint' with nothing to differentiate: neither x nor any of the model's "
-                         "parameters (adjoint_params) requires grad")
-    if choice.num_steps is not None:  # the fixed grid reversed, the same solver
-        backward = choice
-    else:
-        backward = choice._replace(rtol=adjoint.check_tolerance("adjoint_rtol", adjoint_rtol, choice.rtol),
-                                   atol=adjoint.check_tolerance("adjoint_atol", adjoint_atol, choice.atol),
-                                   error_norm="batch")
+    params = adjoint.resolve_params(model, adjoint_params, x)
+    backward = adjoint.backward_choice(choice, adjoint_rtol, adjoint_atol)
     return _Gradient("adjoint", params, backward, regularise)
 
 

@@ -153,6 +153,40 @@ def solve(flow: Flow, forward_solve: Callable, x: torch.Tensor, span: tuple, bac
                     r if flow.regulariser is not None else None)
 
 
+def resolve_params(model, adjoint_params, x: torch.Tensor, *, model_name: str = "the model", x_name: str = "x"):
+    """The tensors the adjoint differentiates: ``adjoint_params`` (default: the model's parameters when it
+    is an nn.Module), those that require grad; an error names what is missing."""
+    if adjoint_params is None:
+        if not isinstance(model, torch.nn.Module):
+            raise ValueError(f"gradient='adjoint' needs the tensors to differentiate: pass adjoint_params=(the "
+                             f"model's parameters) when {model_name} is not an nn.Module")
+        adjoint_params = model.parameters()
+    try:
+        params = tuple(adjoint_params)
+    except TypeError:
+        raise ValueError("adjoint_params must be an iterable of tensors (the model's parameters)") from None
+    if not all(isinstance(p, torch.Tensor) for p in params):
+        raise ValueError("adjoint_params must be an iterable of tensors (the model's parameters)")
+    params = tuple(p for p in params if p.requires_grad)
+    if not params and not x.requires_grad:
+        raise ValueError(f"gradient='adjoint' with nothing to differentiate: neither {x_name} nor any of the "
+                         "model's parameters (adjoint_params) requires grad")
+    return params
+
+
+def backward_choice(choice: SolverChoice, adjoint_rtol, adjoint_atol) -> SolverChoice:
+    """The backward solve's solver: adaptive steps to the adjoint tolerances (default: the forward's) on the
+    whole augmented state, or the forward's fixed grid reversed (which takes no tolerances)."""
+    if choice.num_steps is not None:
+        for name, value in (("adjoint_rtol", adjoint_rtol), ("adjoint_atol", adjoint_atol)):
+            if value is not None:
+                raise ValueError(f"{name} goes with adaptive steps (no num_steps); fixed steps run the adjoint on "
+                                 "the reversed grid")
+        return choice
+    return choice._replace(rtol=check_tolerance("adjoint_rtol", adjoint_rtol, choice.rtol),
+                           atol=check_tolerance("adjoint_atol", adjoint_atol, choice.atol), error_norm="batch")
+
+
 def check_tolerance(name: str, value, default: float) -> float:
     """An adjoint tolerance: default to the forward solve's, else a finite number > 0."""
     if value is None:

@@ -113,25 +113,8 @@ def _sample_ode_adjoint(score_fn, sde, choice, eps, parameterization, run: Run, 
     if grid is None:
         sde.time_grid(1, eps)  # checks eps
     x = run.initial(sde.prior_std)
-    if adjoint_params is None:
-        if not isinstance(score_fn, torch.nn.Module):
-            raise ValueError("gradient='adjoint' needs the tensors to differentiate: pass adjoint_params=(the "
-                             "model's parameters) when score_fn is not an nn.Module")
-        adjoint_params = score_fn.parameters()
-    params = tuple(p for p in adjoint_params if isinstance(p, torch.Tensor) and p.requires_grad)
-    if not params and not x.requires_grad:
-        raise ValueError("gradient='adjoint' with nothing to differentiate: neither x_T nor any of adjoint_params "
-                         "requires grad")
-    if choice.num_steps is None:
-        backward = choice._replace(rtol=adjoint.check_tolerance("adjoint_rtol", adjoint_rtol, choice.rtol),
-                                   atol=adjoint.check_tolerance("adjoint_atol", adjoint_atol, choice.atol),
-                                   error_norm="batch")
-    else:
-        for name, value in (("adjoint_rtol", adjoint_rtol), ("adjoint_atol", adjoint_atol)):
-            if value is not None:
-                raise ValueError(f"{name} goes with adaptive steps (no num_steps); fixed steps run the adjoint on "
-                                 "the reversed grid")
-        backward = choice
+    params = adjoint.resolve_params(score_fn, adjoint_params, x, model_name="score_fn", x_name="x_T")
+    backward = adjoint.backward_choice(choice, adjoint_rtol, adjoint_atol)
     time_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
 
     def model_at(t_batch):

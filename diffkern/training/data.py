@@ -11,11 +11,36 @@ from ..models import GaussianMixture
 from .toy_data import TOY_DATASETS, sample_toy
 
 BUILTIN_SIZE, BUILTIN_SEED = 8192, 2026
+DIGITS_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "datasets", "digits.npz")
+DIGITS_LEVELS, DIGITS_TEST_SIZE = 17, 300
+
+
+def digits(split: str = "train", *, labels: bool = False):
+    """The 8x8 handwritten digits (diffkern/datasets/README.md), float32 [N, 1, 8, 8]: grey level p of 0..16
+    as its bin's centre 2 (p + 1/2) / 17 - 1 in (-1, 1) (bins of width 2 / 17: uniform dequantization adds
+    U(-1/17, 1/17)). A fixed split: a permutation of the 1,797 rows drawn from seed 2026, its first 300
+    rows the test split ("test"), the other 1,497 the training split ("train"); "all" keeps the file's
+    order. With ``labels``, (images, labels int64 [N])."""
+    if split not in ("train", "test", "all"):
+        raise ValueError(f"split must be 'train', 'test' or 'all', got {split!r}")
+    with np.load(DIGITS_PATH) as f:
+        images, digit_labels = torch.from_numpy(f["images"].astype(np.int64)), torch.from_numpy(
+            f["labels"].astype(np.int64))
+    x = (2 * (images.to(torch.float32) + 0.5) / DIGITS_LEVELS - 1).reshape(-1, 1, 8, 8)
+    if split != "all":
+        order = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(BUILTIN_SEED))
+        rows = order[:DIGITS_TEST_SIZE] if split == "test" else order[DIGITS_TEST_SIZE:]
+        x, digit_labels = x[rows], digit_labels[rows]
+    return (x, digit_labels) if labels else x
+
+
 BUILTIN = {
     "ring": lambda: GaussianMixture.ring().sample(BUILTIN_SIZE, seed=BUILTIN_SEED),
     "mixture64d": lambda: GaussianMixture.high_dimensional().sample(BUILTIN_SIZE, seed=BUILTIN_SEED),
     # FFJORD's 2-d toy densities (diffkern.training.toy_data)
     **{name: (lambda name=name: sample_toy(name, BUILTIN_SIZE, BUILTIN_SEED)) for name in TOY_DATASETS},
+    # the 8x8 handwritten digits' training split (digits())
+    "digits": lambda: digits("train"),
 }
 
 

@@ -28,6 +28,15 @@ def uniform(batch: int, key: BatchKey, device, stream: int = TRAINING_TIME_STREA
     return ((high * (1 << 26) + low).to(torch.float64) + 0.5) / float(1 << 53)
 
 
+def uniform_features(batch: int, features: int, key: BatchKey, device, stream: int) -> torch.Tensor:
+    """float64 [batch, features] in (0, 1), 53 bits each (as ``uniform``), from two words per feature."""
+    words = random_bits((batch, 2 * features), seed=key.seed, step=key.step, sample_offset=key.sample_offset,
+                        stream=stream, device=device).to(torch.int64) & 0xFFFFFFFF
+    words = words.reshape(batch, features, 2)
+    high, low = words[..., 0] >> 5, words[..., 1] >> 6
+    return ((high * (1 << 26) + low).to(torch.float64) + 0.5) / float(1 << 53)
+
+
 def uniform_pair(batch: int, key: BatchKey, device, stream: int = TRAINING_TIME_STREAM):
     """Two float64 [batch] uniforms in (0, 1) from the four words of each sample's first block: the first
     equals uniform() (words 0, 1), the second comes from words 2, 3."""

@@ -13,9 +13,9 @@ from .._model import call_model
 from .._validate import check_real, check_tensor
 from ..likelihood import cnf_log_likelihood
 from ..models import poisson_field_mean
-from ..noise import TRAINING_NOISE_STREAM
+from ..noise import DEQUANTIZATION_STREAM, TRAINING_NOISE_STREAM
 from ..sampling.pfgm import field_parts
-from .draws import BatchKey, dropped
+from .draws import BatchKey, dropped, uniform_features
 from .objectives import CNFObjective, Levels, PFGMObjective, make_objective
 
 
@@ -166,12 +166,16 @@ def _cnf_loss(model, x0: torch.Tensor, objective: CNFObjective, key: BatchKey):
         params = [p for p in (model.parameters() if isinstance(model, torch.nn.Module) else ()) if p.requires_grad]
         if not params:
             raise ValueError("objective='cnf' with gradient='adjoint' needs an nn.Module whose parameters require grad")
+    if objective.dequantize > 0:
+        batch, features = x0.shape[0], x0[0].numel()
+        u = uniform_features(batch, features, key, x0.device, DEQUANTIZATION_STREAM).reshape(x0.shape)
+        x0 = x0 + ((u - 0.5) * objective.dequantize).to(x0.dtype)
     result = cnf_log_likelihood(
         f, x0, 0.0, objective.t1, objective.num_steps, solver=objective.solver, rtol=objective.rtol,
-        atol=objective.atol, num_probes=objective.num_probes, distribution=objective.distribution, seed=key.seed,
-        step=key.step, sample_offset=key.sample_offset, max_num_evals=objective.max_num_evals,
-        gradient=objective.gradient, adjoint_rtol=objective.adjoint_rtol, adjoint_atol=objective.adjoint_atol,
-        adjoint_params=params, regularise=objective.regularise)
+        atol=objective.atol, error_norm=objective.error_norm, num_probes=objective.num_probes,
+        distribution=objective.distribution, seed=key.seed, step=key.step, sample_offset=key.sample_offset,
+        max_num_evals=objective.max_num_evals, gradient=objective.gradient, adjoint_rtol=objective.adjoint_rtol,
+        adjoint_atol=objective.adjoint_atol, adjoint_params=params, regularise=objective.regularise)
     per_sample = -result.log_p
     if objective.regularise:
         per_sample = (per_sample + objective.kinetic_weight * result.kinetic_energy

@@ -353,14 +353,19 @@ class CNFObjective(Objective):
     [0, t1] (FFJORD's toy default t1 = 0.5) with ``num_probes`` Hutchinson probes of ``distribution``
     drawn from the stream (seed, step, sample), plus RNODE's kinetic_weight int ||f||^2 dt and
     jacobian_weight int ||v^T df/dz||^2 dt (Finlay et al. 2020). ``solver`` with ``rtol`` / ``atol``
-    (adaptive) or ``num_steps`` (fixed grid; RNODE trains with rk4), gradients by ``gradient``
-    ("backprop" or "adjoint", the adjoint to ``adjoint_rtol`` / ``adjoint_atol``)."""
+    (adaptive, stepping the batch on ``error_norm``) or ``num_steps`` (fixed grid; RNODE trains with
+    rk4), gradients by ``gradient``
+    ("backprop" or "adjoint", the adjoint to ``adjoint_rtol`` / ``adjoint_atol``). Quantized data
+    (``dequantize`` = the bins' width, e.g. 2 / 17 for the digits' 17 levels scaled to [-1, 1] as bin
+    centres) gets uniform dequantization noise, U(-w/2, w/2) per feature from the stream: the loss
+    then bounds the discrete data's NLL (add log2(1 / w) bits/dim)."""
 
     t1: float = 0.5
     solver: str = "dopri5"
     rtol: Optional[float] = None  # adaptive steps: None is 1e-5
     atol: Optional[float] = None
     num_steps: Optional[int] = None
+    error_norm: Optional[str] = None  # adaptive steps: "batch" (None), "rms" (torchdiffeq's kind) or "sample"
     gradient: str = "backprop"
     adjoint_rtol: Optional[float] = None
     adjoint_atol: Optional[float] = None
@@ -369,6 +374,7 @@ class CNFObjective(Objective):
     kinetic_weight: float = 0.0
     jacobian_weight: float = 0.0
     max_num_evals: int = 10000
+    dequantize: float = 0.0  # the width of the data's quantization bins (0: continuous data)
     name = "cnf"
     model = "cnf"
 
@@ -378,11 +384,12 @@ class CNFObjective(Objective):
         check_positive_int("num_probes", self.num_probes)
         check_positive_int("max_num_evals", self.max_num_evals)
         check_choice("distribution", self.distribution, ("rademacher", "gaussian"))
-        for name in ("kinetic_weight", "jacobian_weight"):
+        for name in ("kinetic_weight", "jacobian_weight", "dequantize"):
             check_finite(name, getattr(self, name))
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        resolve_solver(self.solver, self.num_steps, self.rtol, self.atol, None, max_num_evals=self.max_num_evals)
+        resolve_solver(self.solver, self.num_steps, self.rtol, self.atol, self.error_norm,
+                       max_num_evals=self.max_num_evals)
 
     @property
     def regularise(self) -> bool:

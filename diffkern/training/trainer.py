@@ -419,7 +419,7 @@ def train(config: TrainConfig, out: str, *, device=None, progress: bool = True, 
                "wall_s": time.perf_counter() - started, "world_size": group.world}
     if group.rank == 0:
         if objective_.name == "cnf":  # test NLL beside the data's entropy, and the density beside the data
-            summary.update(cnf_report.report(ema, config.data, data.to(device), objective_.t1,
+            summary.update(cnf_report.report(ema, config.data, data.to(device), objective_,
                                              os.path.join(out, "density.png")))
         with open(os.path.join(out, "loss.json"), "w") as f:
             json.dump({"config": asdict(config), "summary": summary, "history": history}, f)
