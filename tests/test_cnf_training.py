@@ -102,6 +102,18 @@ def test_backprop_and_adjoint_agree_to_the_solvers_error(solver, kwargs, regular
         assert float((b - a).abs().max()) < AGREEMENT[solver] * max(1.0, float(b.abs().max()))
 
 
+@pytest.mark.parametrize("error_norm", ["sample", "rms"])
+def test_per_sample_and_rms_step_control_keep_working_under_both_gradients(error_norm, recwarn):
+    net, x = _net(), _x()
+    kwargs = dict(solver="dopri5", rtol=1e-9, atol=1e-9, error_norm=error_norm, regularise=True)
+    backprop = _grads(net, x, gradient="backprop", **kwargs)
+    adjoint = _grads(net, x, gradient="adjoint", **kwargs)
+    assert backprop[0] == adjoint[0]
+    for b, a in zip(backprop[1:], adjoint[1:]):
+        assert float((b - a).abs().max()) < 2e-8 * max(1.0, float(b.abs().max()))  # as dopri5 in AGREEMENT
+    assert not [w for w in recwarn if "requires_grad" in str(w.message)]  # step control outside autograd
+
+
 @pytest.mark.parametrize("gradient", ["backprop", "adjoint"])
 def test_gradients_are_the_finite_differences(gradient):
     net, x = _net(), _x()
