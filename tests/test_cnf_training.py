@@ -413,6 +413,8 @@ def test_toy_log_densities_integrate_to_one_and_cover_their_samples():
     (dict(jacobian_weight=float("inf")), "jacobian_weight"), (dict(distribution="uniform"), "distribution"),
     (dict(num_probes=0), "num_probes"), (dict(max_num_evals=0), "max_num_evals"),
     (dict(num_steps=10, rtol=1e-3), "rtol"), (dict(solver="midpoint"), "solver"),
+    (dict(gradient="adjoint", adjoint_rtol=0.0), "adjoint_rtol"), (dict(adjoint_atol=1e-3), "adjoint_atol"),
+    (dict(dequantize=-0.1), "dequantize"), (dict(error_norm="max"), "error_norm"),
 ])
 def test_bad_cnf_objective_options_are_named(options, match):
     with pytest.raises(ValueError, match=match):

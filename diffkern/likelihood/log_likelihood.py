@@ -27,7 +27,7 @@ import torch
 
 from .._model import model_output_of
 from .._validate import check_choice, check_finite
-from ..ode import ADAPTIVE_SOLVERS, LinearODE, adjoint, fixed, resolve_solver, rk
+from ..ode import ADAPTIVE_SOLVERS, LinearODE, adjoint, fixed, model_times, resolve_solver, rk
 from ..sde import VPSDE
 from .traces import basis_probes, check_x, jacobian_products, probes
 
@@ -151,12 +151,7 @@ def _solve(system_parts: tuple, x: torch.Tensor, span: tuple, choice, trace: _Tr
     velocity_terms, model_at = system_parts
     t0, t1, grid = span
     v, scale = trace.probes(x)
-    time_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     regulariser = _rnode_integrands(v, scale) if gradient.regularise else None
-
-    def time_batch(t):
-        return (t.to(time_dtype) if isinstance(t, torch.Tensor)
-                else torch.full((x.shape[0],), t, dtype=time_dtype, device=x.device))
 
     def evaluator(differentiable: bool, watch: bool):
         """evaluate(y, t, need_products) of the solve; ``watch``: raise _NeedsGraph at the first
@@ -169,7 +164,7 @@ def _solve(system_parts: tuple, x: torch.Tensor, span: tuple, choice, trace: _Tr
                 raise _NeedsGraph
 
         def evaluate(y, t, need_products):
-            fn = model_at(time_batch(t))
+            fn = model_at(model_times(t, y))
             if need_products:
                 if differentiable:
                     if trace.mode == "jvp":
@@ -195,7 +190,7 @@ def _solve(system_parts: tuple, x: torch.Tensor, span: tuple, choice, trace: _Tr
 
     mode = gradient.mode
     if mode == "adjoint":
-        flow = adjoint.Flow(velocity_terms, model_at, time_dtype, v, scale, regulariser, gradient.params)
+        flow = adjoint.Flow(velocity_terms, model_at, v, scale, regulariser, gradient.params)
         return adjoint.solve(flow, forward, x, (t0, t1, grid), gradient.adjoint_choice, max_num_evals=max_num_evals,
                              progress=progress, desc=desc)
     if mode == "none" or not torch.is_grad_enabled():

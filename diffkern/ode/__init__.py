@@ -9,9 +9,10 @@ from .system import (
                      LinearODE,
                      SolverChoice,
                      fixed_grid_evaluations,
+                     model_times,
                      resolve_solver,
 )
 from .tableaus import TABLEAUS, Tableau
 
 __all__ = ["ADAPTIVE_SOLVERS", "ERROR_NORMS", "FIXED_GRID_SOLVERS", "SOLVERS", "TABLEAUS", "LinearODE",
-           "SolverChoice", "Tableau", "fixed_grid_evaluations", "resolve_solver"]
+           "SolverChoice", "Tableau", "fixed_grid_evaluations", "model_times", "resolve_solver"]

@@ -23,8 +23,9 @@ from typing import Callable, Optional
 
 import torch
 
+from .. import ops
 from . import rk
-from .system import LinearODE, Solution, SolverChoice
+from .system import LinearODE, Solution, SolverChoice, model_times
 
 
 def unit_velocity_terms(t):
@@ -45,7 +46,6 @@ class Flow:
 
     velocity_terms: Callable
     model_at: Callable
-    time_dtype: torch.dtype
     probes: Optional[torch.Tensor] = None
     trace_scale: float = 1.0
     regulariser: Optional[Callable] = None
@@ -90,10 +90,9 @@ def _augmented_system(flow: Flow, like: torch.Tensor, grad_q, grad_r):
         flow.backward_evals += 1
         z, a_z = y[0, :n].view(like.shape), y[0, n:2 * n].view(like.shape)
         a, b = flow.velocity_terms(t)
-        t_batch = torch.full((batch,), t, dtype=flow.time_dtype, device=like.device)
         with torch.enable_grad():
             z_in = z.detach().requires_grad_(True)
-            m = flow.model_at(t_batch)(z_in)
+            m = flow.model_at(model_times(t, like))(z_in)
             m = m if m.dtype == like.dtype else m.to(like.dtype)
             velocity = a * z_in + b * m
             total = (a_z * velocity).sum()
@@ -102,9 +101,9 @@ def _augmented_system(flow: Flow, like: torch.Tensor, grad_q, grad_r):
                 products = torch.autograd.grad(m, z_in, v if v.shape[0] > 1 else v[0], create_graph=True,
                                                allow_unused=True, is_grads_batched=v.shape[0] > 1)[0]
                 products = torch.zeros_like(v) if products is None else products.reshape(v.shape)
-                if need_trace:
-                    trace = a * features + b * flow.trace_scale * (v * products).flatten(2).sum(2).sum(0)
-                    total = total + (grad_q.to(like.dtype) * trace).sum()
+                if need_trace:  # the trace as the solve's stages form it: a d + b tr(dm/dx), in float64
+                    trace = a * features + b * ops.probe_trace(v, products, flow.trace_scale)
+                    total = total + (grad_q * trace).sum().to(like.dtype)
                 if flow.regulariser is not None and grad_r is not None:
                     total = total + (grad_r * flow.regulariser(z_in, m, products, a, b)).sum().to(like.dtype)
             wanted = [z_in] + [p for p in params]

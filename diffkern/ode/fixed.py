@@ -9,7 +9,7 @@ import torch
 
 from .. import ops
 from .._model import progress as progress_bar
-from .system import LinearODE, Solution
+from .system import LinearODE, Solution, model_times
 
 
 def integrate(system: LinearODE, x: torch.Tensor, grid, solver: str, *, progress: bool = False, desc: str = ""):
@@ -19,11 +19,6 @@ def integrate(system: LinearODE, x: torch.Tensor, grid, solver: str, *, progress
     features = math.prod(x.shape[1:])
     v, scale = system.probes, system.trace_scale
     delta = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
-    time_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-
-    def times(t):
-        return torch.full((x.shape[0],), t, dtype=time_dtype, device=x.device)
-
     regularisers = None
 
     def regularise(weight, x_at, m, products, a, b):
@@ -36,7 +31,7 @@ def integrate(system: LinearODE, x: torch.Tensor, grid, solver: str, *, progress
         t0, t1 = float(grid[i]), float(grid[i + 1])
         dt = t1 - t0
         a0, b0 = system.velocity_terms(t0)
-        m0, jv0 = system.evaluate(x, times(t0), True)
+        m0, jv0 = system.evaluate(x, model_times(t0, x), True)
         if solver == "euler":
             regularise(dt, x, m0, jv0, a0, b0)
             x, delta, _ = ops.likelihood_step(x, m0, None, v, jv0, delta, None, c_x=1 + dt * a0, c_model=dt * b0,
@@ -45,7 +40,7 @@ def integrate(system: LinearODE, x: torch.Tensor, grid, solver: str, *, progress
         a1, b1 = system.velocity_terms(t1)
         x_pred, _, trace0 = ops.likelihood_step(x, m0, None, v, jv0, delta, None, c_x=1 + dt * a0, c_model=dt * b0,
                                                 trace_scale=scale)
-        m1, jv1 = system.evaluate(x_pred, times(t1), True)
+        m1, jv1 = system.evaluate(x_pred, model_times(t1, x), True)
         regularise(0.5 * dt, x, m0, jv0, a0, b0)
         regularise(0.5 * dt, x_pred, m1, jv1, a1, b1)
         # Heun: x + dt (F0 + F1) / 2 with F1 at x_pred = x + dt F0, written in x, m0 and m1

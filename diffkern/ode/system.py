@@ -54,6 +54,15 @@ class Solution(NamedTuple):
     regularisers: Optional[torch.Tensor] = None
 
 
+def model_times(t, like: torch.Tensor) -> torch.Tensor:
+    """The times a model is called with for the state ``like`` [B, ...]: a float t as a tensor [B], a
+    tensor of per-sample times as it is; float64 for a float64 state, else float32."""
+    dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
+    if isinstance(t, torch.Tensor):
+        return t.to(dtype)
+    return torch.full((like.shape[0],), t, dtype=dtype, device=like.device)
+
+
 class SolverChoice(NamedTuple):
     """A checked choice of solver: fixed steps (num_steps given) or adaptive ones (rtol, atol,
     error_norm)."""

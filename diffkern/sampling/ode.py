@@ -10,7 +10,7 @@ import torch
 from .. import coefficients
 from .._model import model_output_of
 from .._validate import check_choice
-from ..ode import ADAPTIVE_SOLVERS, FIXED_GRID_SOLVERS, LinearODE, adjoint, resolve_solver, rk
+from ..ode import ADAPTIVE_SOLVERS, FIXED_GRID_SOLVERS, LinearODE, adjoint, model_times, resolve_solver, rk
 from ._engine import Run, RunSpec
 from .score_sde import denoised_from_score
 
@@ -86,12 +86,10 @@ def _sample_ode_rk(score_fn, sde, choice, eps, parameterization, run: Run, max_n
     if grid is None:
         sde.time_grid(1, eps)  # checks eps
     x = run.initial(sde.prior_std)
-    time_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    model_at = _model_at(score_fn, run)
 
     def evaluate(y, t, need_products):
-        t_batch = (t.to(time_dtype) if isinstance(t, torch.Tensor)
-                   else torch.full((y.shape[0],), t, dtype=time_dtype, device=y.device))
-        return run.model_output(model_output_of(score_fn(y, t_batch)), y), None
+        return model_at(model_times(t, y))(y), None
 
     terms = sde.velocity_terms(parameterization)
     system = LinearODE(terms, evaluate)
@@ -115,15 +113,10 @@ def _sample_ode_adjoint(score_fn, sde, choice, eps, parameterization, run: Run, 
     x = run.initial(sde.prior_std)
     params = adjoint.resolve_params(score_fn, adjoint_params, x, model_name="score_fn", x_name="x_T")
     backward = adjoint.backward_choice(choice, adjoint_rtol, adjoint_atol)
-    time_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-
-    def model_at(t_batch):
-        return lambda y: run.model_output(model_output_of(score_fn(y, t_batch)), y)
+    model_at = _model_at(score_fn, run)
 
     def evaluate(y, t, need_products):
-        t_batch = (t.to(time_dtype) if isinstance(t, torch.Tensor)
-                   else torch.full((y.shape[0],), t, dtype=time_dtype, device=y.device))
-        return model_at(t_batch)(y).detach(), None
+        return model_at(model_times(t, y))(y).detach(), None
 
     terms = sde.velocity_terms(parameterization)
     span = (float(sde.T), float(eps), None if grid is None else grid.tolist())
@@ -132,6 +125,13 @@ def _sample_ode_adjoint(score_fn, sde, choice, eps, parameterization, run: Run, 
         return rk.solve(LinearODE(terms, evaluate), x_start, span[0], span[1], choice, max_num_evals=max_num_evals,
                         progress=run.progress_enabled, desc=f"ODE ({choice.solver})", grid=span[2])
 
-    flow = adjoint.Flow(terms, model_at, time_dtype, params=params)
+    flow = adjoint.Flow(terms, model_at, params=params)
     return adjoint.solve(flow, forward, x, span, backward, max_num_evals=max_num_evals,
                          progress=run.progress_enabled, desc=f"ODE ({choice.solver})").x
+
+
+def _model_at(score_fn, run: Run):
+    """model_at(t_batch): the network at times t_batch as a function of x, its output checked by the run."""
+    def model_at(t_batch):
+        return lambda y: run.model_output(model_output_of(score_fn(y, t_batch)), y)
+    return model_at

@@ -161,11 +161,8 @@ def _cnf_loss(model, x0: torch.Tensor, objective: CNFObjective, key: BatchKey):
     def f(z, t):
         return call_model(model, z, t, None, None)
 
-    params = None
-    if objective.gradient == "adjoint":
-        params = [p for p in (model.parameters() if isinstance(model, torch.nn.Module) else ()) if p.requires_grad]
-        if not params:
-            raise ValueError("objective='cnf' with gradient='adjoint' needs an nn.Module whose parameters require grad")
+    # f is a closure over the model: the adjoint differentiates the model's parameters, named here
+    params = model.parameters() if objective.gradient == "adjoint" and isinstance(model, torch.nn.Module) else None
     if objective.dequantize > 0:
         batch, features = x0.shape[0], x0[0].numel()
         u = uniform_features(batch, features, key, x0.device, DEQUANTIZATION_STREAM).reshape(x0.shape)

@@ -26,7 +26,7 @@ import torch
 from .. import coefficients
 from .._validate import check_choice, check_finite, check_positive, check_positive_int
 from ..noise import PFGM_PERTURBATION_STREAM, TRAINING_NOISE_STREAM, randn
-from ..ode import resolve_solver
+from ..ode import adjoint, resolve_solver
 from ..schedules import DDPMSchedule
 from ..sde import SDE, VESDE, VPSDE, SubVPSDE
 from .draws import BatchKey, discrete, normal, uniform, uniform_pair
@@ -388,8 +388,14 @@ class CNFObjective(Objective):
             check_finite(name, getattr(self, name))
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        resolve_solver(self.solver, self.num_steps, self.rtol, self.atol, self.error_norm,
-                       max_num_evals=self.max_num_evals)
+        choice = resolve_solver(self.solver, self.num_steps, self.rtol, self.atol, self.error_norm,
+                                max_num_evals=self.max_num_evals)
+        if self.gradient == "adjoint":
+            adjoint.backward_choice(choice, self.adjoint_rtol, self.adjoint_atol)  # checks the tolerances
+        else:
+            for name in ("adjoint_rtol", "adjoint_atol"):
+                if getattr(self, name) is not None:
+                    raise ValueError(f"{name} goes with gradient='adjoint', not gradient={self.gradient!r}")
 
     @property
     def regularise(self) -> bool:
