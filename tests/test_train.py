@@ -202,7 +202,7 @@ BAD = [
     (["--model", "dist_models:two_features", "--model-kwargs", "{}"], "returned shape"),
     (["--model", "unet", "--model-kwargs", "{}"], "takes images"),
     (["--model", "dist_models:nothing"], "has no attribute"),
-    (["--model", "perceptron"], "model must be mlp, unet or MODULE:ATTR"),
+    (["--model", "perceptron"], "model must be mlp, unet, convunet or MODULE:ATTR"),
     (["--model-kwargs", '{"hiden": 3}'], "hiden"),
     (["--objective", "ddpmx"], "unknown objective"),
     (["--objective-options", '{"weighting": "snrx"}'], "weighting"),

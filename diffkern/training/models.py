@@ -4,6 +4,8 @@ the samplers (the registry's model kinds).
 - ``TimeMLP``: an MLP on flattened samples with a sinusoidal embedding of the time, for low-dimensional
   data;
 - ``unet``: diffusers' UNet2DModel for images (needs diffusers);
+- ``ConvUNet``: a small convolutional UNet for images in plain PyTorch (no diffusers needed: the
+  shipped digits models are ConvUNets, so they load wherever diffkern does);
 - ``TimeScaled``: feeds a network time * scale (a DDPM timestep is in [0, T); a flow or SDE time in
   [0, 1]; EDM's c_noise around [-1.5, 1]: each network sees times of the size its embedding expects);
 - ``DividedByStd``: a score model as net / std(t), so the network predicts something of unit size;
@@ -22,6 +24,15 @@ import torch
 
 from .. import coefficients
 from .._model import model_output_of
+
+
+def sinusoidal_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """[B] times -> [B, dim] float32: sin and cos of t at dim / 2 frequencies from 1 down to 1e-4 (the
+    transformer's position embedding, as DDPM embeds its timestep)."""
+    half = dim // 2
+    frequencies = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    angles = t.reshape(-1, 1).to(torch.float32) * frequencies
+    return torch.cat([angles.sin(), angles.cos()], 1)
 
 
 class TimeMLP(torch.nn.Module):
@@ -43,10 +54,7 @@ class TimeMLP(torch.nn.Module):
         self.net = torch.nn.Sequential(*layers)
 
     def time_embedding(self, t: torch.Tensor) -> torch.Tensor:
-        half = self.embedding // 2
-        frequencies = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
-        angles = t.reshape(-1, 1).to(torch.float32) * frequencies
-        return torch.cat([angles.sin(), angles.cos()], 1)
+        return sinusoidal_embedding(t, self.embedding)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(x.shape[0], -1)
@@ -96,7 +104,8 @@ def unet(sample_shape, block_out_channels=(32, 64), layers_per_block: int = 1, n
     try:
         from diffusers import UNet2DModel
     except ImportError:
-        raise ValueError("model 'unet' is diffusers' UNet2DModel: pip install diffusers") from None
+        raise ValueError("model 'unet' is diffusers' UNet2DModel: pip install diffusers, or use model 'convunet' (a "
+                         "small UNet in plain PyTorch)") from None
     if len(sample_shape) != 3:
         raise ValueError(f"model 'unet' takes images (channels, height, width), got samples of shape "
                          f"{tuple(sample_shape)}")
@@ -106,6 +115,78 @@ def unet(sample_shape, block_out_channels=(32, 64), layers_per_block: int = 1, n
                        block_out_channels=tuple(block_out_channels), layers_per_block=layers_per_block,
                        norm_num_groups=norm_num_groups, down_block_types=("DownBlock2D",) * blocks,
                        up_block_types=("UpBlock2D",) * blocks)
+
+
+class _ResBlock(torch.nn.Module):
+    """GroupNorm, SiLU, 3x3 conv, plus the time embedding's projection, twice; a 1x1 conv on the skip
+    when the width changes (DDPM's residual block without dropout or attention)."""
+
+    def __init__(self, inputs: int, outputs: int, embedding: int, groups: int):
+        super().__init__()
+        self.norm1, self.conv1 = torch.nn.GroupNorm(groups, inputs), torch.nn.Conv2d(inputs, outputs, 3, padding=1)
+        self.time = torch.nn.Linear(embedding, outputs)
+        self.norm2, self.conv2 = torch.nn.GroupNorm(groups, outputs), torch.nn.Conv2d(outputs, outputs, 3, padding=1)
+        self.skip = torch.nn.Conv2d(inputs, outputs, 1) if inputs != outputs else torch.nn.Identity()
+
+    def forward(self, x: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(torch.nn.functional.silu(self.norm1(x))) + self.time(embedding)[:, :, None, None]
+        return self.skip(x) + self.conv2(torch.nn.functional.silu(self.norm2(h)))
+
+
+class ConvUNet(torch.nn.Module):
+    """A small UNet for images (channels, height, width) in plain PyTorch: a residual block per level of
+    widths ``block_out_channels``, stride-2 convolutions down and nearest upsampling up with skip
+    connections, the time through a sinusoidal embedding and an MLP into every block. model(x, t) ->
+    [B, channels + extra_channels, height, width]; height and width must halve len(block_out_channels)
+    - 1 times."""
+
+    def __init__(self, sample_shape, block_out_channels=(32, 64), embedding: int = 64, norm_num_groups: int = 8,
+                 extra_channels: int = 0):
+        super().__init__()
+        if len(sample_shape) != 3:
+            raise ValueError(f"model 'convunet' takes images (channels, height, width), got samples of shape "
+                             f"{tuple(sample_shape)}")
+        widths = [int(w) for w in block_out_channels]
+        if not widths or any(w < 1 or w % norm_num_groups for w in widths):
+            raise ValueError(f"block_out_channels must be widths that norm_num_groups={norm_num_groups} divides, got "
+                             f"{list(block_out_channels)}")
+        if embedding < 2 or embedding % 2:
+            raise ValueError(f"embedding must be an even width, got {embedding}")
+        channels, height, width = (int(v) for v in sample_shape)
+        factor = 2 ** (len(widths) - 1)
+        if height % factor or width % factor:
+            raise ValueError(f"model 'convunet' with {len(widths)} levels needs a height and width divisible by "
+                             f"{factor}, got {height}x{width}")
+        self.embedding = int(embedding)
+        self.time = torch.nn.Sequential(torch.nn.Linear(self.embedding, 4 * widths[0]), torch.nn.SiLU(),
+                                        torch.nn.Linear(4 * widths[0], 4 * widths[0]))
+        temb = 4 * widths[0]
+        self.stem = torch.nn.Conv2d(channels, widths[0], 3, padding=1)
+        self.down = torch.nn.ModuleList(_ResBlock(a, b, temb, norm_num_groups) for a, b in zip(widths[:1] + widths,
+                                                                                                 widths))
+        self.downsample = torch.nn.ModuleList(torch.nn.Conv2d(w, w, 3, stride=2, padding=1) for w in widths[:-1])
+        self.middle = _ResBlock(widths[-1], widths[-1], temb, norm_num_groups)
+        self.up = torch.nn.ModuleList(_ResBlock(2 * w, w_out, temb, norm_num_groups)
+                                      for w, w_out in zip(widths[::-1], widths[::-1][1:] + widths[:1]))
+        self.upsample = torch.nn.ModuleList(torch.nn.Conv2d(w, w, 3, padding=1) for w in widths[::-1][1:])
+        self.out = torch.nn.Sequential(torch.nn.GroupNorm(norm_num_groups, widths[0]), torch.nn.SiLU(),
+                                       torch.nn.Conv2d(widths[0], channels + int(extra_channels), 3, padding=1))
+
+    def forward(self, x: torch.Tensor, t) -> torch.Tensor:
+        t = torch.as_tensor(t, device=x.device).reshape(-1).expand(x.shape[0])
+        embedding = self.time(sinusoidal_embedding(t, self.embedding).to(x.dtype))
+        h, skips = self.stem(x), []
+        for i, block in enumerate(self.down):
+            h = block(h, embedding)
+            skips.append(h)
+            if i < len(self.downsample):
+                h = self.downsample[i](h)
+        h = self.middle(h, embedding)
+        for i, block in enumerate(self.up):
+            h = block(torch.cat([h, skips.pop()], 1), embedding)
+            if i < len(self.upsample):
+                h = self.upsample[i](torch.nn.functional.interpolate(h, scale_factor=2.0, mode="nearest"))
+        return self.out(h)
 
 
 class TimeScaled(torch.nn.Module):

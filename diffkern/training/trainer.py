@@ -34,6 +34,7 @@ from .data import BUILTIN, load_dataset
 from .loss import training_loss
 from .models import (
     ConcatSquashMLP,
+    ConvUNet,
     DividedByStd,
     EDMPrecond,
     FieldHead,
@@ -138,7 +139,7 @@ def trained_for(objective_) -> dict:
 
 
 def build_network(config: TrainConfig, sample_shape) -> torch.nn.Module:
-    """The network of ``config.model`` ("mlp", "unet" or MODULE:ATTR of a factory called with
+    """The network of ``config.model`` ("mlp", "unet", "convunet" or MODULE:ATTR of a factory called with
     model_kwargs and the sample shape as sample_shape=...), taking the objective's native time."""
     torch.manual_seed(config.seed)  # the same initial weights on every rank and every rerun
     kwargs = dict(config.model_kwargs)
@@ -151,17 +152,19 @@ def build_network(config: TrainConfig, sample_shape) -> torch.nn.Module:
             net = TimeMLP(features + 1, out_features=features + 1, **kwargs) if field else TimeMLP(features, **kwargs)
         elif config.model == "unet":
             net = unet(sample_shape, **kwargs, **({"extra_channels": 1} if field else {}))
+        elif config.model == "convunet":
+            net = ConvUNet(sample_shape, **kwargs, **({"extra_channels": 1} if field else {}))
         elif ":" in config.model:
             net = _factory(config.model)(sample_shape=tuple(sample_shape), **kwargs)
         else:
-            raise ValueError(f"model must be mlp, unet or MODULE:ATTR, got {config.model!r}")
+            raise ValueError(f"model must be mlp, unet, convunet or MODULE:ATTR, got {config.model!r}")
     except (TypeError, RuntimeError) as error:  # e.g. an unknown keyword in model_kwargs
         raise ValueError(f"model {config.model!r} with model_kwargs {kwargs}: {error}") from None
     if not isinstance(net, torch.nn.Module):
         raise ValueError(f"model {config.model!r} is a {type(net).__name__}, not a torch.nn.Module")
     objective_ = objective(config)
     if field:
-        return FieldHead(net, radial=config.model == "mlp") if config.model in ("mlp", "unet") else net
+        return FieldHead(net, radial=config.model == "mlp") if config.model in ("mlp", "unet", "convunet") else net
     if config.objective == "cnf":
         return net
     network = TimeScaled(net, time_scale(objective_))
