@@ -39,3 +39,18 @@ def load():
     sys.modules[PACKAGE + ".sampling"] = module
     module_spec.loader.exec_module(module)
     return module, None
+
+
+def load_external():
+    """The peer's ``external.py`` (its model wrappers: DiscreteEpsDDPMDenoiser and friends), or (None, why)."""
+    if PACKAGE + ".external" in sys.modules:
+        return sys.modules[PACKAGE + ".external"], None
+    sampling, why = load()
+    if sampling is None:
+        return None, why
+    path = os.path.join(os.path.dirname(sampling.__file__), "external.py")
+    module_spec = importlib.util.spec_from_file_location(PACKAGE + ".external", path)
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules[PACKAGE + ".external"] = module
+    module_spec.loader.exec_module(module)
+    return module, None

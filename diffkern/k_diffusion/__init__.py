@@ -18,6 +18,8 @@ Noise, three ways:
 k-diffusion itself is not needed (torchsde is, for the Brownian tree). Where a step adds no noise
 (``eta=0``, no churn) nothing is drawn from the global generator, where k-diffusion draws and discards:
 the samples are the same, the generator's state afterwards is not.
+
+``K.DiscreteEpsDDPMDenoiser`` (k-diffusion's ``external`` wrapper) runs a DDPM epsilon model under them.
 """
 from ._run import StreamNoiseSampler, stream_noise_sampler
 from .brownian import BatchedBrownianTree, BrownianTreeNoiseSampler
@@ -30,6 +32,7 @@ from .dpmpp import (
     sample_dpmpp_sde,
 )
 from .euler import sample_dpm_2, sample_dpm_2_ancestral, sample_euler, sample_euler_ancestral, sample_heun
+from .external import DiscreteEpsDDPMDenoiser, DiscreteSchedule
 from .lms import linear_multistep_coeff, sample_lms
 from .schedules import (
     append_zero,
@@ -43,7 +46,8 @@ from .schedules import (
 )
 
 __all__ = [
-    "BatchedBrownianTree", "BrownianTreeNoiseSampler", "PIDStepSizeController", "StreamNoiseSampler", "append_zero",
+    "BatchedBrownianTree", "BrownianTreeNoiseSampler", "DiscreteEpsDDPMDenoiser", "DiscreteSchedule",
+    "PIDStepSizeController", "StreamNoiseSampler", "append_zero",
     "default_noise_sampler", "get_ancestral_step", "get_sigmas_exponential", "get_sigmas_karras",
     "get_sigmas_polyexponential", "get_sigmas_vp", "linear_multistep_coeff", "sample_dpm_2", "sample_dpm_2_ancestral",
     "sample_dpm_adaptive", "sample_dpm_fast", "sample_dpmpp_2m", "sample_dpmpp_2m_sde", "sample_dpmpp_2s_ancestral",
