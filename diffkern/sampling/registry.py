@@ -217,6 +217,11 @@ def _two_per_step(steps, options):
     return 2 * steps if options.get("solver", "heun") == "heun" else steps
 
 
+def _flow_calls(steps, options):
+    # flow Heun's last step, to t = 0, is an Euler step (Heun would evaluate the model at t = 0)
+    return 2 * steps - 1 if options["solver"] == "heun" else steps
+
+
 _KARRAS = {"sigma_min": 0.002, "sigma_max": 80.0}
 _SCORE = {"sde": "vp", "sigma_min": None, "sigma_max": None, "parameterization": "score"}
 
@@ -242,8 +247,7 @@ ENTRIES: Dict[str, SamplerEntry] = {e.name: e for e in (
                  dict(sigma_min=0.05, sigma_max=10.0, langevin_steps=50, step_size=2e-3), _langevin,
                  lambda steps, options: steps * options["langevin_steps"] + 1),
     SamplerEntry("dpmpp", "DPM-Solver++", sample_dpmpp, "denoiser", 20, dict(_KARRAS, order=2, eta=0.0), _dpmpp),
-    SamplerEntry("flow", "flow matching", sample_flow, "velocity", 50, {"solver": "euler"}, _flow,
-                 _two_per_step),
+    SamplerEntry("flow", "flow matching", sample_flow, "velocity", 50, {"solver": "euler"}, _flow, _flow_calls),
     SamplerEntry("pfgm", "PFGM", sample_pfgm, "field", 100, {"z_max": 40.0, "solver": "heun"}, _pfgm,
                  _two_per_step),
 )}
