@@ -68,6 +68,9 @@ def load_dataset(data) -> torch.Tensor:
     one row, a feature dimension and finite values."""
     if isinstance(data, str) and data in BUILTIN:
         return BUILTIN[data]().to(torch.float32)
+    if isinstance(data, (str, os.PathLike)) and not os.path.isfile(data):
+        raise ValueError(f"data {str(data)!r} does not exist: it is neither a built-in set "
+                         f"({', '.join(BUILTIN)}) nor a file")
     array = load_array(data) if isinstance(data, (str, os.PathLike)) else np.asarray(data)
     if array.ndim < 2 or array.shape[0] < 1 or not np.issubdtype(array.dtype, np.number):
         raise ValueError(f"data must be a numeric array [N, ...] with N >= 1 and a feature dimension, got "
