@@ -102,8 +102,10 @@ def _demo(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     device = _device_of(args.device, parser)
     if device is None:
         device = torch.device("cuda" if torch.cuda.is_available() and dk.cuda_kernels_available() else "cpu")
+    if args.data not in demo.DATA:
+        _fail(parser, f"--data must be one of {', '.join(demo.DATA)}, got {args.data!r}")
     demo.run(device, args.samples, args.seed, args.out, samplers, quick=args.quick, progress=not args.no_progress,
-             high_dim=not args.no_high_dim)
+             high_dim=not args.no_high_dim, data=args.data, digit_samples=args.digit_samples)
     return 0
 
 
@@ -206,12 +208,19 @@ def _generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
     if args.sampler not in registry.SAMPLERS:
         _fail(parser, f"unknown sampler {args.sampler!r}; choose from {', '.join(registry.SAMPLERS)}")
+    if args.data is not None and args.data != "digits":
+        _fail(parser, f"--data: generate scores its samples against a built-in set's test split, and only digits has "
+                      f"one; got {args.data!r}")
+    if args.shape is None and args.data is None:
+        _fail(parser, "--shape is required (e.g. 3,32,32), unless --data digits gives it")
     try:
-        shape = [int(s) for s in args.shape.split(",")]
+        shape = [int(s) for s in (args.shape or "1,8,8").split(",")]
     except ValueError:
         _fail(parser, f"--shape must be comma-separated positive integers, e.g. 3,32,32; got {args.shape!r}")
     if not shape or any(s < 1 for s in shape):
         _fail(parser, f"--shape must be comma-separated positive integers, got {args.shape!r}")
+    if args.data == "digits" and shape != [1, 8, 8]:
+        _fail(parser, f"--shape {args.shape} is not the digits' 1,8,8")
     if args.dtype not in distributed.DTYPES:
         _fail(parser, f"--dtype must be one of {', '.join(distributed.DTYPES)}")
     options = {name: getattr(args, name) for name in registry.OPTIONS if getattr(args, name) is not None}
@@ -221,10 +230,37 @@ def _generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         _fail(parser, _as_flags(str(error)))
     device = _device_of(args.device, parser)
     model, kwargs = _load_model(args.model, args.model_kwargs, parser)
-    return _in_process_group("generate", args, lambda joined: distributed.generate(
-        model, sampler=sampler, num_samples=args.num_samples, shape=shape, batch_size=args.batch_size, seed=args.seed,
-        out=args.out, dtype=distributed.DTYPES[args.dtype], device=device, progress=not args.no_progress,
-        timeout=args.timeout, config={"model": args.model, "model_kwargs": kwargs}))
+
+    def work(joined):
+        path = distributed.generate(
+            model, sampler=sampler, num_samples=args.num_samples, shape=shape, batch_size=args.batch_size,
+            seed=args.seed, out=args.out, dtype=distributed.DTYPES[args.dtype], device=device,
+            progress=not args.no_progress, timeout=args.timeout, config={"model": args.model, "model_kwargs": kwargs})
+        if args.data == "digits" and (not joined or int(os.environ.get("RANK", "0")) == 0):
+            _score_digits(path, args.out)
+
+    return _in_process_group("generate", args, work)
+
+
+def _score_digits(path: str, out: str) -> None:
+    """digits-FD, coverage, precision / recall and memorisation of generated digits, printed and
+    written to out/digit_metrics.json."""
+    import json
+
+    import numpy as np
+    import torch
+
+    from diffkern.training import digit_metrics
+
+    with np.load(path) as f:
+        samples = torch.from_numpy(f["samples"]).float().clamp(-1, 1)
+    scores = digit_metrics.metrics(samples)
+    with open(os.path.join(out, "digit_metrics.json"), "w") as f:
+        json.dump(scores, f, indent=1)
+    print(f"digits: digits-FD {scores['fd']:.2f}, coverage TV {scores['coverage_tv']:.3f}, precision "
+          f"{scores['precision']:.2f}, recall {scores['recall']:.2f}, median distance to the nearest training image "
+          f"{scores['nearest_train']:.2f} (real test digits: diffkern.training.digit_metrics.floor()); "
+          f"{os.path.join(out, 'digit_metrics.json')}")
 
 
 def _in_process_group(command: str, args: argparse.Namespace, work) -> int:
@@ -257,19 +293,32 @@ def _evaluate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         _fail(parser, f"--sde must be one of {', '.join(distributed.SDES)}")
     if args.solver not in _likelihood_solvers():
         _fail(parser, f"--solver must be one of {', '.join(_likelihood_solvers())}, got {args.solver!r}")
-    try:
-        data = distributed.load_data(args.data)
-    except (ValueError, OSError) as error:
-        _fail(parser, f"--data: {error}")
+    bits_offset = args.bits_offset
+    if args.data == "digits":  # the test split, dequantized in the bins of its 17 grey levels
+        import math
+
+        from diffkern.training import cnf_report
+        from diffkern.training.data import DIGITS_LEVELS, digits
+
+        width = 2 / DIGITS_LEVELS
+        data = cnf_report.dequantized(digits("test"), width).numpy()
+        bits_offset = math.log2(1 / width) if bits_offset is None else bits_offset
+        identity = "digits"
+    else:
+        try:
+            data = distributed.load_data(args.data)
+        except (ValueError, OSError) as error:
+            _fail(parser, f"--data: {error} (built-in: digits)")
+        identity = os.path.abspath(args.data)
     device = _device_of(args.device, parser)
     model, kwargs = _load_model(args.model, args.model_kwargs, parser)
 
     def work(joined):
         path, mean, stderr = distributed.evaluate(
             model, data, sde=args.sde, steps=args.steps, solver=args.solver, probes=args.probes, trace=args.trace,
-            seed=args.seed, batch_size=args.batch_size, out=args.out, bits_offset=args.bits_offset, device=device,
+            seed=args.seed, batch_size=args.batch_size, out=args.out, bits_offset=bits_offset or 0.0, device=device,
             progress=not args.no_progress, timeout=args.timeout,
-            config={"model": args.model, "model_kwargs": kwargs, "data": os.path.abspath(args.data)})
+            config={"model": args.model, "model_kwargs": kwargs, "data": identity})
         if not joined or int(os.environ.get("RANK", "0")) == 0:
             print(f"bits/dim: {mean:.6f} +- {stderr:.6f} (standard error over {data.shape[0]} samples); {path}")
 
@@ -373,18 +422,23 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=_seed, default=0, help="seed of the noise values shown (default 0)")
     # SUPPRESS: `diffkern --seed 3 info` must keep 3 rather than take the subcommand's default.
     info.add_argument("--seed", type=_seed, default=argparse.SUPPRESS, help="as above")
-    demo = commands.add_parser("demo", help="every sampler on exact Gaussian-mixture models: timings, quality, "
-                                            "a picture and a JSON report")
+    demo = commands.add_parser("demo", help="every sampler on exact Gaussian-mixture models, then the shipped digits "
+                                            "models: timings, quality, pictures and a JSON report")
     demo.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
-    demo.add_argument("--samples", type=_positive_int, default=4096, help="samples per sampler (default 4096)")
+    demo.add_argument("--samples", type=_positive_int, default=4096, help="samples per sampler on the mixtures "
+                      "(default 4096)")
     demo.add_argument("--seed", type=_seed, default=argparse.SUPPRESS, help="seed of every sampler (default 0)")
     demo.add_argument("--out", default="diffkern-demo", type=_writable_folder,
-                      help="folder for demo.png and demo.json (default ./diffkern-demo)")
+                      help="folder for demo.png, digits.png and demo.json (default ./diffkern-demo)")
     demo.add_argument("--sampler", default="all",
                       help="comma-separated sampler names (any of `generate --sampler`) and likelihood; default all: "
                            "ddpm, ddim, euler_maruyama, heun, langevin, dpmpp, flow, pfgm, likelihood")
     demo.add_argument("--quick", action="store_true", help="fewer steps, for a smoke test")
     demo.add_argument("--no-high-dim", action="store_true", help="skip the 64-d mixture")
+    demo.add_argument("--data", default="all", help="all (default), mixtures (the exact Gaussian mixtures) or digits "
+                      "(the shipped models of the 8x8 digits, on the CPU)")
+    demo.add_argument("--digit-samples", type=_positive_int, default=None, help="samples per sampler in the digits "
+                      "part (default 500; --quick 200)")
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")
     generate = commands.add_parser(
         "generate", help="generate samples, sharded over processes (torchrun), resumable",
@@ -396,7 +450,11 @@ def main(argv=None) -> int:
     generate.add_argument("--sampler", required=True, help=_sampler_help())
     _add_sampler_options(generate)
     generate.add_argument("--num-samples", type=_positive_int, required=True, help="N, the total")
-    generate.add_argument("--shape", required=True, help="per sample, e.g. 3,32,32 or 2")
+    generate.add_argument("--shape", default=None, help="per sample, e.g. 3,32,32 or 2 (required unless --data "
+                          "gives it)")
+    generate.add_argument("--data", default=None, help="digits: samples of the 8x8 digits (shape 1,8,8), scored "
+                          "against the test split when done (digits-FD, coverage, precision, recall; "
+                          "out/digit_metrics.json)")
     generate.add_argument("--batch-size", type=_positive_int, default=256, help="per process (default 256)")
     generate.add_argument("--dtype", default="float32", help="float32, float64, float16 or bfloat16")
     for sub in (generate,):
@@ -406,15 +464,18 @@ def main(argv=None) -> int:
         description="Run alone or under torchrun; writes DIR/likelihood.npz (log_p, bits_per_dim in dataset order).")
     evaluate.add_argument("--model", required=True, help="MODULE:ATTR of a score model(x, t) of --sde, or a factory")
     evaluate.add_argument("--model-kwargs", default=None, help="JSON object for the factory")
-    evaluate.add_argument("--data", required=True, help="FILE.npy or FILE.npz ([N, ...] rows)")
+    evaluate.add_argument("--data", required=True, help="FILE.npy or FILE.npz ([N, ...] rows), or digits (the 8x8 "
+                          "digits' test split, 300 images, uniformly dequantized in their 17 grey levels' bins, with "
+                          "--bits-offset log2(17/2) unless given)")
     evaluate.add_argument("--sde", default="vp", help="vp, subvp or ve (default vp)")
     evaluate.add_argument("--steps", type=_positive_int, default=100, help="ODE steps (default 100)")
     evaluate.add_argument("--solver", default="heun", help=f"{', '.join(_likelihood_solvers())} (default heun; the "
                           "adaptive ones on the fixed grid of --steps)")
     evaluate.add_argument("--probes", type=_positive_int, default=1, help="Hutchinson probes (default 1)")
     evaluate.add_argument("--trace", default="hutchinson", help="hutchinson or exact")
-    evaluate.add_argument("--bits-offset", type=float, default=0.0, help="added to bits/dim (e.g. 8 for data in "
-                          "[0, 1) scaled from 256 levels: see dk.log_likelihood)")
+    evaluate.add_argument("--bits-offset", type=float, default=None, help="added to bits/dim (e.g. 8 for data in "
+                          "[0, 1) scaled from 256 levels: see dk.log_likelihood; default 0, or log2(17/2) for "
+                          "--data digits)")
     evaluate.add_argument("--batch-size", type=_positive_int, default=256, help="per process (default 256)")
     evaluate.add_argument("--seed", type=_seed, default=argparse.SUPPRESS, help="probe seed (default 0)")
     train = commands.add_parser(
@@ -432,7 +493,8 @@ def main(argv=None) -> int:
     train.add_argument("--objective-options", default=None, help='JSON object, e.g. \'{"prediction_type": '
                        '"v_prediction", "weighting": "min_snr"}\' or \'{"sde": "ve"}\'')
     train.add_argument("--model", default="mlp", help="mlp (an MLP with a time embedding), unet (diffusers' "
-                       "UNet2DModel, for images) or MODULE:ATTR of a factory(sample_shape=..., **model_kwargs)")
+                       "UNet2DModel, for images), convunet (a small UNet in plain PyTorch, for images; no diffusers "
+                       "needed) or MODULE:ATTR of a factory(sample_shape=..., **model_kwargs)")
     train.add_argument("--model-kwargs", default=None, help='JSON object, e.g. \'{"hidden": 128, "depth": 3}\'')
     train.add_argument("--steps", type=_positive_int, default=2000, help="optimizer steps (default 2000)")
     train.add_argument("--batch-size", type=_positive_int, default=256, help="the global batch, over all processes "

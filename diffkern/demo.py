@@ -1,4 +1,5 @@
-"""`python -m diffkern demo`: every sampler on exact Gaussian-mixture models, timed and scored.
+"""`python -m diffkern demo`: every sampler on exact Gaussian-mixture models, timed and scored, then the
+models shipped with diffkern on the 8x8 digits (diffkern.demo_digits).
 
 The mixtures' scores are closed-form at every noise level (diffkern.models), so they stand in for a
 trained network and the output can be checked against the exact distribution: sliced Wasserstein
@@ -18,6 +19,7 @@ import torch
 
 import diffkern as dk
 
+from ._validate import check_choice
 from .models import EmpiricalPoissonField, GaussianMixture
 from .sampling import registry
 
@@ -278,11 +280,19 @@ def plot(datasets: List[tuple], path: str) -> bool:
     return True
 
 
+DATA = ("all", "mixtures", "digits")
+DIGIT_SAMPLES, QUICK_DIGIT_SAMPLES = 500, 200
+
+
 def run(device: torch.device, samples: int, seed: int, out: str, samplers: List[str], quick: bool = False,
-        progress: bool = True, high_dim: bool = True) -> dict:
+        progress: bool = True, high_dim: bool = True, data: str = "all", digit_samples: Optional[int] = None) -> dict:
+    """The exact-mixture part (``data`` "all" or "mixtures": ``samplers`` on each mixture, ``samples``
+    each, on ``device``) and the digits part ("all" or "digits": the shipped models on the CPU,
+    ``digit_samples`` each; diffkern.demo_digits). Writes demo.png, digits.png and demo.json in ``out``."""
+    check_choice("data", data, DATA)
     os.makedirs(out, exist_ok=True)
-    mixtures = [("ring2d", GaussianMixture.ring())]
-    if high_dim:
+    mixtures = [("ring2d", GaussianMixture.ring())] if data != "digits" else []
+    if high_dim and data != "digits":
         mixtures.append(("mixture64d", GaussianMixture.high_dimensional()))
     reports, pictured = [], []
     for name, mixture in mixtures:
@@ -295,8 +305,16 @@ def run(device: torch.device, samples: int, seed: int, out: str, samplers: List[
     drew = bool(pictured) and plot(pictured, png)
     summary = {"diffkern": dk.__version__, "device": str(device), "seed": seed, "quick": quick,
                "datasets": {r.name: asdict(r) for r in reports}}
+    written = [png] if drew else []
+    if data != "mixtures":
+        from . import demo_digits
+
+        if digit_samples is None:
+            digit_samples = QUICK_DIGIT_SAMPLES if quick else DIGIT_SAMPLES
+        summary["digits"] = demo_digits.run(out, digit_samples, seed, quick, progress)
+        written += [summary["digits"]["picture"]] if summary["digits"]["picture"] else []
     json_path = os.path.join(out, "demo.json")
     with open(json_path, "w") as f:
         json.dump(summary, f, indent=2)
-    print(f"wrote {png + ' and ' if drew else ''}{json_path}")
+    print(f"wrote {', '.join(written + [json_path])}")
     return summary

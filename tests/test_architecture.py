@@ -23,8 +23,9 @@ LAYERS = [
      "diffkern._model", "diffkern.steps", "diffkern.ode", "diffkern.models"],
     # the k-diffusion drop-ins need nothing above the formulas (no peer package), and the registry lists them
     ["diffkern.sampling", "diffkern.likelihood", "diffkern.training", "diffkern.k_diffusion"],
-    ["diffkern", "diffkern.__main__", "diffkern.cli", "diffkern.demo", "diffkern.distributed", "diffkern.diffusers",
-     "diffkern.samplers", "diffkern.solvers", "diffkern.rk", "diffkern.pfgm"],
+    ["diffkern", "diffkern.__main__", "diffkern.cli", "diffkern.demo", "diffkern.demo_digits", "diffkern.distributed",
+     "diffkern.diffusers", "diffkern.sampler_table", "diffkern.samplers", "diffkern.solvers", "diffkern.rk",
+     "diffkern.pfgm"],
 ]
 # Functions whose signature is fixed by something else: the fake kernels and autograd formulas take
 # their op's schema (csrc/ops.cpp).

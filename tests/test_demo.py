@@ -71,7 +71,8 @@ def run_cli(*args, timeout=600):
 
 
 def test_demo_end_to_end(tmp_path):
-    result = run_cli("demo", "--quick", "--samples", "512", "--no-high-dim", "--no-progress", "--out", str(tmp_path))
+    result = run_cli("demo", "--quick", "--samples", "512", "--no-high-dim", "--data", "mixtures", "--no-progress",
+                     "--out", str(tmp_path))
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "demo.png").stat().st_size > 10_000
     report = json.loads((tmp_path / "demo.json").read_text())
@@ -89,8 +90,8 @@ def test_demo_end_to_end(tmp_path):
 
 @pytest.mark.slow
 def test_demo_high_dimensional(tmp_path):
-    result = run_cli("demo", "--quick", "--samples", "256", "--sampler", "ddim,heun,pfgm,likelihood", "--no-progress",
-                     "--out", str(tmp_path))
+    result = run_cli("demo", "--quick", "--samples", "256", "--sampler", "ddim,heun,pfgm,likelihood", "--data",
+                     "mixtures", "--no-progress", "--out", str(tmp_path))
     assert result.returncode == 0, result.stderr
     high = json.loads((tmp_path / "demo.json").read_text())["datasets"]["mixture64d"]
     assert high["samplers"]["heun"]["modes_covered"] == 8
