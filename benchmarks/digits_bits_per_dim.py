@@ -1,48 +1,71 @@
-"""Test-split bits/dim of a VP score model trained on the digits (tools/train_cnf_examples.sh's sibling
-command below), by the probability-flow ODE: uniform dequantization of the 17 grey levels (one fixed
-draw, bins of width 2/17, so bits_offset = log2(17/2), as score_sde's 7 for 256 levels on [-1, 1]),
-adaptive dopri5 at two tolerances and fixed Heun steps, one Hutchinson probe with three probe seeds
-(the spread of the mean over seeds), wall time on this machine.
+"""Test-split bits/dim on the 8x8 digits: the shipped VP score model (diffkern.training.pretrained,
+"digits-vp") by the probability-flow ODE, and optionally a CNF trained by tools/train_cnf_examples.sh
+(runs/cnf-digits), each with uniform dequantization of the 17 grey levels (one fixed draw, bins of width
+2/17, so bits_offset = log2(17/2), as score_sde's 7 for 256 levels on [-1, 1]), adaptive dopri5 at two
+tolerances and a fixed grid, one Hutchinson probe with three probe seeds (the spread of the mean over
+seeds) and, for the CNF, the exact trace too; wall time on this machine.
 
-    python -m diffkern train --data digits --objective score_matching --objective-options '{"sde": "vp"}' \
-        --model unet --model-kwargs '{"block_out_channels": [32, 64]}' --steps 1500 --batch-size 128 \
-        --lr 2e-3 --ema-decay 0.995 --out runs/vp-digits
-    python benchmarks/digits_bits_per_dim.py runs/vp-digits/checkpoint.pt
+    python benchmarks/digits_bits_per_dim.py [--cnf runs/cnf-digits/checkpoint.pt]
 """
+import argparse
 import math
-import sys
 import time
 
 import torch
 
 import diffkern as dk
-from diffkern.training import cnf_report, data
+from diffkern.training import cnf_report, data, load_checkpoint, load_pretrained
 
 WIDTH = 2 / data.DIGITS_LEVELS
+SETTINGS = [("dopri5, rtol = atol = 1e-4", dict(rtol=1e-4, atol=1e-4)),
+            ("dopri5, rtol = atol = 1e-5", dict(rtol=1e-5, atol=1e-5))]
 
 
-def main(path: str) -> None:
-    model = dk.training.load_checkpoint(path)
-    sde = dk.VPSDE()
+def measure(label: str, run, seeds=(0, 1, 2)) -> str:
+    means, evals, seconds = [], [], []
+    for seed in seeds:
+        started = time.perf_counter()
+        with torch.no_grad():
+            result = run(seed)
+        seconds.append(time.perf_counter() - started)
+        means.append(float(result.bits_per_dim.double().mean()))
+        evals.append(result.num_evals)
+    spread = torch.tensor(means, dtype=torch.float64)
+    across = f"+- {spread.std():.4f}" if len(seeds) > 1 else "(exact)"
+    return (f"  {label:<34} {spread.mean():.4f} {across:<9} bits/dim   {sum(evals) / len(seeds):.0f} evals   "
+            f"{sum(seconds) / len(seeds):.1f} s")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cnf", default=None, help="a CNF checkpoint of the train command (runs/cnf-digits/...)")
+    args = parser.parse_args()
     test = cnf_report.dequantized(data.digits("test"), WIDTH)
     offset = math.log2(1 / WIDTH)
-    settings = [("dopri5, rtol = atol = 1e-4", dict(rtol=1e-4, atol=1e-4)),
-                ("dopri5, rtol = atol = 1e-5", dict(rtol=1e-5, atol=1e-5)),
-                ("heun, 100 steps", dict(num_steps=100, solver="heun"))]
-    print(f"{path}: test split (300 images), bits/dim (mean over images; spread over 3 probe seeds)")
-    for label, kwargs in settings:
-        means, evals, seconds = [], [], []
-        for seed in range(3):
-            started = time.perf_counter()
-            with torch.no_grad():
-                result = dk.log_likelihood(model, test, sde, seed=seed, bits_offset=offset, **kwargs)
-            seconds.append(time.perf_counter() - started)
-            means.append(float(result.bits_per_dim.mean()))
-            evals.append(result.num_evals)
-        spread = torch.tensor(means, dtype=torch.float64)
-        print(f"  {label:<28} {spread.mean():.4f} +- {spread.std():.4f} bits/dim   {sum(evals) / 3:.0f} evals   "
-              f"{sum(seconds) / 3:.1f} s")
+    print("test split (300 images), bits/dim: the mean over images; +-: its spread over 3 probe seeds")
+    print("digits-vp (shipped VP score model), probability-flow ODE:")
+    model, sde = load_pretrained("digits-vp"), dk.VPSDE()
+    for label, kwargs in SETTINGS + [("heun, 100 steps (fixed grid)", dict(num_steps=100, solver="heun"))]:
+        print(measure(label, lambda seed, kwargs=kwargs: dk.log_likelihood(model, test, sde, seed=seed,
+                                                                           bits_offset=offset, **kwargs)), flush=True)
+    if args.cnf:
+        cnf = load_checkpoint(args.cnf)
+        t1 = cnf.diffkern_trained["options"]["t1"]
+        print(f"CNF ({args.cnf}), t in [0, {t1}]:")
+
+        def f(z, t):
+            return cnf(z, t)
+
+        for label, kwargs in SETTINGS + [("rk4, 8 steps (its training grid)", dict(num_steps=8, solver="rk4"))]:
+            print(measure(label, lambda seed, kwargs=kwargs: cnf_log_likelihood(f, test, t1, seed, offset, **kwargs)),
+                  flush=True)
+        print(measure("dopri5 1e-5, exact trace", lambda seed: cnf_log_likelihood(
+            f, test, t1, seed, offset, rtol=1e-5, atol=1e-5, trace="exact"), seeds=(0,)), flush=True)
+
+
+def cnf_log_likelihood(f, test, t1, seed, offset, **kwargs):
+    return dk.likelihood.cnf_log_likelihood(f, test, 0.0, t1, seed=seed, bits_offset=offset, **kwargs)
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    main()
