@@ -27,6 +27,18 @@ def run(benchmark, fn, *, group: str, name: str, nbytes: int, device: str):
     return benchmark(timed)
 
 
+def _write_ways(write, ways):
+    """Interleaved ways of one benchmark (extra_info["ways_s"]: {way: [seconds per round]}): min and
+    median of each, and its median relative to the fastest way's median."""
+    if not ways or not all(ways.values()):
+        return
+    medians = {name: sorted(t)[len(t) // 2] for name, t in ways.items()}
+    fastest = min(medians.values())
+    for name in sorted(ways, key=medians.get):
+        write(f"      {name:<26} {min(ways[name]) * 1e3:10.3f} {medians[name] * 1e3:10.3f} ms  "
+              f"{medians[name] / fastest:5.2f}x the fastest")
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     session = getattr(config, "_benchmarksession", None)
     if session is None or not session.benchmarks:
@@ -58,6 +70,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
             kept = f"  adds {kept / 1e6:.3f} MB kept for backward" if kept is not None else ""
             write(f"    {b.extra_info['label']:<28} {stats.min * 1e3:10.3f} {stats.median * 1e3:10.3f} ms "
                   f"{gbps:9.2f} GB/s  {vs_copy}{kept}{'  NOISY' if noisy else ''}")
+            _write_ways(write, b.extra_info.get("ways_s"))
     if noisy_rows:
         write(f"  {noisy_rows} row(s) marked NOISY: their median is over 1.5x their minimum or their spread over "
               "25% of the median; rerun on an idle machine (see the README, 'Speed') and trust the minimum meanwhile")
