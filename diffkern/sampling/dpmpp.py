@@ -104,12 +104,12 @@ def _dpmpp_grid(schedule: _Schedule, prediction_type: str, parameterization: str
     if not isinstance(sde, SDE):
         raise TypeError(f"sde must be a diffkern SDE (VPSDE, SubVPSDE, VESDE), got {type(sde).__name__}")
     t = sde.time_grid(check_positive_int("num_steps", 100 if num_steps is None else num_steps), schedule.eps)
-    scale = sde.score_scale(t, parameterization)  # the model output times scale is the score
+    scale = sde.score_scale(t, parameterization).tolist()  # the model output times scale is the score
     alphas, stds = sde.mean_coef(t), sde.marginal_std(t)
 
     def x0_score(alpha, sigma, i):
         # x0 = (x + sigma^2 score) / alpha
-        return 1.0 / alpha, sigma ** 2 * float(scale[i]) / alpha
+        return 1.0 / alpha, sigma ** 2 * scale[i] / alpha
 
     return _Grid(alphas.tolist(), stds.tolist(), t, x0_score, sde.prior_std, ("t", t.tolist()))
 

@@ -169,16 +169,17 @@ def sample_pc(score_fn, shape, sde, num_steps: int = 1000, *, predictor: str = "
     table = run.fused_table(predictor_rows)
     noisy = (predictor_rows[:, sigma_col] != 0).tolist()
     times, levels = run.per_step(t), t.tolist() + [0.0]
+    scales, alphas = scale.tolist(), alpha.tolist()  # host numbers, read before the loop
     x = run.initial(sde.prior_std)
     for i in run.steps(num_steps, "predictor-corrector"):
         t_batch = times[i]
         if corrector is not None:
             for _ in range(n_corrector_steps):
                 score = model_output_of(score_fn(x, t_batch))
-                x = _snr_langevin(run, x, score, float(scale[i]), (snr, float(alpha[i])))
+                x = _snr_langevin(run, x, score, scales[i], (snr, alphas[i]))
         m = model_output_of(score_fn(x, t_batch))
         x_before, x = x, run.step(x, table, i, m, noisy=noisy[i])
         if run.callback is not None:
-            score = run.model_output(m, x_before) * float(scale[i])
+            score = run.model_output(m, x_before) * scales[i]
             run.report(i, (levels[i], levels[i + 1]), x, denoised_from_score(sde, levels[i], x_before, score))
     return x
