@@ -137,8 +137,10 @@ class FusedScheduler:
                 more = " ..." if len(self._dk_timestep_list) > 8 else ""
                 raise IndexError(f"timestep {value} is not in the schedule {self._dk_timestep_list[:8]}{more}: pass "
                                  "one of scheduler.timesteps")
-            self._step_index = self.index_for_timestep(
-                torch.tensor(value, dtype=self._dk_host_timesteps.dtype), self._dk_host_timesteps)
+            # diffusers' index_for_timestep rule (the second match when the timestep repeats, as after
+            # img2img's truncation) on the host list: no tensor is read inside the loop
+            matches = [i for i, v in enumerate(self._dk_timestep_list) if v == value]
+            self._step_index = matches[1] if len(matches) > 1 else matches[0]
         else:
             self._step_index = self._begin_index
 
