@@ -34,7 +34,8 @@ _UINT64 = 1 << 64
 
 __all__ = ["BUILD", "NOISE_DTYPES", "RK_MAX_INPUTS", "RK_MAX_OUTPUTS", "RK_MAX_TRACES", "NoiseKey",
            "any_requires_grad", "check_device", "check_noise_layout", "check_seed_step", "check_shape",
-           "cuda_kernels_available", "fused_step", "likelihood_step", "linear_step", "noise_args", "philox4x32_10",
+           "cuda_kernels_available", "fused_step", "fused_step_into", "likelihood_step", "linear_step", "noise_args",
+           "philox4x32_10",
            "probe_trace", "rademacher", "randn", "random_bits", "rk_row_width", "rk_stage", "seed_to_int64",
            "training_loss", "poisson_field", "FIELD_MAX_FEATURES"]
 
@@ -182,16 +183,21 @@ def fused_step(x: torch.Tensor, model_output: Optional[torch.Tensor] = None,
         seed -= _UINT64
     given_out = out is not None
     recording = torch.is_grad_enabled() and any_requires_grad(
-        x, model_output, model_output_uncond, guidance_grad, predicted_variance, noise)
+        x, model_output, model_output_uncond, guidance_grad, predicted_variance, noise, coefficients)
     if given_out and recording:
         raise ValueError("fused_step with out= cannot record gradients (it writes in place): call it without out= "
                          "when an input requires grad")
-    if not given_out and aux_code and not recording and isinstance(x, torch.Tensor):
+    if not given_out and not recording and isinstance(x, torch.Tensor):
+        # Without a gradient to record, the out= op: the functional op's autograd kernel costs
+        # 4.5 us a call even when nothing requires grad, more than the step itself at small sizes.
         # One allocation for both outputs: two large buffers freed together can make glibc return
         # the heap top to the system, so that every call page-faults both in again (measured: 6x
         # the time of the step without aux). One buffer behaves as the single-output step.
-        both = torch.empty((2, *x.shape), dtype=x.dtype, device=x.device)
-        out, aux_out = both[0], both[1]
+        if aux_code:
+            both = torch.empty((2, *x.shape), dtype=x.dtype, device=x.device)
+            out, aux_out = both[0], both[1]
+        else:
+            out = torch.empty_like(x, memory_format=torch.contiguous_format)
     try:
         if out is not None:
             if aux_code and aux_out is None:
@@ -216,6 +222,19 @@ def fused_step(x: torch.Tensor, model_output: Optional[torch.Tensor] = None,
         out = out.contiguous(memory_format=torch.channels_last)
         aux_out = aux_out.contiguous(memory_format=torch.channels_last) if aux_code else aux_out
     return out, (aux_out if aux_code else None)
+
+
+def fused_step_into(out: torch.Tensor, x: torch.Tensor, model_output: Optional[torch.Tensor], *,
+                    coefficients: torch.Tensor, row: int, seed64: int, step: int, sample_offset: int,
+                    stream_noise: bool, inputs: tuple = (None, None, None, None), clip: bool = False,
+                    aux_code: int = 0, aux_out: Optional[torch.Tensor] = None) -> None:
+    """fused_step's out= op with nothing around it, for a caller that checked its noise key once and
+    owns ``out`` (the run engine's buffers, no gradient recorded): ``seed64`` is the seed as an int64's
+    bits (seed_to_int64), ``inputs`` the optional (model_output_uncond, guidance_grad,
+    predicted_variance, noise). The Python around fused_step is a third of a small step's cost."""
+    uncond, third, variance, noise = inputs
+    _fused_step_out_op(x, model_output, uncond, third, variance, noise, coefficients, None, row, clip, aux_code,
+                       stream_noise, seed64, step, sample_offset, 0, None, out=out, aux_out=aux_out)
 
 
 def any_requires_grad(*tensors) -> bool:

@@ -50,6 +50,7 @@ class Run:
         ops.noise_args(list(self.shape), spec.seed, 0, spec.sample_offset, SAMPLING_STREAM, None, self.device)
         self.batch = self.shape[0] if self.shape else 1
         self.seed, self.dtype, self.sample_offset = spec.seed, spec.dtype, spec.sample_offset
+        self.seed64 = ops.seed_to_int64(spec.seed)
         self.x_T, self.progress_enabled = spec.x_T, spec.progress
         self.table_dtype = torch.float64 if spec.dtype == torch.float64 else torch.float32
         self.time_dtype = self.table_dtype
@@ -132,14 +133,10 @@ class Run:
         dtype = x.dtype
         if model_output is not None and model_output.dtype != dtype:
             model_output = model_output.to(dtype)
-        if model_output_uncond is not None and model_output_uncond.dtype != dtype:
-            model_output_uncond = model_output_uncond.to(dtype)
-        if third is not None and third.dtype != dtype:
-            third = third.to(dtype)
-        if predicted_variance is not None and predicted_variance.dtype != dtype:
-            predicted_variance = predicted_variance.to(dtype)
-        if noise is not None and noise.dtype != dtype:
-            noise = noise.to(dtype)
+        if model_output_uncond is not None or third is not None or predicted_variance is not None or noise is not None:
+            model_output_uncond, third, predicted_variance, noise = (
+                t.to(dtype) if t is not None and t.dtype != dtype else t
+                for t in (model_output_uncond, third, predicted_variance, noise))
         out = self.output_for(x, into)
         inputs = (x, model_output, model_output_uncond, third, predicted_variance, noise)
         if out is not None and (torch.is_grad_enabled() and ops.any_requires_grad(*inputs)
@@ -148,6 +145,21 @@ class Run:
             # the run's buffers must not have it overwritten while it is read: allocate this step
             out = None
         stream_noise = noisy and noise is None
+        if out is not None:
+            # the run's own buffer and a noise key checked when the run began: straight to the op
+            step = self.next_noise_step() if stream_noise else 0
+            aux_out = self.output_for(x, "x0") if return_x0 else None
+            try:
+                ops.fused_step_into(out, x, model_output, coefficients=table, row=row, seed64=self.seed64,
+                                    step=step, sample_offset=self.sample_offset, stream_noise=stream_noise,
+                                    inputs=inputs[2:], clip=clip, aux_code=ops.AUX["x0"] if return_x0 else 0,
+                                    aux_out=aux_out)
+            except (RuntimeError, TypeError):
+                pass  # the checked call below names what was wrong
+            else:
+                return (out, aux_out) if return_x0 else out
+            if stream_noise:
+                self.noise_step -= 1
         new, x0 = ops.fused_step(
             x, model_output, model_output_uncond, third, predicted_variance, noise, coefficients=table, row=row,
             clip=clip, aux="x0" if return_x0 else "none", stream_noise=stream_noise, seed=self.seed,
@@ -168,8 +180,14 @@ class Run:
 
 
 def _shares_memory(buffer: torch.Tensor, tensors) -> bool:
-    storage = buffer.untyped_storage().data_ptr()
-    return any(t is not None and t.untyped_storage().data_ptr() == storage for t in tensors)
+    """Whether a tensor among ``tensors`` starts inside the (contiguous) buffer: a view of it. Another
+    allocation cannot start there, and the addresses cost a fraction of storage objects per step."""
+    start = buffer.data_ptr()
+    end = start + buffer.numel() * buffer.element_size()
+    for t in tensors:
+        if t is not None and start <= t.data_ptr() < end:
+            return True
+    return False
 
 
 def per_sample(coef, x: torch.Tensor) -> torch.Tensor:
