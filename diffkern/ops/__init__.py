@@ -308,10 +308,12 @@ def linear_step(inputs: Sequence[torch.Tensor], noise: Optional[torch.Tensor] = 
             results = list(torch.ops.diffkern.linear_step(list(inputs), noise, coefficients, row, outputs, x0, clip,
                                                           stream_noise, seed, step, sample_offset, stream, seed_step))
         else:
-            buffer = torch.empty((count, *x.shape), dtype=x.dtype, device=x.device)
-            results = list(buffer.unbind(0))
-            _linear_step_out_op(list(inputs), noise, coefficients, row, outputs, x0, clip, stream_noise, seed, step,
-                                sample_offset, stream, seed_step, out=results)
+            if count == 1:  # the common step: one output, no view to cut
+                results = [torch.empty_like(x, memory_format=torch.contiguous_format)]
+            else:
+                results = list(torch.empty((count, *x.shape), dtype=x.dtype, device=x.device).unbind(0))
+            _linear_step_out_op(inputs if type(inputs) is list else list(inputs), noise, coefficients, row, outputs,
+                                x0, clip, stream_noise, seed, step, sample_offset, stream, seed_step, out=results)
     except (RuntimeError, TypeError, NotImplementedError, AttributeError):
         _check_linear_step(inputs, noise, coefficients, row=row, outputs=outputs,
                            noise_key=NoiseKey(seed, step, sample_offset, stream, seed_step))
