@@ -21,7 +21,7 @@ import shutil
 import subprocess
 import sys
 
-from setuptools import find_packages, setup
+from setuptools import find_namespace_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_ARCH_LIST = "8.0;8.6;8.9;9.0+PTX"
@@ -202,7 +202,9 @@ def extension():
 
 write_build_config()
 setup(
-    packages=find_packages(include=["diffkern", "diffkern.*"]),
+    # namespace discovery: the data folders (diffkern/datasets, datasets/models) are packages too, or
+    # setuptools warns that it will stop shipping their files
+    packages=find_namespace_packages(include=["diffkern", "diffkern.*"], exclude=["*.__pycache__"]),
     ext_modules=[extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
 )
