@@ -4,7 +4,9 @@ to Python (``.item()``, ``float(t)``, ``bool(t)``, ``.tolist()``: aten._local_sc
 data-dependent ``nonzero``, ``masked_select``, ``equal``, ``unique``), armed by the first model call:
 what a sampler reads to build its tables before the loop is allowed, anything from then on is a
 sync on a GPU (or a host read of a table that should have been a list). Every registry sampler (the
-k-diffusion drop-ins among them) and a loop of every diffusers drop-in scheduler, at two step counts."""
+k-diffusion drop-ins among them) and a loop of every diffusers drop-in scheduler, at two step counts;
+on a GPU, the same loops under torch.cuda.set_sync_debug_mode("error") (never run yet: no GPU was lent
+to the work that wrote them)."""
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -126,3 +128,61 @@ def test_the_recorder_sees_a_host_read():
     assert [what for what, _ in recorder.reads] == ["aten._local_scalar_dense.default", "Tensor.tolist",
                                                      "aten._local_scalar_dense.default"]
     assert torch.Tensor.tolist is tolist  # restored on exit
+
+
+# ---- on a GPU: the same loops under torch.cuda.set_sync_debug_mode("error") ----------------------------
+
+CUDA = torch.cuda.is_available() and dk.cuda_kernels_available()
+
+
+class SyncErrors:
+    """torch.cuda.set_sync_debug_mode("error") from ``arm()`` (the first model call) to the exit."""
+
+    def __init__(self):
+        self.armed = False
+
+    def arm(self):
+        if not self.armed:
+            torch.cuda.set_sync_debug_mode("error")
+            self.armed = True
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        torch.cuda.set_sync_debug_mode("default")
+        return False
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU and diffkern's CUDA kernels")
+@pytest.mark.parametrize("name", [n for n in registry.SAMPLERS if registry.ENTRIES[n].model != "field"])
+def test_registry_sampler_loop_does_not_sync_the_gpu(name):
+    """A model of plain device ops (x * 0.5 has every kind's shape), so any sync is the sampler's."""
+    sampler = registry.make_sampler(name, steps=24, **({"langevin_steps": 2} if name == "langevin" else {}))
+    guard = SyncErrors()
+
+    def model(x, level, *args, **kwargs):
+        guard.arm()
+        return x * 0.5
+
+    with guard:
+        x = sampler(model, (8, 2), seed=0, device="cuda")
+    assert guard.armed and x.device.type == "cuda"
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU and diffkern's CUDA kernels")
+@pytest.mark.parametrize("name", DROP_INS)
+def test_drop_in_step_loop_does_not_sync_the_gpu(name):
+    pytest.importorskip("diffusers")
+    import diffkern.diffusers as D
+
+    scheduler = getattr(D, name)()
+    scheduler.set_timesteps(12, device="cuda")
+    flow = name.startswith("FlowMatch")
+    x = dk.randn((8, 2), seed=0, device="cuda") * (1.0 if flow else float(scheduler.init_noise_sigma))
+    with SyncErrors() as guard:
+        for t in scheduler.timesteps:
+            guard.arm()
+            model_input = x if flow else scheduler.scale_model_input(x, t)
+            x = scheduler.step(model_input * 0.1, t, x).prev_sample
+    assert x.device.type == "cuda"
