@@ -108,6 +108,10 @@ def plot(rows: list, kept: dict, floor: dict, path: str) -> bool:
 def run(out: str, samples: int, seed: int, quick: bool, progress: bool) -> dict:
     """The digits part: the table printed, digits.png written, the summary returned."""
     jobs = QUICK_PLAN if quick else PLAN
+    missing = [(name, sampler_table.samplers()[name].needs) for name, _ in jobs if not sampler_table.available(name)]
+    for name, needs in missing:
+        print(f"digits: {name} needs {needs}, which is not installed (pip install {needs}); skipped", flush=True)
+    jobs = [(name, budget) for name, budget in jobs if sampler_table.available(name)]
     kept: dict = {}
     rows = sampler_table.run(jobs, samples=samples, seed=seed, progress=progress, keep=kept)
     # real digits scored as the samplers are, as many of them: FD's bias depends on the sample count

@@ -61,6 +61,15 @@ class TableSampler:
     sample: Callable
     budgets: Optional[Sequence[int]] = None
     stochastic: bool = False
+    needs: Optional[str] = None  # a package the sampler imports (the UniPC drop-in: diffusers)
+
+
+def available(name: str) -> bool:
+    """Whether the table's sampler ``name`` can run here (its ``needs`` is importable)."""
+    import importlib.util
+
+    needs = samplers()[name].needs
+    return needs is None or importlib.util.find_spec(needs) is not None
 
 
 def _steps(evals: int, per_step: int) -> int:
@@ -155,7 +164,7 @@ def samplers() -> Dict[str, TableSampler]:
         TableSampler("DPM-Solver++ 2M", "ddpm", 1, _timestep_sampler("dpmpp", order=2), few),
         TableSampler("DPM-Solver++ 3M", "ddpm", 1, _timestep_sampler("dpmpp", order=3), few),
         TableSampler("SDE-DPM-Solver++ 2M", "ddpm", 1, _timestep_sampler("dpmpp", order=2, eta=1.0), few, True),
-        TableSampler("UniPC (drop-in)", "ddpm", 1, _unipc, few),
+        TableSampler("UniPC (drop-in)", "ddpm", 1, _unipc, few, needs="diffusers"),
         TableSampler("Euler (EDM)", "denoiser", 1, _karras(dk.sample_euler), few),
         TableSampler("Heun (EDM)", "denoiser", 2, _karras(dk.sample_heun, 2), (5, 9, 19, 49, 99)),
         TableSampler("Euler-ancestral", "denoiser", 1, _karras(dk.sample_euler_ancestral), None, True),

@@ -220,3 +220,19 @@ def test_demo_digits_quick(tmp_path):
     assert 1.5 < report["likelihood"]["bits_per_dim"] < 4.0
     assert (tmp_path / "digits.png").stat().st_size > 10_000
     assert "digits-FD" in result.stdout and "bits/dim of the VP model" in result.stdout
+
+
+def test_demo_digits_skips_what_needs_a_missing_package(tmp_path, monkeypatch, capsys):
+    """The demo installs with matplotlib alone: the UniPC drop-in needs diffusers, and without it the
+    digits part says so and runs the rest."""
+    from diffkern import demo_digits
+
+    real = sampler_table.available
+    monkeypatch.setattr(sampler_table, "available", lambda name: name != "UniPC (drop-in)" and real(name))
+    monkeypatch.setattr(demo_digits, "QUICK_PLAN", [("UniPC (drop-in)", 5), ("DDIM", 5)])
+    monkeypatch.setattr(demo_digits, "QUICK_LIKELIHOOD_IMAGES", 4)
+    report = demo_digits.run(str(tmp_path), 16, 0, True, False)
+    assert [r["sampler"] for r in report["samplers"]] == ["DDIM"]
+    assert "UniPC (drop-in) needs diffusers, which is not installed" in capsys.readouterr().out
+    assert sampler_table.samplers()["UniPC (drop-in)"].needs == "diffusers"
+
