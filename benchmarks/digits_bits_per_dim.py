@@ -8,15 +8,13 @@ seeds) and, for the CNF, the exact trace too; wall time on this machine.
     python benchmarks/digits_bits_per_dim.py [--cnf runs/cnf-digits/checkpoint.pt]
 """
 import argparse
-import math
 import time
 
 import torch
 
 import diffkern as dk
-from diffkern.training import cnf_report, data, load_checkpoint, load_pretrained
+from diffkern.training import cnf_report, load_checkpoint, load_pretrained
 
-WIDTH = 2 / data.DIGITS_LEVELS
 SETTINGS = [("dopri5, rtol = atol = 1e-4", dict(rtol=1e-4, atol=1e-4)),
             ("dopri5, rtol = atol = 1e-5", dict(rtol=1e-5, atol=1e-5))]
 
@@ -40,8 +38,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cnf", default=None, help="a CNF checkpoint of the train command (runs/cnf-digits/...)")
     args = parser.parse_args()
-    test = cnf_report.dequantized(data.digits("test"), WIDTH)
-    offset = math.log2(1 / WIDTH)
+    test, offset = cnf_report.digits_test()
     print("test split (300 images), bits/dim: the mean over images; +-: its spread over 3 probe seeds")
     print("digits-vp (shipped VP score model), probability-flow ODE:")
     model, sde = load_pretrained("digits-vp"), dk.VPSDE()

@@ -295,14 +295,11 @@ def _evaluate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         _fail(parser, f"--solver must be one of {', '.join(_likelihood_solvers())}, got {args.solver!r}")
     bits_offset = args.bits_offset
     if args.data == "digits":  # the test split, dequantized in the bins of its 17 grey levels
-        import math
-
         from diffkern.training import cnf_report
-        from diffkern.training.data import DIGITS_LEVELS, digits
 
-        width = 2 / DIGITS_LEVELS
-        data = cnf_report.dequantized(digits("test"), width).numpy()
-        bits_offset = math.log2(1 / width) if bits_offset is None else bits_offset
+        data, offset = cnf_report.digits_test()
+        data = data.numpy()
+        bits_offset = offset if bits_offset is None else bits_offset
         identity = "digits"
     else:
         try:
@@ -316,7 +313,8 @@ def _evaluate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     def work(joined):
         path, mean, stderr = distributed.evaluate(
             model, data, sde=args.sde, steps=args.steps, solver=args.solver, probes=args.probes, trace=args.trace,
-            seed=args.seed, batch_size=args.batch_size, out=args.out, bits_offset=bits_offset or 0.0, device=device,
+            seed=args.seed, batch_size=args.batch_size, out=args.out, device=device,
+            bits_offset=0.0 if bits_offset is None else bits_offset,
             progress=not args.no_progress, timeout=args.timeout,
             config={"model": args.model, "model_kwargs": kwargs, "data": identity})
         if not joined or int(os.environ.get("RANK", "0")) == 0:

@@ -20,7 +20,7 @@ import diffkern as dk
 
 from . import sampler_table
 from .training import cnf_report, digit_metrics
-from .training.data import DIGITS_LEVELS, digits
+from .training.data import digits
 
 # (sampler label of sampler_table, budget of model evaluations)
 PLAN = [("DDPM", 100), ("DDIM", 20), ("DPM-Solver++ 2M", 10), ("UniPC (drop-in)", 10), ("Heun (EDM)", 19),
@@ -37,13 +37,13 @@ def likelihood(images: int, seed: int, progress: bool) -> dict:
     draw from ``seed``), the probability-flow ODE by dopri5 at LIKELIHOOD_TOLERANCE, one Hutchinson probe."""
     from .training.pretrained import load_pretrained
 
-    width = 2 / DIGITS_LEVELS
-    x = cnf_report.dequantized(digits("test")[:images], width, seed=seed)
+    x, offset = cnf_report.digits_test(seed)
+    x = x[:images]  # each image's draw is its own (keyed by its index): the first ones are the same alone
     started = time.perf_counter()
     with torch.no_grad():
         result = dk.log_likelihood(load_pretrained("digits-vp"), x, dk.VPSDE(), solver="dopri5", seed=seed,
                                    rtol=LIKELIHOOD_TOLERANCE, atol=LIKELIHOOD_TOLERANCE,
-                                   bits_offset=math.log2(1 / width), progress=progress)
+                                   bits_offset=offset, progress=progress)
     bits = result.bits_per_dim.double()
     return {"images": images, "tolerance": LIKELIHOOD_TOLERANCE, "model_calls": result.num_evals,
             "wall_s": time.perf_counter() - started,
@@ -52,7 +52,7 @@ def likelihood(images: int, seed: int, progress: bool) -> dict:
 
 def format_report(rows: list, floor: dict, lk: dict, samples: int) -> str:
     lines = [f"digits: 8x8 handwritten digits, the shipped models, {samples} samples per sampler on cpu "
-             f"(floor, {samples} real training digits: digits-FD {floor['fd']:.1f}, coverage TV "
+             f"(floor, {floor['images']} real training digits: digits-FD {floor['fd']:.1f}, coverage TV "
              f"{floor['coverage_tv']:.3f}, precision {floor['precision']:.2f}, recall {floor['recall']:.2f})",
              f"  {'sampler':<30}{'model calls':>12}{'wall s':>9}{'digits-FD':>11}{'coverage TV':>13}"
              f"{'precision':>11}{'recall':>8}"]
@@ -115,7 +115,8 @@ def run(out: str, samples: int, seed: int, quick: bool, progress: bool) -> dict:
     kept: dict = {}
     rows = sampler_table.run(jobs, samples=samples, seed=seed, progress=progress, keep=kept)
     # real digits scored as the samplers are, as many of them: FD's bias depends on the sample count
-    floor = digit_metrics.metrics(digits("train")[:samples])
+    real = digits("train")[:samples]
+    floor = dict(digit_metrics.metrics(real), images=real.shape[0])
     lk = likelihood(QUICK_LIKELIHOOD_IMAGES if quick else LIKELIHOOD_IMAGES, seed, progress)
     print(format_report(rows, floor, lk, samples), flush=True)
     png = os.path.join(out, "digits.png")

@@ -9,7 +9,7 @@ import torch
 
 from ..likelihood import cnf_log_likelihood
 from ..noise import DEQUANTIZATION_STREAM
-from .data import DIGITS_LEVELS, digits
+from .data import DIGITS_BIN_WIDTH, digits
 from .draws import BatchKey, uniform_features
 from .toy_data import TOY_DATASETS, sample_toy, toy_log_density
 
@@ -31,6 +31,13 @@ def dequantized(x: torch.Tensor, width: float, seed: int = TEST_SEED) -> torch.T
     """x plus one fixed draw of U(-width/2, width/2) per feature (the stream's, from ``seed``)."""
     u = uniform_features(x.shape[0], x[0].numel(), BatchKey(seed, 0, 0), x.device, DEQUANTIZATION_STREAM)
     return x + ((u.reshape(x.shape) - 0.5) * width).to(x.dtype)
+
+
+def digits_test(seed: int = TEST_SEED):
+    """(the digits' test split dequantized in its grey levels' bins with the draw of ``seed``, the bits
+    offset log2(1 / width) that makes a density of it a likelihood of the 17-level images), as
+    ``evaluate --data digits``, the demo and benchmarks/digits_bits_per_dim.py score it."""
+    return dequantized(digits("test"), DIGITS_BIN_WIDTH, seed), math.log2(1.0 / DIGITS_BIN_WIDTH)
 
 
 def bits_per_dim(nll: float, features: int, width: float) -> float:
@@ -70,7 +77,7 @@ def report(model, data_name: str, data: torch.Tensor, objective, out: Optional[s
         result["test_nll"] = test_nll(model, test, t1)
         result["data_entropy"] = toy_entropy(data_name)
     elif data_name == "digits":
-        width = objective.dequantize if objective.dequantize > 0 else 2.0 / DIGITS_LEVELS
+        width = objective.dequantize if objective.dequantize > 0 else DIGITS_BIN_WIDTH
         test = dequantized(digits("test").to(device=device, dtype=data.dtype), width)
         result["test_nll"] = test_nll(model, test, t1)
         result["test_bits_per_dim"] = bits_per_dim(result["test_nll"], test[0].numel(), width)

@@ -13,6 +13,7 @@ from .toy_data import TOY_DATASETS, sample_toy
 BUILTIN_SIZE, BUILTIN_SEED = 8192, 2026
 DIGITS_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "datasets", "digits.npz")
 DIGITS_LEVELS, DIGITS_TEST_SIZE = 17, 300
+DIGITS_BIN_WIDTH = 2 / DIGITS_LEVELS  # a grey level's bin in (-1, 1): uniform dequantization's width
 
 
 def digits(split: str = "train", *, labels: bool = False):
