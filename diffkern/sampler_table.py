@@ -76,6 +76,11 @@ def _steps(evals: int, per_step: int) -> int:
     return max(1, evals // per_step)
 
 
+def _heun_steps(evals: int) -> int:
+    """Steps of a Heun method whose last step is one call (2 n - 1 calls: EDM's, flow's)."""
+    return (evals + 1) // 2
+
+
 def _timestep_sampler(kind: str, **options):
     import diffkern as dk
 
@@ -109,7 +114,7 @@ def _karras(function, per_step_calls: int = 1, **options):
     import diffkern as dk
 
     def sample(model, evals, seed, samples, context):
-        steps = (evals + 1) // 2 if per_step_calls == 2 else evals  # Heun's last step is one call
+        steps = _heun_steps(evals) if per_step_calls == 2 else evals
         sigmas = dk.karras_sigmas(steps, context["sigma_min"], context["sigma_max"])
         return function(model, (samples, *SHAPE), sigmas, seed=seed, **options)
     return sample
@@ -148,7 +153,7 @@ def _flow(solver: str):
     import diffkern as dk
 
     def sample(model, evals, seed, samples, context):
-        steps = (evals + 1) // 2 if solver == "heun" else evals  # Heun's last step is one call
+        steps = _heun_steps(evals) if solver == "heun" else evals
         return dk.sample_flow(model, (samples, *SHAPE), num_steps=steps, solver=solver, seed=seed)
     return sample
 

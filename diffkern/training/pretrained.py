@@ -133,7 +133,7 @@ def export(run: str, name: str) -> dict:
     entries = manifest()
     entries[name] = {"file": os.path.basename(path), "sha256": _sha256(path), "command": command_of(config),
                      "final_loss": state["history"][-1]["loss"], "bytes": os.path.getsize(path)}
-    with open(MANIFEST, "w") as f:
+    with open(MANIFEST, "w") as f:  # first the sha256, which load_pretrained below checks
         json.dump(entries, f, indent=1)
     entries[name]["recorded"] = recorded_metrics(load_pretrained(name), name)
     with open(MANIFEST, "w") as f:
