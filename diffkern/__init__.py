@@ -18,6 +18,8 @@ from .noise import rademacher, randn, random_bits
 from .ops import BUILD as _BUILD
 from .ops import cuda_kernels_available
 from .sampling import (
+    CapturedSampler,
+    capture,
     classifier_grad,
     pfgm_forward,
     pfgm_prior,
@@ -61,14 +63,15 @@ from .steps import (
 from .training import TrainingBatch, training_loss
 
 __all__ = [
-    "__version__", "build_info", "classifier_grad", "cnf_log_likelihood", "coefficients", "cuda_kernels_available",
-    "ddim_step", "ddpm_step", "DDPMSchedule", "denoiser_from_score", "epsilon_from_score", "euler_ancestral_step",
-    "euler_maruyama_step", "euler_step", "exact_trace", "heun_correct", "heun_step", "hutchinson_trace",
-    "karras_sigmas", "langevin_step", "log_likelihood", "LogLikelihood", "models", "pfgm_forward", "pfgm_prior",
-    "q_sample", "q_sample_with_noise", "rademacher", "randn", "random_bits", "reference", "sample_ddim",
-    "sample_ddpm", "sample_dpmpp", "sample_euler", "sample_euler_ancestral", "sample_euler_maruyama", "sample_flow",
-    "sample_heun", "sample_langevin", "sample_ode", "sample_pc", "sample_pfgm", "score_from_denoiser",
-    "score_from_epsilon", "SDE", "StepInfo", "SubVPSDE", "training_loss", "TrainingBatch", "VESDE", "VPSDE"
+    "__version__", "build_info", "capture", "CapturedSampler", "classifier_grad", "cnf_log_likelihood",
+    "coefficients", "cuda_kernels_available", "ddim_step", "ddpm_step", "DDPMSchedule", "denoiser_from_score",
+    "epsilon_from_score", "euler_ancestral_step", "euler_maruyama_step", "euler_step", "exact_trace",
+    "heun_correct", "heun_step", "hutchinson_trace", "karras_sigmas", "langevin_step", "log_likelihood",
+    "LogLikelihood", "models", "pfgm_forward", "pfgm_prior", "q_sample", "q_sample_with_noise", "rademacher",
+    "randn", "random_bits", "reference", "sample_ddim", "sample_ddpm", "sample_dpmpp", "sample_euler",
+    "sample_euler_ancestral", "sample_euler_maruyama", "sample_flow", "sample_heun", "sample_langevin",
+    "sample_ode", "sample_pc", "sample_pfgm", "score_from_denoiser", "score_from_epsilon", "SDE", "StepInfo",
+    "SubVPSDE", "training_loss", "TrainingBatch", "VESDE", "VPSDE"
 ]
 
 # Submodules reachable as attributes without an explicit import (``import diffkern; diffkern.diffusers``);

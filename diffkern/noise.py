@@ -7,6 +7,7 @@ from typing import Optional, Sequence, Union
 import torch
 
 from . import ops, reference
+from ._graph import default_device
 from ._validate import check_uint
 
 IntOrTensor = Union[int, torch.Tensor]
@@ -25,8 +26,7 @@ DEQUANTIZATION_STREAM = 6  # the uniform dequantization noise of a likelihood mo
 
 def resolve_device(device) -> torch.device:
     if device is None:
-        getter = getattr(torch, "get_default_device", None)
-        return getter() if getter is not None else torch.device("cpu")
+        return default_device()
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())

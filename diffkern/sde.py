@@ -19,6 +19,7 @@ from typing import Callable, Optional, Union
 
 import torch
 
+from ._graph import plan
 from ._validate import check_positive_int
 from .noise import randn
 
@@ -89,9 +90,10 @@ class SDE:
         self.score_scale(0.5, parameterization)  # checks parameterization
 
         def terms(t):
-            t64 = t.to(torch.float64) if isinstance(t, torch.Tensor) else torch.tensor(t, dtype=torch.float64)
-            a, b = self.drift_coef(t64), -0.5 * self.diffusion(t64) ** 2 * self.score_scale(t64, parameterization)
-            return (a, b) if isinstance(t, torch.Tensor) else (float(a), float(b))
+            if not isinstance(t, torch.Tensor):
+                return _velocity_terms_at(self, parameterization, t)
+            t64 = t.to(torch.float64)
+            return self.drift_coef(t64), -0.5 * self.diffusion(t64) ** 2 * self.score_scale(t64, parameterization)
         return terms
 
     def time_grid(self, num_steps: int, eps: float) -> torch.Tensor:
@@ -114,6 +116,14 @@ def _per_sample(coef: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """A coefficient of shape [] or [B] broadcast against x [B, ...], in x's dtype and device."""
     coef = coef.to(device=x.device, dtype=x.dtype)
     return coef.reshape(-1, *([1] * (x.dim() - 1))) if coef.dim() else coef
+
+
+@plan
+def _velocity_terms_at(sde: SDE, parameterization: str, t: float) -> tuple:
+    """velocity_terms at a float time, as floats (a plan: a constant of a compiled graph)."""
+    t64 = torch.tensor(t, dtype=torch.float64)
+    a, b = sde.drift_coef(t64), -0.5 * sde.diffusion(t64) ** 2 * sde.score_scale(t64, parameterization)
+    return float(a), float(b)
 
 
 class VPSDE(SDE):

@@ -17,7 +17,7 @@ PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 # Lowest first. A module belongs to the layer of the longest prefix listed.
 LAYERS = [
-    ["diffkern._version", "diffkern._validate"],
+    ["diffkern._version", "diffkern._validate", "diffkern._graph"],
     ["diffkern.ops"],
     ["diffkern.coefficients", "diffkern.reference", "diffkern.noise", "diffkern.schedules", "diffkern.sde",
      "diffkern._model", "diffkern.steps", "diffkern.ode", "diffkern.models"],

@@ -12,6 +12,7 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 
 from .. import ops
+from .._graph import compiling
 from ._linear_form import Lin, Plan, Rows, term
 
 
@@ -104,6 +105,7 @@ class FusedScheduler:
         self._dk_host_timesteps = self.timesteps.detach().to("cpu") if isinstance(self.timesteps, torch.Tensor) \
             else torch.as_tensor(self.timesteps)
         self._dk_timestep_list = self._dk_host_timesteps.tolist()
+        self._dk_compiled_calls = 0
 
     def _dk_plan(self, key):
         plan = self._dk_plans.get(key)
@@ -117,6 +119,8 @@ class FusedScheduler:
 
     # -- the step index: diffusers' rule, on a host copy of the schedule --
     def _dk_timestep_value(self, timestep):
+        if isinstance(timestep, torch.Tensor) and compiling():
+            return self._dk_compiled_timestep_value(timestep)
         if isinstance(timestep, torch.Tensor):
             schedule = self.timesteps
             if (timestep.numel() == 1 and isinstance(schedule, torch.Tensor) and timestep.device == schedule.device
@@ -129,6 +133,22 @@ class FusedScheduler:
                     return self._dk_timestep_list[offset // schedule.stride(0)]
             return timestep.item()  # a CPU tensor, or (once per run) a device tensor from elsewhere
         return timestep
+
+    def _dk_compiled_timestep_value(self, timestep):
+        """Compiled, nothing may read the timestep's value: each call that asks for it takes the
+        schedule's next timestep (from set_begin_index's index, or the first), and the graph asserts,
+        without a host synchronisation, that the given timestep is that one. So a compiled loop
+        follows scheduler.timesteps in order from set_timesteps, as a pipeline's loop does."""
+        index = (getattr(self, "begin_index", None) or 0) + self._dk_compiled_calls
+        if index >= len(self._dk_timestep_list):
+            raise IndexError(f"step() called past the end of the schedule's {len(self._dk_timestep_list)} timesteps: "
+                             "call set_timesteps again to start a new run")
+        self._dk_compiled_calls += 1
+        value = self._dk_timestep_list[index]
+        torch._assert_async((timestep == value).all(),
+                            "a compiled drop-in step got a timestep other than the schedule's next one (compiled, "
+                            "the steps follow scheduler.timesteps in order; use set_begin_index to start later)")
+        return value
 
     def _init_step_index(self, timestep) -> None:
         if self.begin_index is None:
@@ -239,7 +259,18 @@ def _set_timesteps_then_rows(cls, base: type):
             raise ValueError(f"num_inference_steps must be an int >= 1, got {steps!r}")
         base_set_timesteps(self, *args, **kwargs)
         self._dk_reset()
+        # A pipeline calls set_timesteps at every run: the rows of a schedule this scheduler has seen
+        # are kept (building 50 steps' rows costs 1-4 ms, more than the steps at small sizes).
+        sigmas = getattr(self, "sigmas", None)
+        signature = (tuple(self._dk_timestep_list), self.num_inference_steps,
+                     tuple(sigmas.tolist()) if isinstance(sigmas, torch.Tensor) else None)
+        built = self.__dict__.setdefault("_dk_built", {})
+        if signature in built:
+            self._dk_rows, self._dk_plans = built.pop(signature)
         self._dk_prebuild(self._dk_schedule_keys())
+        built[signature] = (self._dk_rows, self._dk_plans)
+        while len(built) > 8:  # the most recently used schedules
+            built.pop(next(iter(built)))
 
     set_timesteps.__signature__ = inspect.signature(base_set_timesteps)
     set_timesteps.__doc__ = base_set_timesteps.__doc__

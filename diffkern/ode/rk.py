@@ -150,10 +150,9 @@ class _Stepper:
         per_sample = isinstance(step, torch.Tensor)
         (x_stage,), _, _, _ = self.stage("first", [x_n, k0], (0.0, 0.0), step)
         ks, traces, regs = [k0], [tr0], [r0]
-        if not per_sample:  # the step's a(t_i), b(t_i) in one call
+        if not per_sample:  # the step's a(t_i), b(t_i), as floats (constants of a compiled graph)
             stage_times = [t + c * step for c in tableau.c]
-            a_all, b_all = (v.tolist() for v in self.system.velocity_terms(torch.tensor(stage_times,
-                                                                                          dtype=torch.float64)))
+            a_all, b_all = zip(*(self.system.velocity_terms(t_i) for t_i in stage_times))
         for i in range(1, s):
             if per_sample:
                 t_i = t + tableau.c[i] * step

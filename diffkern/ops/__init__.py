@@ -13,6 +13,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from .._graph import compiling
 from .._validate import check_shape, check_uint
 from . import _loader
 from ._schema import (
@@ -182,12 +183,15 @@ def fused_step(x: torch.Tensor, model_output: Optional[torch.Tensor] = None,
     if seed >= _INT64_SIGN:
         seed -= _UINT64
     given_out = out is not None
+    # (compiled, a sampler's table is a constant of the graph, whose requires_grad dynamo cannot read)
     recording = torch.is_grad_enabled() and any_requires_grad(
-        x, model_output, model_output_uncond, guidance_grad, predicted_variance, noise, coefficients)
+        x, model_output, model_output_uncond, guidance_grad, predicted_variance, noise,
+        None if compiling() else coefficients)
     if given_out and recording:
         raise ValueError("fused_step with out= cannot record gradients (it writes in place): call it without out= "
                          "when an input requires grad")
-    if not given_out and not recording and isinstance(x, torch.Tensor):
+    if not given_out and not recording and isinstance(x, torch.Tensor) and not compiling():
+        # (Compiled, the functional op: the graph owns its buffers.)
         # Without a gradient to record, the out= op: the functional op's autograd kernel costs
         # 4.5 us a call even when nothing requires grad, more than the step itself at small sizes.
         # One allocation for both outputs: two large buffers freed together can make glibc return
@@ -240,7 +244,7 @@ def fused_step_into(out: torch.Tensor, x: torch.Tensor, model_output: Optional[t
 def any_requires_grad(*tensors) -> bool:
     """True when a tensor among ``tensors`` (None allowed) requires grad."""
     for t in tensors:  # a plain loop: this runs on every step of every sampler
-        if getattr(t, "requires_grad", False):
+        if isinstance(t, torch.Tensor) and t.requires_grad:
             return True
     return False
 
@@ -304,7 +308,8 @@ def linear_step(inputs: Sequence[torch.Tensor], noise: Optional[torch.Tensor] = 
     x = inputs[0]
     count = outputs + (1 if x0 else 0)
     try:
-        if torch.is_grad_enabled() and any_requires_grad(noise, *inputs):  # the functional op has autograd
+        if compiling() or torch.is_grad_enabled() and any_requires_grad(noise, *inputs):
+            # the functional op: it has autograd, and a compiled graph owns its buffers
             results = list(torch.ops.diffkern.linear_step(list(inputs), noise, coefficients, row, outputs, x0, clip,
                                                           stream_noise, seed, step, sample_offset, stream, seed_step))
         else:

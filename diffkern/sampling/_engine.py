@@ -13,9 +13,10 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from .. import coefficients, ops
+from .._graph import compiling, plan
 from .._model import StepInfo, progress, step_callback
 from .._validate import check_dtype, check_shape
-from ..noise import SAMPLING_STREAM, randn, resolve_device
+from ..noise import SAMPLING_STREAM, make_seed_step, randn, resolve_device
 
 
 @dataclass(frozen=True)
@@ -46,18 +47,26 @@ class Run:
         self.shape = tuple(check_shape(spec.shape))
         check_dtype(spec.dtype)
         self.device = resolve_device(spec.device)
-        # the noise key, checked once here rather than at the first launch
-        ops.noise_args(list(self.shape), spec.seed, 0, spec.sample_offset, SAMPLING_STREAM, None, self.device)
+        # the noise key, checked once here rather than at the first launch. A seed given as a
+        # one-element integer tensor on the device is read by the kernels from device memory: a
+        # compiled run then takes new seeds without recompiling, and a captured one replays with them.
+        self.seed_tensor = None
+        if isinstance(spec.seed, torch.Tensor):
+            make_seed_step(spec.seed, 0, self.device)  # refuses a bad seed tensor by name
+            self.seed_tensor = spec.seed.reshape(()).to(torch.int64)
+        ops.noise_args(list(self.shape), 0 if self.seed_tensor is not None else spec.seed, 0, spec.sample_offset,
+                       SAMPLING_STREAM, None, self.device)
         self.batch = self.shape[0] if self.shape else 1
         self.seed, self.dtype, self.sample_offset = spec.seed, spec.dtype, spec.sample_offset
-        self.seed64 = ops.seed_to_int64(spec.seed)
+        self.seed64 = ops.seed_to_int64(spec.seed) if self.seed_tensor is None else 0
         self.x_T, self.progress_enabled = spec.x_T, spec.progress
         self.table_dtype = torch.float64 if spec.dtype == torch.float64 else torch.float32
         self.time_dtype = self.table_dtype
         self.noise_step = 0
         self.level_name = level_name
         self.callback = step_callback(spec.callback, legacy)
-        self.reuse_buffers = self.callback is None
+        # compiled, the graph owns the buffers (and a buffer's address is nothing dynamo can read)
+        self.reuse_buffers = self.callback is None and not compiling()
         self._buffers = {}
 
     # ---- before the loop ----
@@ -70,26 +79,29 @@ class Run:
                 raise ValueError(f"x_T must be a tensor of shape {self.shape}, got "
                                  f"{tuple(x_T.shape) if isinstance(x_T, torch.Tensor) else type(x_T).__name__}")
             return x_T.to(device=self.device, dtype=self.dtype)
-        return randn(self.shape, seed=self.seed, step=0, sample_offset=self.sample_offset, device=self.device,
-                     dtype=self.dtype) * scale
+        return randn(self.shape, **self.noise_key(0), device=self.device, dtype=self.dtype) * scale
 
     def table(self, rows) -> torch.Tensor:
-        """Coefficient rows (float64: a tensor [..., width] or a list of equal-width lists) as the
-        device table of this run's dtype."""
-        rows = torch.as_tensor(rows, dtype=torch.float64)
-        if rows.dim() == 1:
-            rows = rows[None]
-        return rows.reshape(-1, rows.shape[-1]).to(device=self.device, dtype=self.table_dtype)
+        """A plan's coefficient rows (float64: a tensor [..., width] or a list of equal-width lists) as
+        the device table of this run's dtype. Compiled, a constant made on the device at trace time
+        (a graph without host-to-device copies, which a CUDA graph can replay)."""
+        if not compiling():
+            return _device_table.__wrapped__(rows, self.device, self.table_dtype)
+        return _device_table(rows, self.device, self.table_dtype)
 
     def fused_table(self, rows64: torch.Tensor) -> torch.Tensor:
-        """Rows of ops.fused_step (float64 [..., len(FIELDS)]) as this run's device table."""
+        """A plan's rows of ops.fused_step (float64 [..., len(FIELDS)]) as this run's device table."""
+        return self.table(rows64.reshape(-1, len(coefficients.FIELDS)))
+
+    def runtime_table(self, rows64: torch.Tensor) -> torch.Tensor:
+        """Rows computed in the loop from device values (not a plan's) as this run's device table."""
         return rows64.reshape(-1, len(coefficients.FIELDS)).to(device=self.device, dtype=self.table_dtype)
 
     def per_step(self, values, batch: Optional[int] = None, dtype: Optional[torch.dtype] = None) -> list:
-        """values[i] as a [batch] tensor on the device for each i, made once before the loop (the
-        loop then only indexes a list)."""
-        values = torch.as_tensor(values).to(device=self.device, dtype=dtype or self.time_dtype)
-        return list(values.reshape(-1, 1).expand(-1, batch or self.batch).unbind(0))
+        """A plan's values[i] as a [batch] tensor on the device for each i, made once before the loop
+        (the loop then only indexes a list); compiled, constants of the graph on the device."""
+        make = _per_step_values if compiling() else _per_step_values.__wrapped__
+        return list(make(values, batch or self.batch, self.device, dtype or self.time_dtype).unbind(0))
 
     def steps(self, n: int, desc: str):
         """range(n), under a progress bar when asked for."""
@@ -145,6 +157,8 @@ class Run:
             # the run's buffers must not have it overwritten while it is read: allocate this step
             out = None
         stream_noise = noisy and noise is None
+        if stream_noise and self.seed_tensor is not None:
+            return self._step_seed_tensor(x, table, row, model_output, inputs, out, clip, return_x0)
         if out is not None:
             # the run's own buffer and a noise key checked when the run began: straight to the op
             step = self.next_noise_step() if stream_noise else 0
@@ -162,21 +176,57 @@ class Run:
                 self.noise_step -= 1
         new, x0 = ops.fused_step(
             x, model_output, model_output_uncond, third, predicted_variance, noise, coefficients=table, row=row,
-            clip=clip, aux="x0" if return_x0 else "none", stream_noise=stream_noise, seed=self.seed,
+            clip=clip, aux="x0" if return_x0 else "none", stream_noise=stream_noise, seed=self.seed64 % (1 << 64),
             step=self.next_noise_step() if stream_noise else 0, sample_offset=self.sample_offset,
             out=out, aux_out=self.output_for(x, "x0") if return_x0 and out is not None else None)
         return (new, x0) if return_x0 else new
 
+    def _step_seed_tensor(self, x, table, row, model_output, inputs, out, clip, return_x0):
+        """A noisy step whose seed is a device tensor: the kernel reads (seed, step) from the device."""
+        seed_step = self.seed_step(self.next_noise_step())
+        new, x0 = ops.fused_step(
+            x, model_output, *inputs[2:], coefficients=table, row=row, clip=clip, aux="x0" if return_x0 else "none",
+            stream_noise=True, sample_offset=self.sample_offset, seed_step=seed_step, out=out,
+            aux_out=self.output_for(x, "x0") if return_x0 and out is not None else None)
+        return (new, x0) if return_x0 else new
+
+    def seed_step(self, step: int) -> Optional[torch.Tensor]:
+        """The (seed, step) device tensor of a noisy launch when the seed is a tensor, else None."""
+        return None if self.seed_tensor is None else make_seed_step(self.seed_tensor, step, self.device)
+
+    def noise_key(self, step: int) -> dict:
+        """The keywords of dk.randn and the ops for stream step ``step`` of this run."""
+        if self.seed_tensor is not None:
+            return {"seed": self.seed_tensor, "step": step, "sample_offset": self.sample_offset}
+        return {"seed": self.seed, "step": step, "sample_offset": self.sample_offset}
+
     def linear(self, inputs, table, row, *, x0=False, noise_step=None) -> list:
         """One ops.linear_step of ``inputs`` (the state first) with row ``row`` of ``table``; with
         ``noise_step`` it draws that step of the run's stream."""
+        seed_step = self.seed_step(noise_step) if noise_step is not None else None
         return ops.linear_step(inputs, coefficients=table, row=row, outputs=1, x0=x0,
-                               stream_noise=noise_step is not None, seed=self.seed,
-                               step=noise_step or 0, sample_offset=self.sample_offset)
+                               stream_noise=noise_step is not None, seed=self.seed64 % (1 << 64),
+                               step=noise_step or 0, sample_offset=self.sample_offset, seed_step=seed_step)
 
     def report(self, i: int, levels: tuple, x: torch.Tensor, denoised: torch.Tensor) -> None:
         """Calls the callback with step i's StepInfo; levels = (before the step, after it)."""
         self.callback(StepInfo(i, self.level_name, levels[0], levels[1], x, denoised))
+
+
+@plan
+def _device_table(rows, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    rows = torch.as_tensor(rows, dtype=torch.float64)
+    if rows.dim() == 1:
+        rows = rows[None]
+    return rows.reshape(-1, rows.shape[-1]).to(device=device, dtype=dtype)
+
+
+@plan
+def _per_step_values(values, batch: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """[steps, batch]: row i is values[i] repeated (an expanded view)."""
+    if not isinstance(values, torch.Tensor):  # a plan's list: Python floats are float64
+        values = torch.as_tensor(values, dtype=torch.int64 if dtype == torch.int64 else torch.float64)
+    return values.to(device=device, dtype=dtype).reshape(-1, 1).expand(-1, batch)
 
 
 def _shares_memory(buffer: torch.Tensor, tensors) -> bool:

@@ -25,6 +25,7 @@ from typing import Callable, Optional
 import torch
 
 from .. import coefficients
+from .._graph import plan
 from .._model import call_model
 from .._validate import check_choice, check_real, clip_range
 from ..schedules import DDPMSchedule
@@ -82,11 +83,12 @@ class Guidance:
 
 @dataclass(frozen=True)
 class _Posterior:
-    """One DDPM-family sampler: its label, its rows ``table_fn(abar, abar_prev, classifier_scale)``,
-    and the options the loop reads."""
+    """One DDPM-family sampler: its label, its rows (``rows``, a row function of
+    diffkern.coefficients, with the keyword options ``row_options``), and the options the loop reads."""
 
     label: str
-    table_fn: Callable
+    rows: str
+    row_options: tuple
     num_inference_steps: Optional[int]
     timestep_spacing: Optional[str]
     clip: bool
@@ -95,24 +97,34 @@ class _Posterior:
     prev_timestep: str = "next"
 
 
-def _sample_posterior(rule: _Posterior, model, sched, spec: RunSpec, guidance: Guidance) -> torch.Tensor:
+@plan
+def _posterior_plan(sched, rows: str, row_options: tuple, classifier_scale: float, num_inference_steps,
+                    timestep_spacing, prev_timestep: str):
+    """The run's timesteps and where each step goes (two lists) and its rows (float64)."""
     sched = sched if sched is not None else DDPMSchedule()
-    if not isinstance(sched, DDPMSchedule):
-        raise TypeError(f"sched must be a diffkern.DDPMSchedule, got {type(sched).__name__}")
-    guidance.check()
-    timesteps = sched.timesteps(rule.num_inference_steps, rule.timestep_spacing)
+    timesteps = sched.timesteps(num_inference_steps, timestep_spacing)
     t_steps = torch.tensor(timesteps, dtype=torch.int64)
-    if rule.prev_timestep == "next":
+    if prev_timestep == "next":
         t_prev = torch.tensor(timesteps[1:] + [-1], dtype=torch.int64)
     else:  # diffusers' DDIMScheduler: t - T // n, and the final alpha_cumprod (1) below 0
         stride = sched.num_train_timesteps // len(timesteps)
-        t_prev = (torch.tensor(timesteps, dtype=torch.int64) - stride).clamp_min(-1)
+        t_prev = (t_steps - stride).clamp_min(-1)
+    table = getattr(coefficients, rows)(sched.alphas_cumprod_at(t_steps), sched.alphas_cumprod_at(t_prev),
+                                        classifier_scale=classifier_scale, **dict(row_options))
+    return timesteps, t_prev.tolist(), table
+
+
+def _sample_posterior(rule: _Posterior, model, sched, spec: RunSpec, guidance: Guidance) -> torch.Tensor:
+    if sched is not None and not isinstance(sched, DDPMSchedule):
+        raise TypeError(f"sched must be a diffkern.DDPMSchedule, got {type(sched).__name__}")
+    guidance.check()
+    timesteps, t_prev, rows = _posterior_plan(sched, rule.rows, rule.row_options, guidance.scale,
+                                              rule.num_inference_steps, rule.timestep_spacing, rule.prev_timestep)
     run = Run(spec, "timestep", legacy=("i", "level", "x", "denoised"))
-    table = run.fused_table(rule.table_fn(sched.alphas_cumprod_at(t_steps), sched.alphas_cumprod_at(t_prev),
-                                          guidance.scale))
+    table = run.fused_table(rows)
     batch, cfg = run.batch, guidance.guidance_scale is not None
-    t_batches = run.per_step(t_steps, 2 * batch if cfg else batch, torch.int64)
-    levels = list(zip(timesteps, t_prev.tolist()))
+    t_batches = run.per_step(timesteps, 2 * batch if cfg else batch, torch.int64)
+    levels = list(zip(timesteps, t_prev))
     x = run.initial(1.0)
     doubled_cond = torch.cat([guidance.null_cond, guidance.cond]) if cfg else None
     callback, guided = run.callback, guidance.scale != 0.0
@@ -163,11 +175,9 @@ def sample_ddpm(model, shape, sched: Optional[DDPMSchedule] = None, *, num_infer
     coefficients.check_prediction_type(prediction_type)
     check_choice("variance_type", variance_type, coefficients.DDPM_VARIANCE_TYPES)
 
-    def table_fn(abar, abar_prev, scale):
-        return coefficients.ddpm_rows(abar, abar_prev, prediction_type=prediction_type, variance_type=variance_type,
-                                      clip_range=clip, guidance_scale=guidance_scale, classifier_scale=scale)
-
-    rule = _Posterior("DDPM", table_fn, num_inference_steps, timestep_spacing, clip is not None,
+    row_options = (("prediction_type", prediction_type), ("variance_type", variance_type), ("clip_range", clip),
+                   ("guidance_scale", guidance_scale))
+    rule = _Posterior("DDPM", "ddpm_rows", row_options, num_inference_steps, timestep_spacing, clip is not None,
                       learned_variance=variance_type == "learned_range")
     guidance = Guidance(guidance_scale, cond, null_cond, cond_key, classifier, classifier_grad_fn, y, classifier_scale)
     spec = RunSpec(shape, seed, device, dtype, sample_offset, x_T, progress, callback)
@@ -196,12 +206,10 @@ def sample_ddim(model, shape, sched: Optional[DDPMSchedule] = None, *, num_infer
     eta = check_real("eta", eta)
     coefficients.check_prediction_type(prediction_type)
 
-    def table_fn(abar, abar_prev, scale):
-        return coefficients.ddim_rows(abar, abar_prev, eta=eta, prediction_type=prediction_type, clip_range=clip,
-                                      guidance_scale=guidance_scale, classifier_scale=scale,
-                                      use_clipped_model_output=use_clipped_model_output)
-
-    rule = _Posterior("DDIM", table_fn, num_inference_steps, timestep_spacing, clip is not None, noisy=eta > 0,
+    row_options = (("eta", eta), ("prediction_type", prediction_type), ("clip_range", clip),
+                   ("guidance_scale", guidance_scale), ("use_clipped_model_output", use_clipped_model_output))
+    rule = _Posterior("DDIM", "ddim_rows", row_options, num_inference_steps, timestep_spacing, clip is not None,
+                      noisy=eta > 0,
                       prev_timestep=prev_timestep)
     guidance = Guidance(guidance_scale, cond, null_cond, cond_key, classifier, classifier_grad_fn, y, classifier_scale)
     spec = RunSpec(shape, seed, device, dtype, sample_offset, x_T, progress, callback)

@@ -16,6 +16,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from .. import coefficients
+from .._graph import constant_levels, plan
 from .._model import call_model
 from .._validate import check_bool, check_choice, check_positive_int, check_real
 from ..schedules import DDPMSchedule
@@ -162,16 +163,40 @@ def sample_dpmpp(model, shape, sigmas=None, *, sched: Optional[DDPMSchedule] = N
     step itself is heun-type. ``s_noise`` scales the injected noise. ``callback(info)``
     sees each step (level: sigma, timestep or t). Returns x0 of ``shape`` and ``dtype`` on ``device``.
     """
+    schedule = (constant_levels("sigmas", sigmas), sched, sde, num_steps, constant_levels("timesteps", timesteps),
+                timestep_spacing, eps)
+    plan_ = _dpmpp_plan(schedule, prediction_type, parameterization, order, solver_type, eta, s_noise,
+                        lower_order_final)
+    (level_name, levels), model_times, prior_scale, orders, row_of, noisy, rows = plan_
+    run = Run(RunSpec(shape, seed, device, dtype, sample_offset, x_T, progress, callback), level_name,
+              legacy=("i", "level", "x", "denoised"))
+    tables = {k: run.table(r) for k, r in rows}
+    times = run.per_step(model_times, dtype=torch.int64 if sched is not None else None)
+    x = run.initial(prior_scale)
+    history: list = []  # x0 predictions, newest first
+    for i in run.steps(len(orders), f"DPM-Solver++({order}M)"):
+        k = orders[i]
+        m = run.model_output(call_model(model, x, times[i]), x)
+        x, x0 = run.linear([x, m] + history[:k - 1], tables[k], row_of[i], x0=True,
+                           noise_step=i + 1 if noisy[i] else None)
+        history = [x0] + history[:order - 2]
+        if run.callback is not None:
+            run.report(i, (levels[i], levels[i + 1]), x, x0)
+    return x
+
+
+@plan
+def _dpmpp_plan(schedule: tuple, prediction_type: str, parameterization: str, order: int, solver_type: str,
+                eta: float, s_noise: float, lower_order_final: bool) -> tuple:
+    """The run's levels (name and values), the model's times, the prior scale, each step's order, row
+    and noise flag (lists), and the rows of each order ((order, float64 rows) pairs). ``schedule``:
+    _Schedule's fields (a plan's arguments are plain values, not objects made in a compiled graph)."""
     order = check_choice("order", order, ORDERS)
     check_choice("solver_type", solver_type, SOLVER_TYPES)
     eta, s_noise = check_real("eta", eta), check_real("s_noise", s_noise)
     check_bool("lower_order_final", lower_order_final)
-    grid = _dpmpp_grid(_Schedule(sigmas, sched, sde, num_steps, timesteps, timestep_spacing, eps), prediction_type,
-                       parameterization)
+    grid = _dpmpp_grid(_Schedule(*schedule), prediction_type, parameterization)
     orders = _dpmpp_orders(grid, order, lower_order_final)
-    level_name, levels = grid.levels
-    run = Run(RunSpec(shape, seed, device, dtype, sample_offset, x_T, progress, callback), level_name,
-              legacy=("i", "level", "x", "denoised"))
     lam = [math.log(a) - math.log(s) if s > 0 else math.inf for a, s in zip(grid.alphas, grid.sigmas)]
     rows, noisy = {}, []
     for i, k in enumerate(orders):
@@ -184,20 +209,9 @@ def sample_dpmpp(model, shape, sigmas=None, *, sched: Optional[DDPMSchedule] = N
         rows.setdefault(k, []).append(coefficients.linear_row(
             [a_x, a_m] + [0.0] * (k - 1), [(c_m[0], [c_x, 0.0] + c_m[1:], c_z)]))
         noisy.append(c_z != 0.0)
-    tables = {k: run.table(r) for k, r in rows.items()}
     row_of, seen = [], {}
     for k in orders:
         row_of.append(seen.get(k, 0))
         seen[k] = seen.get(k, 0) + 1
-    times = run.per_step(grid.model_times, dtype=torch.int64 if sched is not None else None)
-    x = run.initial(grid.prior_scale)
-    history: list = []  # x0 predictions, newest first
-    for i in run.steps(len(orders), f"DPM-Solver++({order}M)"):
-        k = orders[i]
-        m = run.model_output(call_model(model, x, times[i]), x)
-        x, x0 = run.linear([x, m] + history[:k - 1], tables[k], row_of[i], x0=True,
-                           noise_step=i + 1 if noisy[i] else None)
-        history = [x0] + history[:order - 2]
-        if run.callback is not None:
-            run.report(i, (levels[i], levels[i + 1]), x, x0)
-    return x
+    tables = tuple((k, torch.tensor(r, dtype=torch.float64)) for k, r in rows.items())
+    return grid.levels, grid.model_times.tolist(), grid.prior_scale, orders, row_of, noisy, tables

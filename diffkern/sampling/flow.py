@@ -7,6 +7,7 @@ from typing import Callable, Optional
 import torch
 
 from .. import coefficients
+from .._graph import constant_levels, plan
 from .._model import model_output_of
 from .._validate import check_choice, check_positive, check_positive_int
 from ..sde import check_sigmas
@@ -32,28 +33,11 @@ def sample_flow(velocity_fn, shape, sigmas=None, *, num_steps: int = 50, shift: 
     x_T. ``callback(info)`` sees each step, its denoised = x_t - t v the current estimate of the data.
     """
     check_choice("solver", solver, FLOW_SOLVERS)
-    if sigmas is None:
-        num_steps = check_positive_int("num_steps", num_steps)
-        shift = check_positive("shift", shift)
-        t = torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64)
-        t = shift * t / (1 + (shift - 1) * t)
-    else:
-        if shift != 1.0:
-            raise ValueError(f"shift={shift!r} goes with num_steps (it warps their even grid); with sigmas= the times "
-                             "are given: warp them yourself or leave shift at 1")
-        t = check_sigmas(sigmas)
-        if float(t[0]) > 1.0:
-            raise ValueError(f"sigmas are flow times in [0, 1], got a first value {float(t[0])}")
+    levels, euler_rows, heun_rows = _plan(num_steps, shift, constant_levels("sigmas", sigmas))
     run = Run(RunSpec(shape, seed, device, dtype, sample_offset, x_T, progress, callback), "t",
               legacy=("i", "level", "x", "denoised"))
-    levels = t.tolist()
-    euler_rows, heun_rows = [], []
-    for i in range(len(levels) - 1):
-        s, dt = levels[i], levels[i + 1] - levels[i]
-        euler_rows.append(coefficients.linear_row([1.0, -s], [(0.0, [1.0, dt], 0.0)]))
-        heun_rows.append(coefficients.linear_row([1.0, -s, 0.0], [(0.0, [1.0, dt / 2, dt / 2], 0.0)]))
     euler, heun = run.table(euler_rows), run.table(heun_rows)
-    times = run.per_step(t)
+    times = run.per_step(levels)
     x = run.initial(1.0)
     want_x0 = run.callback is not None
     for i in run.steps(len(levels) - 1, f"flow ({solver})"):
@@ -68,3 +52,27 @@ def sample_flow(velocity_fn, shape, sigmas=None, *, num_steps: int = 50, shift: 
         if want_x0:
             run.report(i, (levels[i], levels[i + 1]), x, result[1])
     return x
+
+
+@plan
+def _plan(num_steps, shift, sigmas):
+    """The times (a list from 1 toward 0) and the Euler and Heun rows (float64 [steps, width])."""
+    if sigmas is None:
+        num_steps = check_positive_int("num_steps", num_steps)
+        shift = check_positive("shift", shift)
+        t = torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64)
+        t = shift * t / (1 + (shift - 1) * t)
+    else:
+        if shift != 1.0:
+            raise ValueError(f"shift={shift!r} goes with num_steps (it warps their even grid); with sigmas= the times "
+                             "are given: warp them yourself or leave shift at 1")
+        t = check_sigmas(sigmas)
+        if float(t[0]) > 1.0:
+            raise ValueError(f"sigmas are flow times in [0, 1], got a first value {float(t[0])}")
+    levels = t.tolist()
+    euler_rows, heun_rows = [], []
+    for i in range(len(levels) - 1):
+        s, dt = levels[i], levels[i + 1] - levels[i]
+        euler_rows.append(coefficients.linear_row([1.0, -s], [(0.0, [1.0, dt], 0.0)]))
+        heun_rows.append(coefficients.linear_row([1.0, -s, 0.0], [(0.0, [1.0, dt / 2, dt / 2], 0.0)]))
+    return levels, torch.tensor(euler_rows, dtype=torch.float64), torch.tensor(heun_rows, dtype=torch.float64)

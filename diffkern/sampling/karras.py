@@ -9,6 +9,7 @@ from typing import Callable, Optional
 import torch
 
 from .. import coefficients
+from .._graph import constant_levels, plan
 from .._model import model_output_of
 from .._validate import check_real
 from ..sde import check_sigmas
@@ -29,23 +30,32 @@ class Churn:
                      check_real("s_tmax", self.s_tmax, allow_inf=True), check_real("s_noise", self.s_noise))
 
 
-def _edm_sampler(denoiser, sigmas, spec: RunSpec, churn: Churn, heun: bool) -> torch.Tensor:
+@plan
+def _edm_plan(sigmas, churn: tuple):
+    """The levels, sigma_hat, which steps churn and which end above 0 (lists), and the churn, Euler and
+    Heun-corrector rows (float64) of EDM's Alg. 2 over ``sigmas`` with ``churn`` (Churn's fields)."""
     sigmas = check_sigmas(sigmas)
-    churn = churn.check()
+    churn = Churn(*churn).check()
     steps = len(sigmas) - 1
-    run = Run(spec, "sigma")
     # EDM Alg. 2: raise sigma_i to sigma_hat = sigma_i (1 + gamma_i) by adding noise, then step.
     gamma = torch.where((sigmas[:-1] >= churn.s_tmin) & (sigmas[:-1] <= churn.s_tmax),
                         torch.full((steps,), min(churn.s_churn / steps, 2 ** 0.5 - 1), dtype=torch.float64),
                         torch.zeros(steps, dtype=torch.float64))
     sigma_hat = sigmas[:-1] * (1 + gamma)
-    churn_table = run.fused_table(coefficients.churn_rows(sigmas[:-1], sigma_hat, churn.s_noise))
-    euler = run.fused_table(coefficients.edm_euler_rows(sigma_hat, sigmas[1:]))
     nonzero_next = sigmas[1:].clamp(min=1e-30)  # rows of the last step are unused when sigma_next = 0
-    corrector = run.fused_table(coefficients.edm_heun_corrector_rows(sigma_hat, nonzero_next))
-    sigma_hat_batch, sigma_batch = run.per_step(sigma_hat), run.per_step(sigmas)
-    churned, next_positive = (gamma > 0).tolist(), (sigmas[1:] > 0).tolist()
-    levels = sigmas.tolist()
+    tables = (coefficients.churn_rows(sigmas[:-1], sigma_hat, churn.s_noise),
+              coefficients.edm_euler_rows(sigma_hat, sigmas[1:]),
+              coefficients.edm_heun_corrector_rows(sigma_hat, nonzero_next))
+    return sigmas.tolist(), sigma_hat.tolist(), (gamma > 0).tolist(), (sigmas[1:] > 0).tolist(), tables
+
+
+def _edm_sampler(denoiser, sigmas, spec: RunSpec, churn: Churn, heun: bool) -> torch.Tensor:
+    levels, sigma_hat, churned, next_positive, tables = _edm_plan(
+        constant_levels("sigmas", sigmas), (churn.s_churn, churn.s_tmin, churn.s_tmax, churn.s_noise))
+    steps = len(levels) - 1
+    run = Run(spec, "sigma")
+    churn_table, euler, corrector = (run.fused_table(rows) for rows in tables)
+    sigma_hat_batch, sigma_batch = run.per_step(sigma_hat), run.per_step(levels)
     x = run.initial(levels[0])
     for i in run.steps(steps, "Heun" if heun else "Euler"):
         if churned[i]:
@@ -88,12 +98,10 @@ def sample_euler_ancestral(denoiser, shape, sigmas, *, eta: float = 1.0, s_noise
                            progress: bool = False, callback: Optional[Callable] = None) -> torch.Tensor:
     """Ancestral sampling with Euler steps (k-diffusion's sample_euler_ancestral): each step goes
     deterministically to sigma_down and adds s_noise sigma_up z (none when the next sigma is 0)."""
-    sigmas = check_sigmas(sigmas)
-    eta, s_noise = check_real("eta", eta), check_real("s_noise", s_noise)
+    levels, next_positive, rows = _ancestral_plan(constant_levels("sigmas", sigmas), eta, s_noise)
     run = Run(RunSpec(shape, seed, device, dtype, sample_offset, x_T, progress, callback), "sigma")
-    table = run.fused_table(coefficients.euler_ancestral_rows(sigmas[:-1], sigmas[1:], eta, s_noise))
-    sigma_batch, next_positive = run.per_step(sigmas), (sigmas[1:] > 0).tolist()
-    levels = sigmas.tolist()
+    table = run.fused_table(rows)
+    sigma_batch = run.per_step(levels)
     x = run.initial(levels[0])
     for i in run.steps(len(levels) - 1, "Euler-ancestral"):
         denoised = model_output_of(denoiser(x, sigma_batch[i]))
@@ -101,3 +109,12 @@ def sample_euler_ancestral(denoiser, shape, sigmas, *, eta: float = 1.0, s_noise
         if run.callback is not None:
             run.report(i, (levels[i], levels[i + 1]), x, denoised)
     return x
+
+
+@plan
+def _ancestral_plan(sigmas, eta, s_noise):
+    """The levels, which steps end above 0, and the rows of Euler-ancestral over ``sigmas``."""
+    sigmas = check_sigmas(sigmas)
+    eta, s_noise = check_real("eta", eta), check_real("s_noise", s_noise)
+    rows = coefficients.euler_ancestral_rows(sigmas[:-1], sigmas[1:], eta, s_noise)
+    return sigmas.tolist(), (sigmas[1:] > 0).tolist(), rows

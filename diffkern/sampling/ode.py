@@ -8,6 +8,7 @@ from typing import Callable, Optional
 import torch
 
 from .. import coefficients
+from .._graph import plan
 from .._model import model_output_of
 from .._validate import check_choice
 from ..ode import ADAPTIVE_SOLVERS, FIXED_GRID_SOLVERS, LinearODE, adjoint, model_times, resolve_solver, rk
@@ -57,14 +58,9 @@ def sample_ode(score_fn, shape, sde, num_steps: Optional[int] = None, *, solver:
             raise ValueError("callback goes with fixed steps (give num_steps); adaptive steps are not known ahead")
         return _sample_ode_rk(score_fn, sde, choice, eps, parameterization, run, max_num_evals)
     num_steps = choice.num_steps
-    t = sde.time_grid(num_steps, eps)
-    dt = t[1:] - t[:-1]
-    scale = sde.score_scale(t, parameterization)
-    f, g = sde.drift_coef(t), sde.diffusion(t)
-    euler = run.fused_table(coefficients.ode_euler_rows(f[:-1], g[:-1], dt, scale[:-1]))
-    heun = run.fused_table(coefficients.ode_heun_corrector_rows(f[:-1], g[:-1], f[1:], g[1:], dt, scale[:-1],
-                                                                scale[1:]))
-    times, levels = run.per_step(t), t.tolist()
+    levels, scale, euler_rows, heun_rows = _fixed_plan(sde, num_steps, eps, parameterization)
+    euler, heun = run.fused_table(euler_rows), run.fused_table(heun_rows)
+    times = run.per_step(levels)
     x = run.initial(sde.prior_std)
     for i in run.steps(num_steps, f"ODE ({solver})"):
         m = model_output_of(score_fn(x, times[i]))
@@ -76,13 +72,30 @@ def sample_ode(score_fn, shape, sde, num_steps: Optional[int] = None, *, solver:
             m_next = model_output_of(score_fn(x_pred, times[i + 1]))
             x = run.step(x, heun, i, m_next, third=m)
         if run.callback is not None:
-            score = run.model_output(m, x_before) * float(scale[i])
+            score = run.model_output(m, x_before) * scale[i]
             run.report(i, (levels[i], levels[i + 1]), x, denoised_from_score(sde, levels[i], x_before, score))
     return x
 
 
+@plan
+def _time_grid(sde, num_steps, eps) -> list:
+    return sde.time_grid(num_steps, eps).tolist()
+
+
+@plan
+def _fixed_plan(sde, num_steps, eps, parameterization):
+    """The times and score scales (lists) and the Euler and Heun-corrector rows of the ODE's grid."""
+    t = sde.time_grid(num_steps, eps)
+    dt = t[1:] - t[:-1]
+    scale = sde.score_scale(t, parameterization)
+    f, g = sde.drift_coef(t), sde.diffusion(t)
+    euler = coefficients.ode_euler_rows(f[:-1], g[:-1], dt, scale[:-1])
+    heun = coefficients.ode_heun_corrector_rows(f[:-1], g[:-1], f[1:], g[1:], dt, scale[:-1], scale[1:])
+    return t.tolist(), scale.tolist(), euler, heun
+
+
 def _sample_ode_rk(score_fn, sde, choice, eps, parameterization, run: Run, max_num_evals):
-    grid = None if choice.num_steps is None else sde.time_grid(choice.num_steps, eps).tolist()
+    grid = None if choice.num_steps is None else _time_grid(sde, choice.num_steps, eps)
     if grid is None:
         sde.time_grid(1, eps)  # checks eps
     x = run.initial(sde.prior_std)

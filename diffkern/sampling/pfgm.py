@@ -26,6 +26,7 @@ from typing import Callable, Optional, Tuple
 import torch
 
 from .. import coefficients, ops
+from .._graph import compiling, plan
 from .._model import StepInfo, step_callback
 from .._model import progress as progress_bar
 from .._validate import check_choice, check_dtype, check_positive, check_positive_int, check_shape
@@ -120,19 +121,13 @@ def _integrate(field_fn: Callable, x: torch.Tensor, path: _Path, *, progress: bo
                callback: Optional[Callable]) -> torch.Tensor:
     """x at path.z_end from x at path.z_start along dx/dz = E_x / E_z (either direction of z)."""
     batch = x.shape[0]
-    z_start, z_end, num_steps = path.z_start, path.z_end, path.num_steps
-    if path.time == "log_z":
-        levels = torch.linspace(math.log(z_start), math.log(z_end), num_steps + 1, dtype=torch.float64).exp()
-        levels[0], levels[-1] = z_start, z_end
-        taus = levels.log().tolist()
-    else:
-        levels = torch.linspace(z_start, z_end, num_steps + 1, dtype=torch.float64)
-        taus = levels.tolist()
-    z_values = levels.tolist()
+    num_steps = path.num_steps
+    z_values, taus = _levels(path.z_start, path.z_end, num_steps, path.time)
     # dx/dtau = J(z) E_x / E_z with J = 1 (tau = z) or z (tau = log z)
     jacobian = (lambda z: z) if path.time == "log_z" else (lambda z: 1.0)
     table_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    z_per_step = list(levels.to(device=x.device, dtype=table_dtype).reshape(-1, 1).expand(-1, batch).unbind(0))
+    z_per_step = list(torch.tensor(z_values, dtype=torch.float64).to(device=x.device, dtype=table_dtype)
+                      .reshape(-1, 1).expand(-1, batch).unbind(0))
     # One per-sample table per launch kind, reused: d = 1, and f (and h) = step / E_z written each step.
     col_d, col_f, col_h = coefficients.INDEX["d"], coefficients.INDEX["f"], coefficients.INDEX["h"]
     euler = torch.zeros(batch, len(coefficients.FIELDS), dtype=table_dtype, device=x.device)
@@ -165,12 +160,26 @@ def _integrate(field_fn: Callable, x: torch.Tensor, path: _Path, *, progress: bo
             slope = (z_values[i] / field_z).reshape(-1, *([1] * (x.dim() - 1))).to(x.dtype)
             callback(i, (z_values[i], z_values[i + 1]), x_next, x - slope * field_x)
         x = x_next
-    if bool(bad.any()):  # the one host synchronisation of the run
+    if compiling():  # in the graph, without a host synchronisation (and without the samples' numbers)
+        torch._assert_async(~bad.any(), "field_fn's z component was zero, not finite, or changed sign along a "
+                                        "path: dx/dz = E_x / E_z needs E_z of one sign")
+    elif bool(bad.any()):  # the one host synchronisation of the run
         samples = bad.nonzero().flatten()[:8].tolist()
         raise ValueError(f"field_fn's z component was zero, not finite, or changed sign for samples {samples} (of "
                          f"{batch}): dx/dz = E_x / E_z needs E_z of one sign along the path (E_z > 0 above the "
                          "charges; v_z < 0 for the normalised field)")
     return x
+
+
+@plan
+def _levels(z_start, z_end, num_steps, time) -> tuple:
+    """The path's z values and its times tau (z, or log z), num_steps + 1 of each, as lists."""
+    if time == "log_z":
+        levels = torch.linspace(math.log(z_start), math.log(z_end), num_steps + 1, dtype=torch.float64).exp()
+        levels[0], levels[-1] = z_start, z_end
+        return levels.tolist(), levels.log().tolist()
+    levels = torch.linspace(z_start, z_end, num_steps + 1, dtype=torch.float64)
+    return levels.tolist(), levels.tolist()
 
 
 def _reporter(callback):

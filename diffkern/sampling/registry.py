@@ -20,6 +20,7 @@ from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
+from .. import _graph
 from .._model import StepInfo
 from .._validate import check_choice, check_positive, check_positive_int, check_real
 from ..schedules import DDPMSchedule
@@ -109,15 +110,21 @@ def _sde(options):
     return VESDE(**sigmas)
 
 
-def _karras(steps, options):
-    return karras_sigmas(steps, options["sigma_min"], options["sigma_max"])
+@_graph.plan
+def _karras_levels(steps, sigma_min, sigma_max) -> list:
+    return karras_sigmas(steps, sigma_min, sigma_max).tolist()
+
+
+def _karras(steps, options) -> list:
+    """The Karras levels of a run as a list (constants of a compiled graph)."""
+    return _karras_levels(steps, options["sigma_min"], options["sigma_max"])
 
 
 def _posterior(function):
     def build(steps, options):
-        sched = DDPMSchedule()
         extra = {"eta": options["eta"]} if "eta" in options else {}
-        return lambda model, shape, **run: function(model, shape, sched, num_inference_steps=steps,
+        # the default DDPMSchedule, made by the sampler's plan (outside a compiled graph)
+        return lambda model, shape, **run: function(model, shape, None, num_inference_steps=steps,
                                                     prediction_type=options["prediction_type"], **extra, **run)
     return build
 
@@ -144,9 +151,13 @@ def _dpmpp(steps, options):
                                                     **run)
 
 
+@_graph.plan
+def _langevin_levels(steps, sigma_min, sigma_max) -> list:
+    return torch.logspace(math.log10(sigma_max), math.log10(sigma_min), steps, dtype=torch.float64).tolist()
+
+
 def _langevin(steps, options):
-    sigmas = torch.logspace(math.log10(options["sigma_max"]), math.log10(options["sigma_min"]), steps,
-                            dtype=torch.float64)
+    sigmas = _langevin_levels(steps, options["sigma_min"], options["sigma_max"])
     return lambda model, shape, **run: sample_langevin(model, shape, sigmas, options["langevin_steps"],
                                                        step_size=options["step_size"], **run)
 
@@ -328,13 +339,18 @@ class Sampler:
     name: str
     steps: int
     options: Tuple[Tuple[str, object], ...]
+    # built once, here: a call inside torch.compile then finds its SDE and levels made (see diffkern._graph)
+    sample_fn: Callable = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "sample_fn", self.entry.build(self.steps, dict(self.options)))
 
     @property
     def entry(self) -> SamplerEntry:
         return ENTRIES[self.name]
 
     def __call__(self, model, shape, **run):
-        return self.entry.build(self.steps, dict(self.options))(model, shape, **run)
+        return self.sample_fn(model, shape, **run)
 
     def model_calls(self) -> int:
         """Model evaluations of one run."""

@@ -13,6 +13,7 @@ from typing import Callable, Optional
 import torch
 
 from .. import coefficients
+from .._graph import constant_levels, plan
 from .._model import model_output_of
 from .._validate import check_choice, check_positive_int, check_real
 from ..noise import randn
@@ -34,7 +35,24 @@ def sample_euler_maruyama(score_fn, shape, sde, num_steps: int = 1000, *, eps: f
                           progress: bool = False, callback: Optional[Callable] = None) -> torch.Tensor:
     """Euler-Maruyama on the reverse SDE from t = T to t = eps over num_steps equal steps, starting
     from the prior. ``denoise`` drops the noise of the last step (score_sde's noise removal)."""
+    levels, scale, noisy, rows = _euler_maruyama_plan(sde, num_steps, eps, parameterization,
+                                                      denoise)
     run = Run(RunSpec(shape, seed, device, dtype, sample_offset, x_T, progress, callback), "t")
+    table = run.fused_table(rows)
+    times = run.per_step(levels)
+    x = run.initial(sde.prior_std)
+    for i in run.steps(num_steps, "Euler-Maruyama"):
+        m = model_output_of(score_fn(x, times[i]))
+        x_before, x = x, run.step(x, table, i, m, noisy=noisy[i])
+        if run.callback is not None:
+            score = run.model_output(m, x_before) * scale[i]
+            run.report(i, (levels[i], levels[i + 1]), x, denoised_from_score(sde, levels[i], x_before, score))
+    return x
+
+
+@plan
+def _euler_maruyama_plan(sde, num_steps, eps, parameterization, denoise):
+    """The times, score scales and noisy steps (lists) and the rows of Euler-Maruyama."""
     t = sde.time_grid(num_steps, eps)
     dt = t[1:] - t[:-1]
     scale = sde.score_scale(t, parameterization)
@@ -42,31 +60,22 @@ def sample_euler_maruyama(score_fn, shape, sde, num_steps: int = 1000, *, eps: f
     noisy[-1] = not denoise
     rows = coefficients.euler_maruyama_rows(sde.drift_coef(t[:-1]), sde.diffusion(t[:-1]), dt, scale[:-1])
     rows[:, coefficients.INDEX["sigma"]] *= noisy.double()
-    table = run.fused_table(rows)
-    times, noisy, levels = run.per_step(t), noisy.tolist(), t.tolist()
-    x = run.initial(sde.prior_std)
-    for i in run.steps(num_steps, "Euler-Maruyama"):
-        m = model_output_of(score_fn(x, times[i]))
-        x_before, x = x, run.step(x, table, i, m, noisy=noisy[i])
-        if run.callback is not None:
-            score = run.model_output(m, x_before) * float(scale[i])
-            run.report(i, (levels[i], levels[i + 1]), x, denoised_from_score(sde, levels[i], x_before, score))
-    return x
+    scale = scale.tolist() if isinstance(scale, torch.Tensor) else [float(scale)] * len(t)
+    return t.tolist(), scale, noisy.tolist(), rows
 
 
 def _snr_langevin(run: Run, x, score, score_scale, snr_alpha):
     """score_sde's Langevin corrector: step size eps = 2 alpha (snr ||z|| / ||s||)^2 from the batch-mean
     norms of the score and the noise, x + eps s + sqrt(2 eps) z. The norms stay on the device."""
     snr, alpha = snr_alpha
-    z = randn(run.shape, seed=run.seed, step=run.next_noise_step(), sample_offset=run.sample_offset,
-              device=run.device, dtype=x.dtype)
+    z = randn(run.shape, **run.noise_key(run.next_noise_step()), device=run.device, dtype=x.dtype)
 
     def flat(a):
         return a.reshape(run.batch, math.prod(run.shape[1:])).to(torch.float64)
     grad_norm = torch.linalg.vector_norm(flat(score), dim=1).mean() * abs(score_scale)
     noise_norm = torch.linalg.vector_norm(flat(z), dim=1).mean()
     step_size = 2 * alpha * (snr * noise_norm / grad_norm) ** 2
-    table = run.fused_table(coefficients.langevin_rows(2 * step_size, score_scale))
+    table = run.runtime_table(coefficients.langevin_rows(2 * step_size, score_scale))
     return run.step(x, table, 0, score, noise=z)
 
 
@@ -80,16 +89,10 @@ def sample_langevin(score_fn, shape, sigmas, n_steps_each: int = 100, *, step_si
     sigmas[0] * N(0, I); ``denoise`` ends with Tweedie's step x + sigma_L^2 s(x, sigma_L). The callback
     sees each noise level after its n_steps_each steps (denoised: Tweedie's estimate from the last
     score at that level)."""
-    sigmas = check_sigmas(sigmas)
-    if bool((sigmas == 0).any()):
-        raise ValueError("annealed Langevin needs positive noise levels (no final 0)")
-    check_positive_int("n_steps_each", n_steps_each)
-    if snr is None and not (step_size and step_size > 0):
-        raise ValueError("give a positive step_size or an snr")
+    levels, rows, tweedie = _langevin_plan(constant_levels("sigmas", sigmas), n_steps_each, step_size, snr)
     run = Run(RunSpec(shape, seed, device, dtype, sample_offset, x_T, progress, callback), "sigma")
-    table = None if snr is not None else run.fused_table(
-        coefficients.langevin_rows(step_size * sigmas ** 2 / sigmas[-1] ** 2))
-    sigma_batch, levels = run.per_step(sigmas), sigmas.tolist()
+    table = None if rows is None else run.fused_table(rows)
+    sigma_batch = run.per_step(levels)
     x = run.initial(levels[0])
     for i in run.steps(len(levels), "annealed Langevin"):
         sigma = sigma_batch[i]
@@ -102,9 +105,22 @@ def sample_langevin(score_fn, shape, sigmas, n_steps_each: int = 100, *, step_si
             denoised = x_before + levels[i] ** 2 * run.model_output(score, x_before)
             run.report(i, (levels[i], levels[i + 1] if i + 1 < len(levels) else 0.0), x, denoised)
     if denoise:
-        tweedie = run.fused_table(coefficients.rows(d=1.0, f=levels[-1] ** 2))
-        x = run.step(x, tweedie, 0, model_output_of(score_fn(x, sigma_batch[-1])))
+        x = run.step(x, run.fused_table(tweedie), 0, model_output_of(score_fn(x, sigma_batch[-1])))
     return x
+
+
+@plan
+def _langevin_plan(sigmas, n_steps_each, step_size, snr):
+    """The noise levels (a list), the Langevin rows (None with snr) and Tweedie's final row."""
+    sigmas = check_sigmas(sigmas)
+    if bool((sigmas == 0).any()):
+        raise ValueError("annealed Langevin needs positive noise levels (no final 0)")
+    check_positive_int("n_steps_each", n_steps_each)
+    if snr is None and not (step_size and step_size > 0):
+        raise ValueError("give a positive step_size or an snr")
+    rows = None if snr is not None else coefficients.langevin_rows(step_size * sigmas ** 2 / sigmas[-1] ** 2)
+    levels = sigmas.tolist()
+    return levels, rows, coefficients.rows(d=1.0, f=levels[-1] ** 2)
 
 
 def _pc_discretisation(sde, num_steps, eps):
@@ -150,26 +166,14 @@ def sample_pc(score_fn, shape, sde, num_steps: int = 1000, *, predictor: str = "
     returns the last predictor step's mean (no noise), as score_sde's ``x_mean``. The model is
     evaluated at the continuous times of the grid. Noise: x_T is stream step 0, then each corrector
     and predictor draw its own step in order."""
-    check_choice("predictor", predictor, PREDICTORS)
     check_choice("corrector", corrector, CORRECTORS)
     check_positive_int("n_corrector_steps", n_corrector_steps)
     snr = check_real("snr", snr, strict=True)
-    sde.time_grid(num_steps, eps)  # checks num_steps and eps
+    levels, scales, alphas, noisy, rows = _pc_plan(sde, num_steps, eps, predictor,
+                                                   parameterization, denoise)
     run = Run(RunSpec(shape, seed, device, dtype, sample_offset, x_T, progress, callback), "t")
-    t, f_discrete, g_discrete, alpha = _pc_discretisation(sde, num_steps, eps)
-    scale = sde.score_scale(t, parameterization)
-    if predictor == "euler_maruyama":
-        dt = torch.full_like(t, -sde.T / num_steps)
-        predictor_rows = coefficients.euler_maruyama_rows(sde.drift_coef(t), sde.diffusion(t), dt, scale)
-    else:
-        predictor_rows = coefficients.reverse_diffusion_rows(f_discrete, g_discrete, scale)
-    sigma_col = coefficients.INDEX["sigma"]
-    if denoise:
-        predictor_rows[-1, sigma_col] = 0.0
-    table = run.fused_table(predictor_rows)
-    noisy = (predictor_rows[:, sigma_col] != 0).tolist()
-    times, levels = run.per_step(t), t.tolist() + [0.0]
-    scales, alphas = scale.tolist(), alpha.tolist()  # host numbers, read before the loop
+    table = run.fused_table(rows)
+    times = run.per_step(levels[:-1])
     x = run.initial(sde.prior_std)
     for i in run.steps(num_steps, "predictor-corrector"):
         t_batch = times[i]
@@ -183,3 +187,24 @@ def sample_pc(score_fn, shape, sde, num_steps: int = 1000, *, predictor: str = "
             score = run.model_output(m, x_before) * scales[i]
             run.report(i, (levels[i], levels[i + 1]), x, denoised_from_score(sde, levels[i], x_before, score))
     return x
+
+
+@plan
+def _pc_plan(sde, num_steps, eps, predictor, parameterization, denoise):
+    """The times (with a final 0), score scales, corrector alphas and noisy steps (lists) and the
+    predictor's rows of score_sde's PC sampler."""
+    check_choice("predictor", predictor, PREDICTORS)
+    sde.time_grid(num_steps, eps)  # checks num_steps and eps
+    t, f_discrete, g_discrete, alpha = _pc_discretisation(sde, num_steps, eps)
+    scale = sde.score_scale(t, parameterization)
+    if predictor == "euler_maruyama":
+        dt = torch.full_like(t, -sde.T / num_steps)
+        predictor_rows = coefficients.euler_maruyama_rows(sde.drift_coef(t), sde.diffusion(t), dt, scale)
+    else:
+        predictor_rows = coefficients.reverse_diffusion_rows(f_discrete, g_discrete, scale)
+    sigma_col = coefficients.INDEX["sigma"]
+    if denoise:
+        predictor_rows[-1, sigma_col] = 0.0
+    noisy = (predictor_rows[:, sigma_col] != 0).tolist()
+    scales = scale.tolist() if isinstance(scale, torch.Tensor) else [float(scale)] * len(t)
+    return t.tolist() + [0.0], scales, alpha.tolist(), noisy, predictor_rows
