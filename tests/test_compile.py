@@ -113,6 +113,22 @@ def test_guided_and_float64_runs_compile(device):
     assert torch.equal(torch.compile(run, backend=CompileCounter(), fullgraph=True)(x_T), run(x_T))
 
 
+@pytest.mark.parametrize("schedule", ["sched", "sde"])
+def test_dpmpp_on_a_schedule_or_an_sde_compiles(schedule):
+    """Objects reach a plan as its own arguments (dynamo hands over the object itself)."""
+    import functools
+
+    if schedule == "sched":
+        run = functools.partial(dk.sample_dpmpp, sched=dk.DDPMSchedule(), num_steps=6, eta=1.0)
+        model = model_of("epsilon")
+    else:
+        run = functools.partial(dk.sample_dpmpp, sde=dk.VPSDE(), num_steps=6, order=3)
+        model = model_of("score")
+    assert explain(lambda: run(model, (4, 2), seed=1)) == (1, 0, [])
+    compiled = torch.compile(lambda seed: run(model, (4, 2), seed=seed), backend=CompileCounter(), fullgraph=True)
+    assert torch.equal(compiled(torch.tensor(1)), run(model, (4, 2), seed=1))
+
+
 def test_callbacks_compile_with_breaks_and_give_eager_results():
     """A callback (or a progress bar) may break the graph, only when asked for; the results stay."""
     sampler, model = sampler_of("euler_ancestral"), model_of("denoiser")

@@ -163,10 +163,9 @@ def sample_dpmpp(model, shape, sigmas=None, *, sched: Optional[DDPMSchedule] = N
     step itself is heun-type. ``s_noise`` scales the injected noise. ``callback(info)``
     sees each step (level: sigma, timestep or t). Returns x0 of ``shape`` and ``dtype`` on ``device``.
     """
-    schedule = (constant_levels("sigmas", sigmas), sched, sde, num_steps, constant_levels("timesteps", timesteps),
-                timestep_spacing, eps)
-    plan_ = _dpmpp_plan(schedule, prediction_type, parameterization, order, solver_type, eta, s_noise,
-                        lower_order_final)
+    grid = (num_steps, constant_levels("timesteps", timesteps), timestep_spacing, eps)
+    plan_ = _dpmpp_plan(constant_levels("sigmas", sigmas), sched, sde, grid, prediction_type, parameterization, order,
+                        solver_type, eta, s_noise, lower_order_final)
     (level_name, levels), model_times, prior_scale, orders, row_of, noisy, rows = plan_
     run = Run(RunSpec(shape, seed, device, dtype, sample_offset, x_T, progress, callback), level_name,
               legacy=("i", "level", "x", "denoised"))
@@ -186,16 +185,16 @@ def sample_dpmpp(model, shape, sigmas=None, *, sched: Optional[DDPMSchedule] = N
 
 
 @plan
-def _dpmpp_plan(schedule: tuple, prediction_type: str, parameterization: str, order: int, solver_type: str,
-                eta: float, s_noise: float, lower_order_final: bool) -> tuple:
+def _dpmpp_plan(sigmas, sched, sde, grid: tuple, prediction_type: str, parameterization: str, order: int,
+                solver_type: str, eta: float, s_noise: float, lower_order_final: bool) -> tuple:
     """The run's levels (name and values), the model's times, the prior scale, each step's order, row
-    and noise flag (lists), and the rows of each order ((order, float64 rows) pairs). ``schedule``:
-    _Schedule's fields (a plan's arguments are plain values, not objects made in a compiled graph)."""
+    and noise flag (lists), and the rows of each order ((order, float64 rows) pairs). ``grid``: the
+    rest of _Schedule's fields (a plan's arguments are plain values, and objects at their top)."""
     order = check_choice("order", order, ORDERS)
     check_choice("solver_type", solver_type, SOLVER_TYPES)
     eta, s_noise = check_real("eta", eta), check_real("s_noise", s_noise)
     check_bool("lower_order_final", lower_order_final)
-    grid = _dpmpp_grid(_Schedule(*schedule), prediction_type, parameterization)
+    grid = _dpmpp_grid(_Schedule(sigmas, sched, sde, *grid), prediction_type, parameterization)
     orders = _dpmpp_orders(grid, order, lower_order_final)
     lam = [math.log(a) - math.log(s) if s > 0 else math.inf for a, s in zip(grid.alphas, grid.sigmas)]
     rows, noisy = {}, []
