@@ -61,8 +61,9 @@ fi
 if [[ "$STAGES" == *" tests "* ]]; then
   # the kernels that have never run on a GPU first (FIRST_TESTS), so their result comes back even if
   # the whole suite does not finish
-  stage "CUDA tests of ${FIRST_TESTS:=tests/test_no_host_sync.py tests/test_training.py tests/test_poisson_field.py tests/test_cnf_training.py}"
-  timeout 150 python3 -m pytest -q -p no:cacheprovider -p no:warnings -rfE -k cuda $FIRST_TESTS \
+  stage "CUDA tests of ${FIRST_TESTS:=tests/test_compile.py tests/test_no_host_sync.py tests/test_training.py tests/test_poisson_field.py tests/test_cnf_training.py}"
+  # (test_compile: CUDA graphs of whole runs via dk.capture, compiled loops and tensor seeds on the GPU)
+  timeout 200 python3 -m pytest -q -p no:cacheprovider -p no:warnings -rfE -k "cuda or capture" $FIRST_TESTS \
       > "$OUT/first-tests.log" 2>&1
   grep -oE "(FAILED|ERROR) tests/\S+" "$OUT/first-tests.log" | sort | uniq | head -40; tail -1 "$OUT/first-tests.log"
   stage "tests"
