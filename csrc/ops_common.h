@@ -137,6 +137,18 @@ struct FusedStep {
   x, model_output, model_output_uncond, guidance_grad, predicted_variance, noise, coefficients, rows, row, clip, \
       aux, stream_noise, seed, step, sample_offset, stream, seed_step
 
+// fused_step.out without torch's dispatcher: the CPU or (when built) CUDA kernel by x's device. The
+// run engine's Python fast path calls it through diffkern._C (python_module.cpp) for its own buffers,
+// when nothing records gradients: boxing the op's 19 arguments for the dispatcher cost more than a
+// small step itself. The checks are the op's (prepare_fused_step).
+void fused_step_out_direct(DK_FUSED_STEP_PARAMS, at::Tensor& out, const std::optional<at::Tensor>& aux_out);
+namespace cpu {
+void fused_step_out_kernel(DK_FUSED_STEP_PARAMS, at::Tensor& out, const std::optional<at::Tensor>& aux_out);
+}
+namespace cuda {
+void fused_step_out_kernel(DK_FUSED_STEP_PARAMS, at::Tensor& out, const std::optional<at::Tensor>& aux_out);
+}
+
 // Whether a and b may share memory. ATen's answer when it has one; where it gives up ("too hard":
 // a view that is not dense, such as a strided slice or an expanded tensor), whether the byte
 // ranges the two views span in one storage intersect. That is conservative for interleaved views
@@ -338,6 +350,15 @@ inline FusedStepBackward prepare_fused_step_backward(const at::Tensor& grad_out,
       int64_t stream, const std::optional<at::Tensor>&seed_step
 #define DK_LINEAR_STEP_ARGS \
   inputs, noise, coefficients, row, outputs, x0, clip, stream_noise, seed, step, sample_offset, stream, seed_step
+
+// linear_step.out without torch's dispatcher (see fused_step_out_direct).
+void linear_step_out_direct(DK_LINEAR_STEP_PARAMS, at::TensorList out);
+namespace cpu {
+void linear_step_out_kernel(DK_LINEAR_STEP_PARAMS, at::TensorList out);
+}
+namespace cuda {
+void linear_step_out_kernel(DK_LINEAR_STEP_PARAMS, at::TensorList out);
+}
 
 struct LinearStep {
   LinearStepArgs args;

@@ -324,3 +324,31 @@ def test_opcheck_out_variant():
                           (x, kwargs["model_output"], None, kwargs["guidance_grad"], None, None, table, None, 2, True,
                            1, True, 1, 2, 3, 4, None),
                           {"out": torch.empty_like(x), "aux_out": torch.empty_like(x)})
+
+
+def test_fused_step_into_is_the_out_op_without_the_dispatcher():
+    """The run engine's direct call (csrc/python_module.cpp): the same numbers as the op with out=, for
+    every optional input, clipping, x0 and in-kernel noise; the outputs' version counters move as the
+    op's do (a tensor saved for a backward and overwritten is then refused); bad inputs raise the op's
+    RuntimeError (the run engine then names the argument through the checked call)."""
+    x, m, u, g, v = (dk.randn((6, 5), seed=s) for s in range(5))
+    table = dk.coefficients.ddpm_rows(torch.tensor([0.5, 0.3], dtype=torch.float64),
+                                      torch.tensor([0.6, 0.5], dtype=torch.float64), variance_type="learned_range",
+                                      clip_range=(-1.0, 1.0), guidance_scale=2.0, classifier_scale=0.5).float()
+    for clip, seed64 in ((False, 7), (True, -3)):
+        want, want_x0 = torch.empty_like(x), torch.empty_like(x)
+        dk.ops.fused_step(x, m, u, g, v, None, coefficients=table, row=1, clip=clip, aux="x0", stream_noise=True,
+                          seed=seed64 % 2 ** 64, step=4, sample_offset=2, out=want, aux_out=want_x0)
+        out, x0 = torch.empty_like(x), torch.empty_like(x)
+        versions = out._version, x0._version
+        dk.ops.fused_step_into(out, x, m, coefficients=table, row=1, seed64=seed64, step=4, sample_offset=2,
+                               stream_noise=True, inputs=(u, g, v, None), clip=clip, aux_code=dk.ops.AUX["x0"],
+                               aux_out=x0)
+        assert torch.equal(out, want) and torch.equal(x0, want_x0)
+        assert out._version > versions[0] and x0._version > versions[1]
+    with pytest.raises(RuntimeError):
+        dk.ops.fused_step_into(torch.empty(6, 4), x, m, coefficients=table, row=0, seed64=0, step=0, sample_offset=0,
+                               stream_noise=False)
+    with pytest.raises(TypeError, match="coefficients must be a tensor"):
+        dk.ops.fused_step_into(torch.empty_like(x), x, m, coefficients=[1.0], row=0, seed64=0, step=0,
+                               sample_offset=0, stream_noise=False)

@@ -136,3 +136,38 @@ def test_zero_coefficients_drop_their_terms(device, want_x0):
         assert torch.equal(got[0], torch.addcmul(x, m, torch.tensor(0.25, device=device)))
         if want_x0:
             assert torch.equal(got[1], torch.zeros_like(x))  # an empty sum is +0
+
+
+def test_the_direct_call_equals_the_dispatched_op():
+    """ops.linear_step calls the kernel without torch's dispatcher (csrc/python_module.cpp) for plain
+    tensors outside any dispatch mode: the same numbers as the op through the dispatcher, the outputs'
+    version counters moved, and the dispatcher kept where it routes elsewhere (a dispatch mode)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    gen = torch.Generator().manual_seed(3)
+    inputs = [torch.randn(5, 7, generator=gen) for _ in range(4)]
+    table = table_for(4, 2, torch.float32)
+    for row, x0 in ((0, True), (1, False)):
+        got = ops.linear_step(inputs, coefficients=table, row=row, outputs=2, x0=x0, clip=True, stream_noise=True,
+                              seed=2 ** 63 + 5, step=9, sample_offset=4)
+        want = torch.ops.diffkern.linear_step(inputs, None, table, row, 2, x0, True, True, -(2 ** 63) + 5, 9, 4, 0,
+                                              None)
+        assert len(got) == len(want) and all(torch.equal(a, b) for a, b in zip(got, want))
+    out = [torch.empty(5, 7)]
+    version = out[0]._version
+    ops._direct_linear_step_into(inputs[:2], None, table_for(2, 1, torch.float32), 0, 1, False, False, False, 0, 0, 0,
+                                 out)
+    assert out[0]._version > version
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with Ops() as mode:
+        ops.linear_step(inputs[:2], coefficients=table_for(2, 1, torch.float32), row=0)
+    assert "diffkern.linear_step.out" in mode.seen

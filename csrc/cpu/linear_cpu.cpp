@@ -14,6 +14,17 @@
 namespace diffkern {
 namespace cpu {
 namespace {
+void run_linear_step(const LinearStepArgs& a, Isa isa);
+}  // namespace
+
+void linear_step_out_kernel(DK_LINEAR_STEP_PARAMS, at::TensorList out) {
+  TORCH_CHECK(inputs.empty() || inputs[0].device().is_cpu(), "diffkern::linear_step: CPU kernel called for ",
+              inputs[0].device());
+  LinearStep s = prepare_linear_step(DK_LINEAR_STEP_ARGS, &out);
+  run_linear_step(s.args, best_isa());
+}
+
+namespace {
 
 void run_linear_step(const LinearStepArgs& a, Isa isa) {
   if (a.batch == 0 || a.features == 0) return;
@@ -49,12 +60,7 @@ std::vector<at::Tensor> linear_step_on(Isa isa, DK_LINEAR_STEP_PARAMS) {
 
 std::vector<at::Tensor> linear_step_cpu(DK_LINEAR_STEP_PARAMS) { return linear_step_on(best_isa(), DK_LINEAR_STEP_ARGS); }
 
-void linear_step_out_cpu(DK_LINEAR_STEP_PARAMS, at::TensorList out) {
-  TORCH_CHECK(inputs.empty() || inputs[0].device().is_cpu(), "diffkern::linear_step: CPU kernel called for ",
-              inputs[0].device());
-  LinearStep s = prepare_linear_step(DK_LINEAR_STEP_ARGS, &out);
-  run_linear_step(s.args, best_isa());
-}
+void linear_step_out_cpu(DK_LINEAR_STEP_PARAMS, at::TensorList out) { linear_step_out_kernel(DK_LINEAR_STEP_ARGS, out); }
 
 // Test hook: the same op on a chosen instruction set ("scalar" is the CUDA thread body).
 std::vector<at::Tensor> linear_step_cpu_isa(DK_LINEAR_STEP_PARAMS, c10::string_view isa) {
@@ -70,4 +76,15 @@ TORCH_LIBRARY_IMPL(diffkern, CPU, m) {
 }
 
 }  // namespace cpu
+
+void linear_step_out_direct(DK_LINEAR_STEP_PARAMS, at::TensorList out) {
+#ifdef DK_WITH_CUDA
+  if (!inputs.empty() && inputs[0].device().is_cuda()) {
+    cuda::linear_step_out_kernel(DK_LINEAR_STEP_ARGS, out);
+    return;
+  }
+#endif
+  cpu::linear_step_out_kernel(DK_LINEAR_STEP_ARGS, out);
+}
+
 }  // namespace diffkern

@@ -17,6 +17,16 @@
 namespace diffkern {
 namespace cpu {
 namespace {
+void run_fused_step(const FusedStepArgs& a, Isa isa);
+}  // namespace
+
+void fused_step_out_kernel(DK_FUSED_STEP_PARAMS, at::Tensor& out, const std::optional<at::Tensor>& aux_out) {
+  TORCH_CHECK(x.device().is_cpu(), "diffkern::fused_step: CPU kernel called for ", x.device());
+  FusedStep s = prepare_fused_step(DK_FUSED_STEP_ARGS, &out, aux_out.has_value() ? &*aux_out : nullptr);
+  run_fused_step(s.args, best_isa());
+}
+
+namespace {
 
 void check_row_indices(const FusedStepArgs& a) {
   if (a.rows == nullptr) return;
@@ -79,9 +89,7 @@ std::tuple<at::Tensor, at::Tensor> fused_step_cpu(DK_FUSED_STEP_PARAMS) {
 }
 
 void fused_step_out_cpu(DK_FUSED_STEP_PARAMS, at::Tensor& out, const std::optional<at::Tensor>& aux_out) {
-  TORCH_CHECK(x.device().is_cpu(), "diffkern::fused_step: CPU kernel called for ", x.device());
-  FusedStep s = prepare_fused_step(DK_FUSED_STEP_ARGS, &out, aux_out.has_value() ? &*aux_out : nullptr);
-  run_fused_step(s.args, best_isa());
+  fused_step_out_kernel(DK_FUSED_STEP_ARGS, out, aux_out);
 }
 
 std::vector<at::Tensor> fused_step_backward_cpu(const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_aux,
@@ -119,4 +127,15 @@ TORCH_LIBRARY_IMPL(diffkern, CPU, m) {
 }
 
 }  // namespace cpu
+
+void fused_step_out_direct(DK_FUSED_STEP_PARAMS, at::Tensor& out, const std::optional<at::Tensor>& aux_out) {
+#ifdef DK_WITH_CUDA
+  if (x.device().is_cuda()) {
+    cuda::fused_step_out_kernel(DK_FUSED_STEP_ARGS, out, aux_out);
+    return;
+  }
+#endif
+  cpu::fused_step_out_kernel(DK_FUSED_STEP_ARGS, out, aux_out);
+}
+
 }  // namespace diffkern

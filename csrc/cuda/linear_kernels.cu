@@ -45,14 +45,16 @@ std::vector<at::Tensor> linear_step_cuda(DK_LINEAR_STEP_PARAMS) {
   return s.outputs;
 }
 
-void linear_step_out_cuda(DK_LINEAR_STEP_PARAMS, at::TensorList out) {
+void linear_step_out_cuda(DK_LINEAR_STEP_PARAMS, at::TensorList out) { linear_step_out_kernel(DK_LINEAR_STEP_ARGS, out); }
+
+}  // namespace
+
+void linear_step_out_kernel(DK_LINEAR_STEP_PARAMS, at::TensorList out) {
   TORCH_CHECK(!inputs.empty() && inputs[0].device().is_cuda(), "diffkern::linear_step: CUDA kernel called for CPU tensors");
   const c10::cuda::CUDAGuard guard(inputs[0].device());
   LinearStep s = prepare_linear_step(DK_LINEAR_STEP_ARGS, &out);
   launch_linear_step(s.args, inputs[0].scalar_type());
 }
-
-}  // namespace
 
 TORCH_LIBRARY_IMPL(diffkern, CUDA, m) {
   m.impl("linear_step", &linear_step_cuda);

@@ -60,10 +60,7 @@ std::tuple<at::Tensor, at::Tensor> fused_step_cuda(DK_FUSED_STEP_PARAMS) {
 }
 
 void fused_step_out_cuda(DK_FUSED_STEP_PARAMS, at::Tensor& out, const std::optional<at::Tensor>& aux_out) {
-  TORCH_CHECK(x.device().is_cuda(), "diffkern::fused_step: CUDA kernel called for ", x.device());
-  const c10::cuda::CUDAGuard guard(x.device());
-  FusedStep s = prepare_fused_step(DK_FUSED_STEP_ARGS, &out, aux_out.has_value() ? &*aux_out : nullptr);
-  launch_fused_step(s.args, x.scalar_type());
+  fused_step_out_kernel(DK_FUSED_STEP_ARGS, out, aux_out);
 }
 
 std::vector<at::Tensor> fused_step_backward_cuda(const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_aux,
@@ -85,6 +82,13 @@ std::vector<at::Tensor> fused_step_backward_cuda(const at::Tensor& grad_out, con
 }
 
 }  // namespace
+
+void fused_step_out_kernel(DK_FUSED_STEP_PARAMS, at::Tensor& out, const std::optional<at::Tensor>& aux_out) {
+  TORCH_CHECK(x.device().is_cuda(), "diffkern::fused_step: CUDA kernel called for ", x.device());
+  const c10::cuda::CUDAGuard guard(x.device());
+  FusedStep s = prepare_fused_step(DK_FUSED_STEP_ARGS, &out, aux_out.has_value() ? &*aux_out : nullptr);
+  launch_fused_step(s.args, x.scalar_type());
+}
 
 TORCH_LIBRARY_IMPL(diffkern, CUDA, m) {
   m.impl("fused_step", &fused_step_cuda);
