@@ -19,10 +19,15 @@ import types
 
 import torch
 
+# Plans running now: dynamo runs a plan eagerly while it traces, where torch.compiler.is_compiling()
+# is still True, but the plan's code is plain Python on real tensors.
+_planning = [0]
+
 
 def compiling() -> bool:
-    """True while dynamo traces the caller (torch.compile, torch._dynamo.explain, export)."""
-    return torch.compiler.is_compiling()
+    """True while dynamo traces the caller (torch.compile, torch._dynamo.explain, export), and not
+    inside a plan that runs at trace time."""
+    return torch.compiler.is_compiling() and not _planning[0]
 
 
 def plan(function):
@@ -38,7 +43,11 @@ def plan(function):
             if type(value).__module__.startswith("diffkern.") and hasattr(value, "__dict__") and not vars(value):
                 raise ValueError(f"the {type(value).__name__} was made inside the compiled function: make it outside "
                                  "(as the model is) and pass it in")
-        return _stored(function(*args, **kwargs))
+        _planning[0] += 1
+        try:
+            return _stored(function(*args, **kwargs))
+        finally:
+            _planning[0] -= 1
 
     # named after the plan (dynamo names a constant after its function's code)
     planned.__code__ = planned.__code__.replace(co_name=f"diffkern_plan_{function.__name__}")

@@ -11,6 +11,8 @@ inductor leaves them alone).
 
 The CUDA variants run wherever a GPU is present; none was lent to the work that wrote them.
 """
+import functools
+
 import pytest
 import torch
 from common import requires_cuda
@@ -30,6 +32,7 @@ def fresh_dynamo():
 
 
 NATIVE = [name for name in registry.SAMPLERS if not name.startswith("k_")]
+K_DIFFUSION = [name for name in registry.SAMPLERS if name.startswith("k_")]
 STEPS = {"pc": 25, "ddpm": 6, "langevin": 3}  # pc: score_sde's VP discretisation needs > 20 steps
 OPTIONS = {"ddim": {"eta": 0.5}, "dpmpp": {"eta": 1.0}, "langevin": {"langevin_steps": 2}}
 
@@ -57,7 +60,7 @@ def explain(function, *args):
     return result.graph_count, result.graph_break_count, [str(b.reason).splitlines()[0] for b in result.break_reasons]
 
 
-@pytest.mark.parametrize("name", NATIVE)
+@pytest.mark.parametrize("name", NATIVE + K_DIFFUSION)
 def test_every_sampler_is_one_graph(name, device):
     sampler, model = sampler_of(name), model_of(registry.ENTRIES[name].model)
     assert explain(lambda: sampler(model, (8, 2), seed=3, device=device)) == (1, 0, [])
@@ -83,6 +86,30 @@ def test_compiled_sampler_equals_eager_and_new_seeds_do_not_recompile(name, devi
         assert torch.equal(sampler(model, (8, 2), seed=torch.tensor(seed, device=device), device=device), eager)
         assert torch.equal(compiled(torch.tensor(seed, device=device)), eager)
     assert counter.frame_count == 1  # one trace for every seed (and every step: the loop is unrolled)
+
+
+@pytest.mark.parametrize("name", K_DIFFUSION)
+def test_compiled_k_diffusion_sampler_equals_eager(name, device):
+    """The k-diffusion drop-ins take their seed as an int (their stream noise sampler's key): a new seed
+    is a new trace."""
+    sampler, model = sampler_of(name), model_of("denoiser")
+    compiled = torch.compile(lambda: sampler(model, (8, 2), seed=5, device=device), backend=CompileCounter(),
+                             fullgraph=True)
+    assert torch.equal(compiled(), sampler(model, (8, 2), seed=5, device=device))
+
+
+def test_k_diffusion_drop_ins_compile_on_a_list_of_levels():
+    from diffkern import k_diffusion as K
+
+    sigmas = K.get_sigmas_karras(8, 0.03, 14.6)
+    levels, model = sigmas.tolist(), model_of("denoiser")
+    x = dk.randn((4, 3), seed=2) * levels[0]
+    for sample in (K.sample_dpmpp_2m, K.sample_heun, K.sample_lms):
+        run = functools.partial(sample, model, x, disable=True)
+        compiled = torch.compile(run, fullgraph=True, backend=CompileCounter())
+        assert torch.equal(compiled(levels), run(sigmas))
+    with pytest.raises(Exception, match="sigmas is a tensor"):
+        torch.compile(lambda: K.sample_euler(model, x, sigmas, disable=True), fullgraph=True)()
 
 
 @pytest.mark.parametrize("name", ["ddim", "dpmpp", "heun", "pc"])
@@ -116,8 +143,6 @@ def test_guided_and_float64_runs_compile(device):
 @pytest.mark.parametrize("schedule", ["sched", "sde"])
 def test_dpmpp_on_a_schedule_or_an_sde_compiles(schedule):
     """Objects reach a plan as its own arguments (dynamo hands over the object itself)."""
-    import functools
-
     if schedule == "sched":
         run = functools.partial(dk.sample_dpmpp, sched=dk.DDPMSchedule(), num_steps=6, eta=1.0)
         model = model_of("epsilon")
@@ -266,8 +291,6 @@ def test_capture_replays_any_seed_without_recompiling(device):
 
 
 def test_capture_of_a_partial_sampler_with_inductor():
-    import functools
-
     levels = dk.karras_sigmas(6, 0.002, 80.0).tolist()
     sampler, model = functools.partial(dk.sample_dpmpp, sigmas=levels, eta=1.0), model_of("denoiser")
     sample = dk.capture(sampler, model, (4, 2, 3))

@@ -16,6 +16,7 @@ from typing import Callable, NamedTuple, Optional
 import torch
 
 from .. import coefficients, ops
+from .._graph import compiling, constant_levels, plan
 from .._validate import check_uint
 from ..noise import SAMPLING_STREAM, randn
 
@@ -125,7 +126,12 @@ def check_x(x) -> torch.Tensor:
 
 def check_sigmas(sigmas, device=None) -> torch.Tensor:
     """The sigmas as k-diffusion takes them (a 1-d float tensor; a list becomes a float32 tensor), checked:
-    at least one level, finite, non-negative and non-increasing."""
+    at least one level, finite, non-negative and non-increasing. Compiled, only a list or tuple (the
+    levels are constants of the graph; see diffkern._graph)."""
+    if compiling():
+        constant_levels("sigmas", sigmas)
+        _host_values(sigmas)  # checks them
+        return torch.tensor(sigmas, dtype=torch.float32, device=device)
     if not isinstance(sigmas, torch.Tensor):
         try:
             sigmas = torch.tensor(sigmas, dtype=torch.float32, device=device)
@@ -139,6 +145,43 @@ def check_sigmas(sigmas, device=None) -> torch.Tensor:
     if bool((levels[1:] > levels[:-1]).any()):
         raise ValueError("sigmas must not increase (from the noisiest level down to 0)")
     return sigmas
+
+
+@plan
+def _host_values(sigmas) -> list:
+    """A list of levels as k-diffusion takes it (a float32 tensor), checked, as floats."""
+    return check_sigmas(sigmas).tolist()
+
+
+@plan
+def _host_plan(planner: Callable, values: tuple, options: tuple):
+    """planner(levels, values, *options) on the CPU copy of a compiled run's levels (float32, as a list
+    becomes in k-diffusion)."""
+    levels = torch.tensor(values, dtype=torch.float32)
+    return planner(levels, levels.tolist(), *options)
+
+
+@plan
+def _device_tables(rows: tuple, device: torch.device, dtype: torch.dtype) -> tuple:
+    return tuple((kind, torch.tensor(values, dtype=torch.float64).to(device=device, dtype=dtype))
+                 for kind, values in rows)
+
+
+class RowBook:
+    """Coefficient rows by kind, as a planner collects them: add(kind, row) returns the row's index;
+    ``rows`` is ((kind, rows), ...) (a plan returns no dict: dynamo cannot guard one it made a constant)."""
+
+    def __init__(self):
+        self._rows: dict = {}
+
+    def add(self, kind: str, values: list) -> int:
+        rows = self._rows.setdefault(kind, [])
+        rows.append(values)
+        return len(rows) - 1
+
+    @property
+    def rows(self) -> tuple:
+        return tuple(self._rows.items())
 
 
 class Call(NamedTuple):
@@ -176,7 +219,7 @@ class Run:
     floats; the original tensor goes to the model and the callback."""
 
     def __init__(self, model, x: torch.Tensor, sigmas: Optional[torch.Tensor], extra_args, callback, disable,
-                 noise: Optional[Noise] = None):
+                 noise: Optional[Noise] = None, given=None):
         if not callable(model):
             raise ValueError(f"model must be callable (x, sigma, **extra_args) -> denoised, got {type(model).__name__}")
         self.model, self.noise = model, noise
@@ -188,8 +231,12 @@ class Run:
             raise ValueError(f"callback must be callable, got {type(callback).__name__}")
         self.callback, self.disable = callback, disable
         self.sigmas = sigmas
-        self.levels = sigmas.detach().cpu() if sigmas is not None else None
-        self.values = self.levels.tolist() if sigmas is not None else None
+        if sigmas is not None and compiling():
+            # the levels as given (a list: check_sigmas refused a tensor), read at trace time
+            self.levels, self.values = None, _host_values(given)
+        else:
+            self.levels = sigmas.detach().cpu() if sigmas is not None else None
+            self.values = self.levels.tolist() if sigmas is not None else None
         self.s_in = x.new_ones([x.shape[0]])
         self.dtype, self.device = x.dtype, x.device
         self.table_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -203,11 +250,26 @@ class Run:
         rows.append(values)
         return len(rows) - 1
 
-    def tables(self) -> None:
+    def plan(self, planner: Callable, *options):
+        """planner(levels, values, *options): what a sampler computes from the levels before its loop
+        (rows, flags: no tensor of the loop), on the CPU copy; compiled, once at trace time."""
+        if not compiling():
+            return planner(self.levels, self.values, *options)
+        return _host_plan(planner, tuple(self.values), options)
+
+    def tables(self, rows: Optional[tuple] = None) -> None:
+        """The device tables of the rows added, or of ``rows`` (a planner's RowBook.rows)."""
+        if rows is not None:
+            self._rows = dict(rows)
+        if compiling():
+            self._tables = dict(_device_tables(tuple(self._rows.items()), self.device, self.table_dtype))
+            return
         self._tables = {kind: torch.tensor(rows, dtype=torch.float64).to(device=self.device, dtype=self.table_dtype)
                         for kind, rows in self._rows.items()}
 
     def steps(self, n: int):
+        if self.disable:  # as trange(n, disable=True), and nothing a compiled graph breaks on
+            return range(n)
         from tqdm.auto import trange
 
         return trange(n, disable=self.disable)

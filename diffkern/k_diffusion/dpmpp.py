@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 
 from .._validate import check_real
-from ._run import Call, Noise, NoiseArgs, Run, check_sigmas, check_x, euler_row, row
+from ._run import Call, Noise, NoiseArgs, RowBook, Run, check_sigmas, check_x, euler_row, row
 from .brownian import default_brownian
 from .euler import ancestral_levels
 
@@ -39,40 +39,76 @@ def _lists(*tensors):
     return [t.tolist() for t in tensors]
 
 
+def _2s_levels(sigmas, eta):
+    """sigma_down, sigma_up, t, t_next, h and the stage's s of DPM-Solver++(2S) ancestral (r = 1/2)."""
+    down, up = ancestral_levels(sigmas[:-1], sigmas[1:], eta)
+    t, t_next = _t(sigmas[:-1]), _t(down)
+    h = t_next - t
+    return down, up, t, t_next, h, t + h / 2
+
+
+def _2s_ancestral_plan(levels: torch.Tensor, values: list, eta: float, s_noise: float):
+    """(rows, per step (launches, noisy, whether a stage), whether any step adds noise)."""
+    r, n = 1 / 2, len(values) - 1
+    down, up, t, t_next, h, s = _2s_levels(levels, eta)
+    downs, ups, dts = _lists(down, up, down - levels[:-1])
+    first_x, first_d = _lists(_sigma(s) / _sigma(t), (-h * r).expm1())
+    second_x, second_d = _lists(_sigma(t_next) / _sigma(t), (-h).expm1())
+    book, plan, needed = RowBook(), [], False
+    for i in range(n):
+        noisy = values[i + 1] > 0
+        z = s_noise * ups[i] if noisy else 0.
+        if downs[i] == 0:
+            plan.append(((("euler", book.add("euler", euler_row(values[i], dts[i], z))),), noisy, False))
+        else:
+            plan.append(((("stage", book.add("stage", row([first_x[i], -first_d[i]]))),
+                          ("step", book.add("step", row([second_x[i], -second_d[i]], z)))), noisy, True))
+        needed = needed or (noisy and z != 0)
+    return book.rows, plan, needed
+
+
 @torch.no_grad()
 def sample_dpmpp_2s_ancestral(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1., s_noise=1.,
                               noise_sampler=None, *, seed: Optional[int] = None, sample_offset: int = 0):
     """Ancestral DPM-Solver++(2S) steps, as k-diffusion's ``sample_dpmpp_2s_ancestral``: a stage at the
     log-midpoint toward sigma_down, the step, and the noise of std sigma_up (two launches, two model calls)."""
-    x, sigmas = check_x(x), check_sigmas(sigmas, x.device)
+    x, given, sigmas = check_x(x), sigmas, check_sigmas(sigmas, x.device)
     eta, s_noise = check_real("eta", eta), check_real("s_noise", s_noise)
-    run = Run(model, x, sigmas, extra_args, callback, disable)
-    r, n = 1 / 2, len(run.values) - 1
-
-    def levels(sigmas):
-        down, up = ancestral_levels(sigmas[:-1], sigmas[1:], eta)
-        t, t_next = _t(sigmas[:-1]), _t(down)
-        h = t_next - t
-        return down, up, t, t_next, h, t + r * h
-
-    down, up, t, t_next, h, s = levels(run.levels)
-    downs, ups, dts = _lists(down, up, down - run.levels[:-1])
-    first_x, first_d = _lists(_sigma(s) / _sigma(t), (-h * r).expm1())
-    second_x, second_d = _lists(_sigma(t_next) / _sigma(t), (-h).expm1())
-    stage_on_device = _sigma(levels(sigmas)[5])
-    plan, needed = [], False
-    for i in range(n):
-        noisy = run.values[i + 1] > 0
-        z = s_noise * ups[i] if noisy else 0.
-        if downs[i] == 0:
-            plan.append(((("euler", run.add("euler", euler_row(run.values[i], dts[i], z))),), noisy, None))
-        else:
-            plan.append(((("stage", run.add("stage", row([first_x[i], -first_d[i]]))),
-                          ("step", run.add("step", row([second_x[i], -second_d[i]], z)))), noisy, stage_on_device[i]))
-        needed = needed or (noisy and z != 0)
+    run = Run(model, x, sigmas, extra_args, callback, disable, given=given)
+    rows, steps, needed = run.plan(_2s_ancestral_plan, eta, s_noise)
+    stage_on_device = _sigma(_2s_levels(sigmas, eta)[5])
+    plan = [(launches, noisy, stage_on_device[i] if staged else None)
+            for i, (launches, noisy, staged) in enumerate(steps)]
     run.noise = Noise(x, noise_sampler, seed, sample_offset, needed=needed)
-    run.tables()
+    run.tables(rows)
     return run.ancestral_loop(x, plan, lambda x, x_2, denoised_2: [x, denoised_2])
+
+
+def _sde_levels(sigmas, r):
+    t, t_next = _t(sigmas[:-1]), _t(sigmas[1:])
+    return t, t_next, t + (t_next - t) * r
+
+
+def _sde_plan(levels: torch.Tensor, values: list, eta: float, s_noise: float, r: float):
+    """(rows, per step (launches, whether a stage), whether any step adds noise) of DPM-Solver++ SDE."""
+    n, fac = len(values) - 1, 1 / (2 * r)
+    t, t_next, s = _sde_levels(levels, r)
+    down, up = ancestral_levels(_sigma(t), _sigma(s), eta)
+    s_ = _t(down)
+    down_2, up_2 = ancestral_levels(_sigma(t), _sigma(t_next), eta)
+    t_next_ = _t(down_2)
+    a_1, b_1, a_2, b_2, ups, ups_2 = _lists(_sigma(s_) / _sigma(t), (t - s_).expm1(), _sigma(t_next_) / _sigma(t),
+                                            (t - t_next_).expm1(), up, up_2)
+    book, plan, needed = RowBook(), [], False
+    for i in range(n):
+        if values[i + 1] == 0:
+            plan.append(((("euler", book.add("euler", euler_row(values[i], -values[i]))),), False))
+            continue
+        first = row([a_1[i], -b_1[i]], s_noise * ups[i])
+        second = row([a_2[i], -b_2[i] * (1 - fac), -b_2[i] * fac], s_noise * ups_2[i])
+        plan.append(((("stage", book.add("stage", first)), ("step", book.add("step", second))), True))
+        needed = needed or s_noise * ups[i] != 0 or s_noise * ups_2[i] != 0
+    return book.rows, plan, needed
 
 
 @torch.no_grad()
@@ -80,36 +116,17 @@ def sample_dpmpp_sde(model, x, sigmas, extra_args=None, callback=None, disable=N
                      noise_sampler=None, r=1 / 2, *, seed: Optional[int] = None, sample_offset: int = 0):
     """Stochastic DPM-Solver++ with a stage at fraction ``r`` of each step in t, as k-diffusion's
     ``sample_dpmpp_sde`` (Brownian-tree noise by default): two launches and two model calls per step."""
-    x, sigmas = check_x(x), check_sigmas(sigmas, x.device)
+    x, given, sigmas = check_x(x), sigmas, check_sigmas(sigmas, x.device)
     eta, s_noise = check_real("eta", eta), check_real("s_noise", s_noise)
     r = check_real("r", r, strict=True)
-    run = Run(model, x, sigmas, extra_args, callback, disable)
-    n, fac = len(run.values) - 1, 1 / (2 * r)
-
-    def levels(sigmas):
-        t, t_next = _t(sigmas[:-1]), _t(sigmas[1:])
-        return t, t_next, t + (t_next - t) * r
-
-    t, t_next, s = levels(run.levels)
-    down, up = ancestral_levels(_sigma(t), _sigma(s), eta)
-    s_ = _t(down)
-    down_2, up_2 = ancestral_levels(_sigma(t), _sigma(t_next), eta)
-    t_next_ = _t(down_2)
-    a_1, b_1, a_2, b_2, ups, ups_2 = _lists(_sigma(s_) / _sigma(t), (t - s_).expm1(), _sigma(t_next_) / _sigma(t),
-                                            (t - t_next_).expm1(), up, up_2)
-    on_device = [_sigma(v) for v in levels(sigmas)]  # the levels of the stage call and of the noise
-    plan, needed = [], False
-    for i in range(n):
-        if run.values[i + 1] == 0:
-            plan.append(((("euler", run.add("euler", euler_row(run.values[i], -run.values[i]))),), None))
-            continue
-        first = row([a_1[i], -b_1[i]], s_noise * ups[i])
-        second = row([a_2[i], -b_2[i] * (1 - fac), -b_2[i] * fac], s_noise * ups_2[i])
-        plan.append(((("stage", run.add("stage", first)), ("step", run.add("step", second))),
-                     tuple(v[i] for v in on_device)))
-        needed = needed or s_noise * ups[i] != 0 or s_noise * ups_2[i] != 0
+    run = Run(model, x, sigmas, extra_args, callback, disable, given=given)
+    n = len(run.values) - 1
+    rows, steps, needed = run.plan(_sde_plan, eta, s_noise, r)
+    on_device = [_sigma(v) for v in _sde_levels(sigmas, r)]  # the levels of the stage call and of the noise
+    plan = [(launches, tuple(v[i] for v in on_device) if staged else None)
+            for i, (launches, staged) in enumerate(steps)]
     run.noise = _sde_noise(x, sigmas, NoiseArgs(noise_sampler, seed, sample_offset), needed)
-    run.tables()
+    run.tables(rows)
     for i in run.steps(n):
         launches, levels_i = plan[i]
         denoised = run.denoise(x, sigmas[i] * run.s_in)
@@ -128,23 +145,11 @@ def sample_dpmpp_sde(model, x, sigmas, extra_args=None, callback=None, disable=N
 def sample_dpmpp_2m(model, x, sigmas, extra_args=None, callback=None, disable=None):
     """DPM-Solver++(2M), as k-diffusion's ``sample_dpmpp_2m``: one model call and one launch per step
     (first order on the first step and onto sigma = 0)."""
-    x, sigmas = check_x(x), check_sigmas(sigmas, x.device)
-    run = Run(model, x, sigmas, extra_args, callback, disable)
-    n, levels = len(run.values) - 1, run.levels
-    t, t_next = _t(levels[:-1]), _t(levels[1:])
-    h = t_next - t
-    ratio = (t[1:] - t[:-1]) / h[1:]  # step i's h_last / h, from step 1
-    a, b = _lists(_sigma(t_next) / _sigma(t), (-h).expm1())
-    c_1, c_2 = _lists(1 + 1 / (2 * ratio), 1 / (2 * ratio))
-    plan = []
-    for i in range(n):
-        if run.values[i + 1] == 0:  # onto the data: x = D
-            plan.append(("first", run.add("first", row([0.0, 1.0]))))
-        elif i == 0:
-            plan.append(("first", run.add("first", row([a[i], -b[i]]))))
-        else:
-            plan.append(("second", run.add("second", row([a[i], -b[i] * c_1[i - 1], b[i] * c_2[i - 1]]))))
-    run.tables()
+    x, given, sigmas = check_x(x), sigmas, check_sigmas(sigmas, x.device)
+    run = Run(model, x, sigmas, extra_args, callback, disable, given=given)
+    n = len(run.values) - 1
+    rows, plan = run.plan(_2m_plan)
+    run.tables(rows)
     old = None
     for i in run.steps(n):
         denoised = run.denoise(x, sigmas[i] * run.s_in)
@@ -153,6 +158,25 @@ def sample_dpmpp_2m(model, x, sigmas, extra_args=None, callback=None, disable=No
         (x,) = run.launch([x, denoised] if kind == "first" else [x, denoised, old], kind, index)
         old = denoised
     return x
+
+
+def _2m_plan(levels: torch.Tensor, values: list):
+    """(rows, per step (kind, row)) of DPM-Solver++(2M)."""
+    n = len(values) - 1
+    t, t_next = _t(levels[:-1]), _t(levels[1:])
+    h = t_next - t
+    ratio = (t[1:] - t[:-1]) / h[1:]  # step i's h_last / h, from step 1
+    a, b = _lists(_sigma(t_next) / _sigma(t), (-h).expm1())
+    c_1, c_2 = _lists(1 + 1 / (2 * ratio), 1 / (2 * ratio))
+    book, plan = RowBook(), []
+    for i in range(n):
+        if values[i + 1] == 0:  # onto the data: x = D
+            plan.append(("first", book.add("first", row([0.0, 1.0]))))
+        elif i == 0:
+            plan.append(("first", book.add("first", row([a[i], -b[i]]))))
+        else:
+            plan.append(("second", book.add("second", row([a[i], -b[i] * c_1[i - 1], b[i] * c_2[i - 1]]))))
+    return book.rows, plan
 
 
 def _multistep_rows(third_order: bool, levels: torch.Tensor, eta: float, s_noise: float, solver_type):
@@ -197,22 +221,29 @@ def _multistep_rows(third_order: bool, levels: torch.Tensor, eta: float, s_noise
     return rows
 
 
+def _sde_multistep_plan(levels: torch.Tensor, values: list, third_order: bool, eta: float, s_noise: float,
+                        solver_type):
+    """(rows, per step (kind, row, noisy) or None onto sigma = 0) of 2M SDE and 3M SDE."""
+    book, plan = RowBook(), []
+    for rows in _multistep_rows(third_order, levels, eta, s_noise, solver_type):
+        if rows is None:
+            plan.append(None)
+            continue
+        kind = f"m{len(rows[0]) - 1}"
+        plan.append((kind, book.add(kind, row(*rows)), bool(eta)))
+    return book.rows, plan
+
+
 def _sde_multistep(third_order: bool, call: Call, eta, s_noise, noise: NoiseArgs, solver_type=None):
     """DPM-Solver++(2M) SDE and (3M) SDE: per step one launch of x, the denoised estimates and the noise;
     the step onto sigma = 0 returns the denoised estimate itself (as k-diffusion)."""
     x, sigmas = check_x(call.x), check_sigmas(call.sigmas, call.x.device)
     eta, s_noise = check_real("eta", eta), check_real("s_noise", s_noise)
-    run = Run(call.model, x, sigmas, call.extra_args, call.callback, call.disable)
+    run = Run(call.model, x, sigmas, call.extra_args, call.callback, call.disable, given=call.sigmas)
     n = len(run.values) - 1
-    plan = []
-    for rows in _multistep_rows(third_order, run.levels, eta, s_noise, solver_type):
-        if rows is None:
-            plan.append(None)
-            continue
-        kind = f"m{len(rows[0]) - 1}"
-        plan.append((kind, run.add(kind, row(*rows)), bool(eta)))
+    rows, plan = run.plan(_sde_multistep_plan, third_order, eta, s_noise, solver_type)
     run.noise = _sde_noise(x, sigmas, noise, any(p is not None and p[2] and s_noise != 0 for p in plan))
-    run.tables()
+    run.tables(rows)
     history = []  # earlier denoised estimates, newest first
     for i in run.steps(n):
         denoised = run.denoise(x, sigmas[i] * run.s_in)

@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 
 from .._validate import check_real
-from ._run import Call, Noise, NoiseArgs, Run, check_sigmas, check_x, euler_row, row
+from ._run import Call, Noise, NoiseArgs, RowBook, Run, check_sigmas, check_x, euler_row, row
 
 
 def ancestral_levels(sigma_from: torch.Tensor, sigma_to: torch.Tensor, eta: float):
@@ -33,43 +33,54 @@ def _midpoint(sigma, sigma_next):
     return sigma.log().lerp(sigma_next.log(), 0.5).exp()
 
 
-def _churned_sampler(name: str, call: Call, churn_args: tuple, noise: NoiseArgs):
-    """The loop of Euler, Heun and DPM-2: churn (EDM's gamma), one model call at sigma_hat, the method's step."""
-    x, sigmas = check_x(call.x), check_sigmas(call.sigmas, call.x.device)
-    run = Run(call.model, x, sigmas, call.extra_args, call.callback, call.disable)
-    s_churn, s_tmin, s_tmax, s_noise = churn_args
-    s_churn, s_noise = check_real("s_churn", s_churn), check_real("s_noise", s_noise)
-    s_tmin, s_tmax = check_real("s_tmin", s_tmin, allow_inf=True), check_real("s_tmax", s_tmax, allow_inf=True)
-    n = len(run.values) - 1
-    gammas = [min(s_churn / n, 2 ** 0.5 - 1) if s_tmin <= run.values[i] <= s_tmax else 0. for i in range(n)]
-    churns = any(g > 0 for g in gammas)
-    # k-diffusion draws eps = randn_like(x) at every step and uses it where gamma > 0
-    run.noise = Noise(x, None, noise.seed, noise.sample_offset, needed=churns)
-    # every step's levels at once: the model and the callback get k-diffusion's sigma_hat and midpoint
-    # (its arithmetic, on the sigmas' device), the coefficients the same on the CPU copy
+def _churned_plan(levels: torch.Tensor, values: list, name: str, churn: tuple):
+    """The rows and per-step launches of Euler, Heun and DPM-2 with EDM's churn, from the CPU copy of the
+    levels: (rows, gammas, [(churn row or None, launches)])."""
+    s_churn, s_tmin, s_tmax, s_noise = churn
+    n = len(values) - 1
+    gammas = [min(s_churn / n, 2 ** 0.5 - 1) if s_tmin <= values[i] <= s_tmax else 0. for i in range(n)]
     factor = [g + 1 for g in gammas]
-    hat_on_device = sigmas[:-1] * torch.tensor(factor, dtype=sigmas.dtype, device=sigmas.device)
-    second_on_device = sigmas[1:] if name == "heun" else _midpoint(hat_on_device, sigmas[1:])
-    levels = run.levels
     hat = levels[:-1] * torch.tensor(factor, dtype=levels.dtype)
     mid = _midpoint(hat, levels[1:])
     hats, dts, mids = hat.tolist(), (levels[1:] - hat).tolist(), mid.tolist()
     scales, dts_1 = ((hat ** 2 - levels[:-1] ** 2) ** 0.5).tolist(), (mid - hat).tolist()
-    plan = []
+    book, plan = RowBook(), []
     for i, gamma in enumerate(gammas):
-        h, s, dt = hats[i], run.values[i + 1], dts[i]
-        churn = run.add("churn", row([1.0], s_noise * scales[i])) if gamma > 0 else None
+        h, s, dt = hats[i], values[i + 1], dts[i]
+        churn_row = book.add("churn", row([1.0], s_noise * scales[i])) if gamma > 0 else None
         if name == "euler" or s == 0:
-            launches = (("euler", run.add("euler", euler_row(h, dt))),)
+            launches = (("euler", book.add("euler", euler_row(h, dt))),)
         elif name == "heun":
-            launches = (("predict", run.add("predict", euler_row(h, dt))),
-                        ("heun", run.add("heun", row([1 + dt / (2 * h), -dt / (2 * h), dt / (2 * s),
-                                                      -dt / (2 * s)]))))
+            launches = (("predict", book.add("predict", euler_row(h, dt))),
+                        ("heun", book.add("heun", row([1 + dt / (2 * h), -dt / (2 * h), dt / (2 * s),
+                                                       -dt / (2 * s)]))))
         else:
-            launches = (("predict", run.add("predict", euler_row(h, dts_1[i]))),
-                        ("dpm2", run.add("dpm2", row([1.0, dt / mids[i], -dt / mids[i]]))))
-        plan.append((churn, launches, hat_on_device[i] if gamma > 0 else sigmas[i], second_on_device[i]))
-    run.tables()
+            launches = (("predict", book.add("predict", euler_row(h, dts_1[i]))),
+                        ("dpm2", book.add("dpm2", row([1.0, dt / mids[i], -dt / mids[i]]))))
+        plan.append((churn_row, launches))
+    return book.rows, gammas, plan
+
+
+def _churned_sampler(name: str, call: Call, churn_args: tuple, noise: NoiseArgs):
+    """The loop of Euler, Heun and DPM-2: churn (EDM's gamma), one model call at sigma_hat, the method's step."""
+    x, sigmas = check_x(call.x), check_sigmas(call.sigmas, call.x.device)
+    run = Run(call.model, x, sigmas, call.extra_args, call.callback, call.disable, given=call.sigmas)
+    s_churn, s_tmin, s_tmax, s_noise = churn_args
+    s_churn, s_noise = check_real("s_churn", s_churn), check_real("s_noise", s_noise)
+    s_tmin, s_tmax = check_real("s_tmin", s_tmin, allow_inf=True), check_real("s_tmax", s_tmax, allow_inf=True)
+    n = len(run.values) - 1
+    rows, gammas, steps = run.plan(_churned_plan, name, (s_churn, s_tmin, s_tmax, s_noise))
+    churns = any(g > 0 for g in gammas)
+    # k-diffusion draws eps = randn_like(x) at every step and uses it where gamma > 0
+    run.noise = Noise(x, None, noise.seed, noise.sample_offset, needed=churns)
+    # every step's levels at once: the model and the callback get k-diffusion's sigma_hat and midpoint
+    # (its arithmetic, on the sigmas' device), the coefficients the same on the CPU copy (the plan)
+    factor = [g + 1 for g in gammas]
+    hat_on_device = sigmas[:-1] * torch.tensor(factor, dtype=sigmas.dtype, device=sigmas.device)
+    second_on_device = sigmas[1:] if name == "heun" else _midpoint(hat_on_device, sigmas[1:])
+    plan = [(churn, launches, hat_on_device[i] if gammas[i] > 0 else sigmas[i], second_on_device[i])
+            for i, (churn, launches) in enumerate(steps)]
+    run.tables(rows)
     for i in run.steps(n):
         churn, launches, sigma_hat, sigma_2 = plan[i]
         draw = run.noise.draw(x, None, None) if churns and (churn is not None or run.noise.mode == "global") else None
@@ -115,34 +126,43 @@ def sample_dpm_2(model, x, sigmas, extra_args=None, callback=None, disable=None,
                             (s_churn, s_tmin, s_tmax, s_noise), NoiseArgs(None, seed, sample_offset))
 
 
-def _ancestral_sampler(second_order: bool, call: Call, eta, s_noise, noise: NoiseArgs):
-    x, sigmas = check_x(call.x), check_sigmas(call.sigmas, call.x.device)
-    eta, s_noise = check_real("eta", eta), check_real("s_noise", s_noise)
-    run = Run(call.model, x, sigmas, call.extra_args, call.callback, call.disable)
-    levels, n = run.levels, len(run.values) - 1
+def _ancestral_plan(levels: torch.Tensor, values: list, second_order: bool, eta: float, s_noise: float):
+    """The rows of Euler-ancestral / DPM-2-ancestral from the CPU copy of the levels: (rows, per step
+    (launches, noisy, whether a stage at the midpoint), whether any step adds noise)."""
+    n = len(values) - 1
     down, up = ancestral_levels(levels[:-1], levels[1:], eta)
     mid = _midpoint(levels[:-1], down)
     downs, ups, dts, mids = down.tolist(), up.tolist(), (down - levels[:-1]).tolist(), mid.tolist()
     dts_1 = (mid - levels[:-1]).tolist()
-    mid_on_device = _midpoint(sigmas[:-1], ancestral_levels(sigmas[:-1], sigmas[1:], eta)[0]) if second_order else None
-    plan, needed = [], False
+    book, plan, needed = RowBook(), [], False
     for i in range(n):
-        sigma, up, dt = run.values[i], ups[i], dts[i]
+        sigma, up, dt = values[i], ups[i], dts[i]
         if not second_order:  # k-diffusion adds the noise while sigma_next > 0
-            noisy = run.values[i + 1] > 0
-            launches = (("euler", run.add("euler", euler_row(sigma, dt, s_noise * up if noisy else 0.))),)
-            plan.append((launches, noisy, None))
+            noisy = values[i + 1] > 0
+            launches = (("euler", book.add("euler", euler_row(sigma, dt, s_noise * up if noisy else 0.))),)
+            plan.append((launches, noisy, False))
         elif downs[i] == 0:  # an Euler step, no noise
             noisy = False
-            plan.append(((("euler", run.add("euler", euler_row(sigma, -sigma))),), False, None))
+            plan.append(((("euler", book.add("euler", euler_row(sigma, -sigma))),), False, False))
         else:  # a stage at the log-midpoint of sigma and sigma_down, then the step with the noise
             noisy = True
-            launches = (("predict", run.add("predict", euler_row(sigma, dts_1[i]))),
-                        ("dpm2", run.add("dpm2", row([1.0, dt / mids[i], -dt / mids[i]], s_noise * up))))
-            plan.append((launches, True, mid_on_device[i]))
+            launches = (("predict", book.add("predict", euler_row(sigma, dts_1[i]))),
+                        ("dpm2", book.add("dpm2", row([1.0, dt / mids[i], -dt / mids[i]], s_noise * up))))
+            plan.append((launches, True, True))
         needed = needed or (noisy and s_noise * up != 0)
+    return book.rows, plan, needed
+
+
+def _ancestral_sampler(second_order: bool, call: Call, eta, s_noise, noise: NoiseArgs):
+    x, sigmas = check_x(call.x), check_sigmas(call.sigmas, call.x.device)
+    eta, s_noise = check_real("eta", eta), check_real("s_noise", s_noise)
+    run = Run(call.model, x, sigmas, call.extra_args, call.callback, call.disable, given=call.sigmas)
+    rows, steps, needed = run.plan(_ancestral_plan, second_order, eta, s_noise)
+    mid_on_device = _midpoint(sigmas[:-1], ancestral_levels(sigmas[:-1], sigmas[1:], eta)[0]) if second_order else None
+    plan = [(launches, noisy, mid_on_device[i] if staged else None)
+            for i, (launches, noisy, staged) in enumerate(steps)]
     run.noise = Noise(x, noise.noise_sampler, noise.seed, noise.sample_offset, needed=needed)
-    run.tables()
+    run.tables(rows)
     return run.ancestral_loop(x, plan, lambda x, x_2, denoised_2: [x, x_2, denoised_2])
 
 

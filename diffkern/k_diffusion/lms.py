@@ -12,7 +12,7 @@ import torch
 
 from .. import coefficients
 from .._validate import check_positive_int
-from ._run import Run, check_sigmas, check_x
+from ._run import RowBook, Run, check_sigmas, check_x
 
 
 def linear_multistep_coeff(order, t, i, j) -> float:
@@ -38,21 +38,12 @@ def linear_multistep_coeff(order, t, i, j) -> float:
 def sample_lms(model, x, sigmas, extra_args=None, callback=None, disable=None, order=4):
     """Linear multistep sampling (the order rises to ``order`` as derivatives accumulate), as
     k-diffusion's ``sample_lms``: one model call and one fused launch per step."""
-    x, sigmas = check_x(x), check_sigmas(sigmas, x.device)
+    x, given, sigmas = check_x(x), sigmas, check_sigmas(sigmas, x.device)
     order = check_positive_int("order", order)
-    run = Run(model, x, sigmas, extra_args, callback, disable)
-    levels = run.values
-    n = len(levels) - 1
-    plan = []
-    for i in range(n):
-        k = min(i + 1, order)
-        c = [linear_multistep_coeff(k, levels, i, j) for j in range(k)]
-        sigma = float(levels[i])
-        # inputs [x, D, d_{i-1}, .., d_{i-k+1}]; outputs x_{i+1} and d_i
-        outputs = [(0.0, [1 + c[0] / sigma, -c[0] / sigma] + c[1:], 0.0),
-                   (0.0, [1 / sigma, -1 / sigma] + [0.0] * (k - 1), 0.0)]
-        plan.append((f"lms{k}", run.add(f"lms{k}", coefficients.linear_row([0.0] * (k + 1), outputs))))
-    run.tables()
+    run = Run(model, x, sigmas, extra_args, callback, disable, given=given)
+    n = len(run.values) - 1
+    rows, plan = run.plan(_lms_plan, order)
+    run.tables(rows)
     history = []  # d_{i-1}, d_{i-2}, ... newest first
     for i in run.steps(n):
         denoised = run.denoise(x, sigmas[i] * run.s_in)
@@ -62,3 +53,16 @@ def sample_lms(model, x, sigmas, extra_args=None, callback=None, disable=None, o
         x, d = run.launch([x, denoised] + history[:k - 1], kind, index, outputs=2)
         history = [d] + history[:order - 2]
     return x
+
+
+def _lms_plan(levels: torch.Tensor, values: list, order: int):
+    """Every step's row (the weights of [x, D, d_{i-1}, ..]; outputs x_{i+1} and d_i) and its table."""
+    book, plan = RowBook(), []
+    for i in range(len(values) - 1):
+        k = min(i + 1, order)
+        c = [linear_multistep_coeff(k, values, i, j) for j in range(k)]
+        sigma = float(values[i])
+        outputs = [(0.0, [1 + c[0] / sigma, -c[0] / sigma] + c[1:], 0.0),
+                   (0.0, [1 / sigma, -1 / sigma] + [0.0] * (k - 1), 0.0)]
+        plan.append((f"lms{k}", book.add(f"lms{k}", coefficients.linear_row([0.0] * (k + 1), outputs))))
+    return book.rows, plan

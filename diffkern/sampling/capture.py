@@ -14,8 +14,8 @@ for the steps; the model within its own compile tolerance).
 
 What cannot be one graph is refused on the first call with the cause: a model that reads a tensor on
 the host (``.item()``, ``float(t)``, a Python branch on a value), a progress bar or a callback, an
-adaptive ODE solver (its steps are chosen on the host), the k-diffusion drop-ins (their levels are
-read from the sigmas tensor).
+adaptive ODE solver (its steps are chosen on the host). The k-diffusion drop-ins compile, but take
+their seed as an int: each new seed recompiles.
 """
 from __future__ import annotations
 
@@ -80,8 +80,7 @@ class CapturedSampler:
                 raise
             raise ValueError(f"this sampling run cannot be captured as one graph: {cause}. A model that reads a "
                              "tensor on the host (.item(), float(t), a branch on a value), a callback or a progress "
-                             "bar, an adaptive ODE solver or a k-diffusion drop-in prevents it (the chained error "
-                             "says where)") from error
+                             "bar, or an adaptive ODE solver prevents it (the chained error says where)") from error
         self._traced = True
         return out.clone()
 

@@ -164,8 +164,8 @@ def sample_dpmpp(model, shape, sigmas=None, *, sched: Optional[DDPMSchedule] = N
     sees each step (level: sigma, timestep or t). Returns x0 of ``shape`` and ``dtype`` on ``device``.
     """
     grid = (num_steps, constant_levels("timesteps", timesteps), timestep_spacing, eps)
-    plan_ = _dpmpp_plan(constant_levels("sigmas", sigmas), sched, sde, grid, prediction_type, parameterization, order,
-                        solver_type, eta, s_noise, lower_order_final)
+    plan_ = _dpmpp_plan(constant_levels("sigmas", sigmas), sched, sde, grid, (prediction_type, parameterization),
+                        (order, solver_type, eta, s_noise, lower_order_final))
     (level_name, levels), model_times, prior_scale, orders, row_of, noisy, rows = plan_
     run = Run(RunSpec(shape, seed, device, dtype, sample_offset, x_T, progress, callback), level_name,
               legacy=("i", "level", "x", "denoised"))
@@ -185,11 +185,14 @@ def sample_dpmpp(model, shape, sigmas=None, *, sched: Optional[DDPMSchedule] = N
 
 
 @plan
-def _dpmpp_plan(sigmas, sched, sde, grid: tuple, prediction_type: str, parameterization: str, order: int,
-                solver_type: str, eta: float, s_noise: float, lower_order_final: bool) -> tuple:
+def _dpmpp_plan(sigmas, sched, sde, grid: tuple, model: tuple, solver: tuple) -> tuple:
     """The run's levels (name and values), the model's times, the prior scale, each step's order, row
     and noise flag (lists), and the rows of each order ((order, float64 rows) pairs). ``grid``: the
-    rest of _Schedule's fields (a plan's arguments are plain values, and objects at their top)."""
+    rest of _Schedule's fields (a plan's arguments are plain values, and objects at their top);
+    ``model``: (prediction_type, parameterization); ``solver``: (order, solver_type, eta, s_noise,
+    lower_order_final)."""
+    prediction_type, parameterization = model
+    order, solver_type, eta, s_noise, lower_order_final = solver
     order = check_choice("order", order, ORDERS)
     check_choice("solver_type", solver_type, SOLVER_TYPES)
     eta, s_noise = check_real("eta", eta), check_real("s_noise", s_noise)

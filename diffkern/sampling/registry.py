@@ -195,15 +195,17 @@ def _k_diffusion(function, noisy: bool):
     """A diffkern.k_diffusion sampler on Karras sigmas, started from sigma_max times the stream's step 0
     and (``noisy``) with its noise from the stream, so that its samples are the same for any batch split."""
     def build(steps, options):
+        levels = _karras(steps, options)
+
         def sample(model, shape, *, seed=0, sample_offset=0, device=None, dtype=torch.float32, x_T=None,
                    progress=False, callback=None):
             from .._model import step_callback
             from ..noise import randn, resolve_device
 
             device = resolve_device(device)
-            sigmas = karras_sigmas(steps, options["sigma_min"], options["sigma_max"])
-            levels = sigmas.tolist()
-            sigmas = sigmas.to(device=device, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+            # a list becomes k-diffusion's float32 sigmas (and is what a compiled run takes); float64
+            # runs keep float64 sigmas
+            sigmas = torch.tensor(levels, dtype=torch.float64, device=device) if dtype == torch.float64 else levels
             if x_T is None:
                 x = randn(tuple(shape), seed=seed, step=0, sample_offset=sample_offset, device=device,
                           dtype=dtype) * levels[0]
