@@ -3,6 +3,8 @@ summary table (median time, GB/s, ratio to the tensor copy and to the peers) aft
 
 Run with `pytest benchmarks --benchmark-only`; add `--benchmark-json=FILE` to keep the raw numbers.
 """
+import time
+
 import torch
 
 import diffkern as dk
@@ -25,6 +27,30 @@ def run(benchmark, fn, *, group: str, name: str, nbytes: int, device: str):
     benchmark.name = name
     benchmark.extra_info.update(nbytes=nbytes, device=device, label=name)
     return benchmark(timed)
+
+
+def interleaved(ways: dict, device: str, per: int = 1):
+    """(one_round, times): one_round() runs every way of ``ways`` ({name: fn}) once, in an order that
+    rotates from round to round (this machine's speed drifts by up to 2x over minutes, which separate
+    benchmarks one after another would charge to whichever ran at the slow time), and appends each
+    way's seconds / ``per`` to times[name]. Put times in extra_info["ways_s"]: the summary prints
+    their medians."""
+    names = list(ways)
+    times = {name: [] for name in names}
+    rounds = [0]
+
+    def one_round():
+        start = rounds[0] % len(names)
+        for name in names[start:] + names[:start]:
+            if device == "cuda":
+                torch.cuda.synchronize()
+            began = time.perf_counter()
+            ways[name]()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            times[name].append((time.perf_counter() - began) / per)
+        rounds[0] += 1
+    return one_round, times
 
 
 def _write_ways(write, ways):

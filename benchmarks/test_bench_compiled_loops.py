@@ -14,11 +14,10 @@ The compiled ways are compiled (and warmed) before the timed rounds; "per step" 
 over 50. The identity model costs nothing, so this is the loop's own cost.
 """
 import functools
-import time
 
 import pytest
 import torch
-from bench_common import DEVICES
+from bench_common import DEVICES, interleaved
 
 import diffkern as dk
 
@@ -85,22 +84,7 @@ def _ways(sampler: str, shape, device):
 def test_compiled_loop(benchmark, sampler, shape, device):
     """One benchmark round runs every way once, in an order that rotates from round to round."""
     torch._dynamo.reset()
-    ways = _ways(sampler, shape, device)
-    names = list(ways)
-    times = {name: [] for name in names}
-    rounds = [0]
-
-    def one_round():
-        start = rounds[0] % len(names)
-        for name in names[start:] + names[:start]:
-            if device == "cuda":
-                torch.cuda.synchronize()
-            began = time.perf_counter()
-            ways[name]()
-            if device == "cuda":
-                torch.cuda.synchronize()
-            times[name].append((time.perf_counter() - began) / STEPS)
-        rounds[0] += 1
+    one_round, times = interleaved(_ways(sampler, shape, device), device, per=STEPS)
 
     benchmark.group = f"{STEPS}-step {sampler} loop per step, identity model, {'x'.join(map(str, shape))} on {device}"
     benchmark.name = "all ways, interleaved"

@@ -8,12 +8,11 @@ between a loop and "model alone" is what the loop adds.
 The ways run interleaved within each benchmark round (see test_digits_sampling_loop); the summary after
 the run gives each way's median. In a smoke run (--benchmark-disable) DDPM takes 10 steps instead of
 1000, to keep CI short."""
-import time
 import types
 
 import pytest
 import torch
-from bench_common import DEVICES
+from bench_common import DEVICES, interleaved
 
 import diffkern as dk
 from diffkern.training import load_pretrained
@@ -117,21 +116,7 @@ def test_digits_sampling_loop(benchmark, model, batch, sampler):
     steps = 50 if sampler == "DDIM" else (10 if benchmark.disabled else 1000)
     fns = _loops(model, sampler, steps, batch)
     device = _device_of(model)
-    names = list(fns)
-    times = {name: [] for name in names}
-    rounds = [0]
-
-    def one_round():
-        start = rounds[0] % len(names)
-        for name in names[start:] + names[:start]:
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            began = time.perf_counter()
-            fns[name]()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times[name].append(time.perf_counter() - began)
-        rounds[0] += 1
+    one_round, times = interleaved(fns, device.type)
 
     benchmark.group = f"digits {sampler} {steps} steps, batch {batch} on {device.type}"
     benchmark.name = "all ways, interleaved"

@@ -41,6 +41,22 @@ bool int_arg(PyObject* obj, const char* name, int64_t& out) {
   return !(out == -1 && PyErr_Occurred());
 }
 
+// Runs ``call`` under the op's name for the profiler; a C++ error becomes a Python RuntimeError.
+template <class Call>
+PyObject* calling(const char* op, Call&& call) {
+  try {
+    RECORD_FUNCTION(op, std::vector<c10::IValue>());
+    call();
+  } catch (const c10::Error& e) {
+    PyErr_SetString(PyExc_RuntimeError, e.what_without_backtrace());
+    return nullptr;
+  } catch (const std::exception& e) {
+    PyErr_SetString(PyExc_RuntimeError, e.what());
+    return nullptr;
+  }
+  Py_RETURN_NONE;
+}
+
 // fused_step_into(out, x, model_output, model_output_uncond, guidance_grad, predicted_variance, noise,
 //                 coefficients, row, clip, aux, stream_noise, seed, step, sample_offset, aux_out) -> None
 PyObject* fused_step_into(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
@@ -61,22 +77,14 @@ PyObject* fused_step_into(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
     return nullptr;
   }
   const bool clip = PyObject_IsTrue(args[9]) == 1, stream_noise = PyObject_IsTrue(args[11]) == 1;
-  try {
-    RECORD_FUNCTION("diffkern::fused_step.out", std::vector<c10::IValue>());
+  return calling("diffkern::fused_step.out", [&] {
     diffkern::fused_step_out_direct(x, model_output, uncond, guidance, variance, noise, coefficients, std::nullopt, row,
                                     clip, aux, stream_noise, seed, step, sample_offset, 0, std::nullopt, out, aux_out);
     // what the dispatcher's out= op does for autograd: a tensor saved for a backward and written
     // here is then refused by that backward instead of read with its new values
     torch::autograd::impl::bump_version(out);
     if (aux_out.has_value()) torch::autograd::impl::bump_version(*aux_out);
-  } catch (const c10::Error& e) {
-    PyErr_SetString(PyExc_RuntimeError, e.what_without_backtrace());
-    return nullptr;
-  } catch (const std::exception& e) {
-    PyErr_SetString(PyExc_RuntimeError, e.what());
-    return nullptr;
-  }
-  Py_RETURN_NONE;
+  });
 }
 
 bool tensor_list(PyObject* obj, const char* name, std::vector<at::Tensor>& out) {
@@ -110,19 +118,11 @@ PyObject* linear_step_into(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   }
   const bool x0 = PyObject_IsTrue(args[5]) == 1, clip = PyObject_IsTrue(args[6]) == 1;
   const bool stream_noise = PyObject_IsTrue(args[7]) == 1;
-  try {
-    RECORD_FUNCTION("diffkern::linear_step.out", std::vector<c10::IValue>());
+  return calling("diffkern::linear_step.out", [&] {
     diffkern::linear_step_out_direct(inputs, noise, coefficients, row, outputs, x0, clip, stream_noise, seed, step,
                                      sample_offset, 0, std::nullopt, out);
     for (const at::Tensor& t : out) torch::autograd::impl::bump_version(t);
-  } catch (const c10::Error& e) {
-    PyErr_SetString(PyExc_RuntimeError, e.what_without_backtrace());
-    return nullptr;
-  } catch (const std::exception& e) {
-    PyErr_SetString(PyExc_RuntimeError, e.what());
-    return nullptr;
-  }
-  Py_RETURN_NONE;
+  });
 }
 
 PyMethodDef methods[] = {
