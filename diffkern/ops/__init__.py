@@ -208,9 +208,16 @@ def fused_step(x: torch.Tensor, model_output: Optional[torch.Tensor] = None,
             if aux_code and aux_out is None:
                 raise ValueError(f"aux={aux!r} with out= needs aux_out=")
             aux_out = aux_out if aux_code else None
-            _fused_step_out_op(x, model_output, model_output_uncond, guidance_grad, predicted_variance, noise,
-                               coefficients, rows, row, clip, aux_code, stream_noise, seed, step, sample_offset, stream,
-                               seed_step, out=out, aux_out=aux_out)
+            if rows is None and stream == 0 and seed_step is None and not compiling() and _direct_ok(
+                    x, model_output, model_output_uncond, guidance_grad, predicted_variance, noise, coefficients,
+                    out, aux_out):
+                _direct_fused_step_into(out, x, model_output, model_output_uncond, guidance_grad, predicted_variance,
+                                        noise, coefficients, row, clip, aux_code, stream_noise, seed, step,
+                                        sample_offset, aux_out)
+            else:
+                _fused_step_out_op(x, model_output, model_output_uncond, guidance_grad, predicted_variance, noise,
+                                   coefficients, rows, row, clip, aux_code, stream_noise, seed, step, sample_offset,
+                                   stream, seed_step, out=out, aux_out=aux_out)
         else:
             out, aux_out = _fused_step_op(x, model_output, model_output_uncond, guidance_grad, predicted_variance,
                                           noise, coefficients, rows, row, clip, aux_code, stream_noise, seed, step,
