@@ -140,7 +140,8 @@ class DPMSolverMultistepScheduler(FusedScheduler, schedulers.DPMSolverMultistepS
         self.model_outputs[-1] = converted
         if self.lower_order_nums < self.config.solver_order:
             self.lower_order_nums += 1
-        prev_sample = prev_sample.to(model_output.dtype)
+        if prev_sample.dtype != model_output.dtype:  # (.to costs ~0.7 us even when it returns its input)
+            prev_sample = prev_sample.to(model_output.dtype)
         self._step_index += 1
         if not return_dict:
             return (prev_sample,)

@@ -45,7 +45,8 @@ class FlowMatchEulerDiscreteScheduler(FusedScheduler, schedulers.FlowMatchEulerD
         (prev_sample,) = self._dk_run(plan, {"sample": sample, "model_output": model_output}, noise,
                                       noise_step=self.step_index)
         self._step_index += 1
-        prev_sample = prev_sample.to(model_output.dtype)
+        if prev_sample.dtype != model_output.dtype:  # (.to costs ~0.7 us even when it returns its input)
+            prev_sample = prev_sample.to(model_output.dtype)
         if not return_dict:
             return (prev_sample,)
         return schedulers.scheduling_flow_match_euler_discrete.FlowMatchEulerDiscreteSchedulerOutput(
