@@ -53,7 +53,7 @@ def plan(function):
     planned.__code__ = planned.__code__.replace(co_name=f"diffkern_plan_{function.__name__}")
     constant = torch.compiler.assume_constant_result(planned)
 
-    @functools.wraps(function)  # (call.__wrapped__ is the plain function)
+    @functools.wraps(function)
     def call(*args, **kwargs):
         if not compiling():
             return function(*args, **kwargs)
@@ -112,6 +112,17 @@ def _realized(value):
     if isinstance(value, (list, tuple)):
         return tuple(_realized(item) for item in value)
     return value
+
+
+@plan
+def device_table(rows, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Coefficient rows (float64: a tensor [..., width] or a list of equal-width lists) as a table
+    [rows, width] on ``device`` in ``dtype``; compiled, made once at trace time, already on the device
+    (a graph without host-to-device copies, which a CUDA graph can replay)."""
+    rows = torch.as_tensor(rows, dtype=torch.float64)
+    if rows.dim() == 1:
+        rows = rows[None]
+    return rows.reshape(-1, rows.shape[-1]).to(device=device, dtype=dtype)
 
 
 def constant_levels(name: str, levels):

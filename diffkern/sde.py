@@ -86,11 +86,11 @@ class SDE:
     def velocity_terms(self, parameterization: str = "score"):
         """The probability-flow ODE dx/dt = a(t) x + b(t) m(x, t) of a model with output m: the function
         t -> (a, b) with a = f(t), b = -g(t)^2 scale(t) / 2 (``score_scale``). It returns floats for a
-        float t and float64 tensors for a tensor t (per-sample times)."""
+        float t, lists for a tuple of floats, and float64 tensors for a tensor t (per-sample times)."""
         self.score_scale(0.5, parameterization)  # checks parameterization
 
         def terms(t):
-            if not isinstance(t, torch.Tensor):
+            if not isinstance(t, torch.Tensor):  # a float, or a tuple of floats (a step's stage times)
                 return _velocity_terms_at(self, parameterization, t)
             t64 = t.to(torch.float64)
             return self.drift_coef(t64), -0.5 * self.diffusion(t64) ** 2 * self.score_scale(t64, parameterization)
@@ -119,11 +119,12 @@ def _per_sample(coef: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 @plan
-def _velocity_terms_at(sde: SDE, parameterization: str, t: float) -> tuple:
-    """velocity_terms at a float time, as floats (a plan: a constant of a compiled graph)."""
+def _velocity_terms_at(sde: SDE, parameterization: str, t) -> tuple:
+    """velocity_terms at a float time (floats) or at a tuple of them (two lists, computed at once), as a
+    plan: constants of a compiled graph."""
     t64 = torch.tensor(t, dtype=torch.float64)
     a, b = sde.drift_coef(t64), -0.5 * sde.diffusion(t64) ** 2 * sde.score_scale(t64, parameterization)
-    return float(a), float(b)
+    return a.tolist(), b.tolist()
 
 
 class VPSDE(SDE):

@@ -16,7 +16,7 @@ from typing import Callable, NamedTuple, Optional
 import torch
 
 from .. import coefficients, ops
-from .._graph import compiling, constant_levels, plan
+from .._graph import compiling, constant_levels, device_table, plan
 from .._validate import check_uint
 from ..noise import SAMPLING_STREAM, randn
 
@@ -161,12 +161,6 @@ def _host_plan(planner: Callable, values: tuple, options: tuple):
     return planner(levels, levels.tolist(), *options)
 
 
-@plan
-def _device_tables(rows: tuple, device: torch.device, dtype: torch.dtype) -> tuple:
-    return tuple((kind, torch.tensor(values, dtype=torch.float64).to(device=device, dtype=dtype))
-                 for kind, values in rows)
-
-
 class RowBook:
     """Coefficient rows by kind, as a planner collects them: add(kind, row) returns the row's index;
     ``rows`` is ((kind, rows), ...) (a plan returns no dict: dynamo cannot guard one it made a constant)."""
@@ -261,11 +255,7 @@ class Run:
         """The device tables of the rows added, or of ``rows`` (a planner's RowBook.rows)."""
         if rows is not None:
             self._rows = dict(rows)
-        if compiling():
-            self._tables = dict(_device_tables(tuple(self._rows.items()), self.device, self.table_dtype))
-            return
-        self._tables = {kind: torch.tensor(rows, dtype=torch.float64).to(device=self.device, dtype=self.table_dtype)
-                        for kind, rows in self._rows.items()}
+        self._tables = {kind: device_table(rows, self.device, self.table_dtype) for kind, rows in self._rows.items()}
 
     def steps(self, n: int):
         if self.disable:  # as trange(n, disable=True), and nothing a compiled graph breaks on

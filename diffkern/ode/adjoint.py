@@ -32,6 +32,8 @@ def unit_velocity_terms(t):
     """(a, b) = (0, 1): dx/dt is the model output itself (CNFs; the adjoint's augmented state)."""
     if isinstance(t, torch.Tensor):
         return torch.zeros_like(t, dtype=torch.float64), torch.ones_like(t, dtype=torch.float64)
+    if isinstance(t, tuple):
+        return [0.0] * len(t), [1.0] * len(t)
     return 0.0, 1.0
 
 

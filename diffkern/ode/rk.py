@@ -152,7 +152,7 @@ class _Stepper:
         ks, traces, regs = [k0], [tr0], [r0]
         if not per_sample:  # the step's a(t_i), b(t_i), as floats (constants of a compiled graph)
             stage_times = [t + c * step for c in tableau.c]
-            a_all, b_all = zip(*(self.system.velocity_terms(t_i) for t_i in stage_times))
+            a_all, b_all = self.system.velocity_terms(tuple(stage_times))
         for i in range(1, s):
             if per_sample:
                 t_i = t + tableau.c[i] * step

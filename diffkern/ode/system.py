@@ -30,10 +30,11 @@ DEFAULT_NUM_STEPS = 100
 class LinearODE:
     """dx/dt = a(t) x + b(t) m(x, t).
 
-    velocity_terms(t) -> (a, b): floats for a float t, float64 tensors [B] for a tensor t (per-sample
-    times). evaluate(x, t, need_products) -> (m, products): the model output at x (t a float or a
-    float64 tensor [B]) and, when need_products, its Jacobian products with the probes [K, B, ...]
-    (else None). With ``probes`` the solvers also integrate the trace, scaled by ``trace_scale``."""
+    velocity_terms(t) -> (a, b): floats for a float t, lists for a tuple of floats (a step's stage
+    times, at once), float64 tensors [B] for a tensor t (per-sample times). evaluate(x, t,
+    need_products) -> (m, products): the model output at x (t a float or a float64 tensor [B]) and,
+    when need_products, its Jacobian products with the probes [K, B, ...] (else None). With
+    ``probes`` the solvers also integrate the trace, scaled by ``trace_scale``."""
 
     velocity_terms: Callable
     evaluate: Callable

@@ -13,7 +13,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from .. import coefficients, ops
-from .._graph import compiling, plan
+from .._graph import compiling, device_table, plan
 from .._model import StepInfo, progress, step_callback
 from .._validate import check_dtype, check_shape
 from ..noise import SAMPLING_STREAM, make_seed_step, randn, resolve_device
@@ -58,7 +58,10 @@ class Run:
                        SAMPLING_STREAM, None, self.device)
         self.batch = self.shape[0] if self.shape else 1
         self.seed, self.dtype, self.sample_offset = spec.seed, spec.dtype, spec.sample_offset
-        self.seed64 = ops.seed_to_int64(spec.seed) if self.seed_tensor is None else 0
+        # the int seed as the ops' wrappers take it (uint64) and as the schemas carry it (int64 bits);
+        # with a seed tensor, unused placeholders
+        self.seed_int = spec.seed if self.seed_tensor is None else 0
+        self.seed64 = ops.seed_to_int64(self.seed_int)
         self.x_T, self.progress_enabled = spec.x_T, spec.progress
         self.table_dtype = torch.float64 if spec.dtype == torch.float64 else torch.float32
         self.time_dtype = self.table_dtype
@@ -82,12 +85,8 @@ class Run:
         return randn(self.shape, **self.noise_key(0), device=self.device, dtype=self.dtype) * scale
 
     def table(self, rows) -> torch.Tensor:
-        """A plan's coefficient rows (float64: a tensor [..., width] or a list of equal-width lists) as
-        the device table of this run's dtype. Compiled, a constant made on the device at trace time
-        (a graph without host-to-device copies, which a CUDA graph can replay)."""
-        if not compiling():
-            return _device_table.__wrapped__(rows, self.device, self.table_dtype)
-        return _device_table(rows, self.device, self.table_dtype)
+        """A plan's coefficient rows as the device table of this run's dtype (_graph.device_table)."""
+        return device_table(rows, self.device, self.table_dtype)
 
     def fused_table(self, rows64: torch.Tensor) -> torch.Tensor:
         """A plan's rows of ops.fused_step (float64 [..., len(FIELDS)]) as this run's device table."""
@@ -100,8 +99,7 @@ class Run:
     def per_step(self, values, batch: Optional[int] = None, dtype: Optional[torch.dtype] = None) -> list:
         """A plan's values[i] as a [batch] tensor on the device for each i, made once before the loop
         (the loop then only indexes a list); compiled, constants of the graph on the device."""
-        make = _per_step_values if compiling() else _per_step_values.__wrapped__
-        return list(make(values, batch or self.batch, self.device, dtype or self.time_dtype).unbind(0))
+        return list(_per_step_values(values, batch or self.batch, self.device, dtype or self.time_dtype).unbind(0))
 
     def steps(self, n: int, desc: str):
         """range(n), under a progress bar when asked for."""
@@ -157,9 +155,7 @@ class Run:
             # the run's buffers must not have it overwritten while it is read: allocate this step
             out = None
         stream_noise = noisy and noise is None
-        if stream_noise and self.seed_tensor is not None:
-            return self._step_seed_tensor(x, table, row, model_output, inputs, out, clip, return_x0)
-        if out is not None:
+        if out is not None and not (stream_noise and self.seed_tensor is not None):
             # the run's own buffer and a noise key checked when the run began: straight to the op
             step = self.next_noise_step() if stream_noise else 0
             aux_out = self.output_for(x, "x0") if return_x0 else None
@@ -174,24 +170,17 @@ class Run:
                 return (out, aux_out) if return_x0 else out
             if stream_noise:
                 self.noise_step -= 1
+        step = self.next_noise_step() if stream_noise else 0
         new, x0 = ops.fused_step(
             x, model_output, model_output_uncond, third, predicted_variance, noise, coefficients=table, row=row,
-            clip=clip, aux="x0" if return_x0 else "none", stream_noise=stream_noise, seed=self.seed64 % (1 << 64),
-            step=self.next_noise_step() if stream_noise else 0, sample_offset=self.sample_offset,
+            clip=clip, aux="x0" if return_x0 else "none", stream_noise=stream_noise, seed=self.seed_int, step=step,
+            sample_offset=self.sample_offset, seed_step=self.seed_step(step) if stream_noise else None,
             out=out, aux_out=self.output_for(x, "x0") if return_x0 and out is not None else None)
         return (new, x0) if return_x0 else new
 
-    def _step_seed_tensor(self, x, table, row, model_output, inputs, out, clip, return_x0):
-        """A noisy step whose seed is a device tensor: the kernel reads (seed, step) from the device."""
-        seed_step = self.seed_step(self.next_noise_step())
-        new, x0 = ops.fused_step(
-            x, model_output, *inputs[2:], coefficients=table, row=row, clip=clip, aux="x0" if return_x0 else "none",
-            stream_noise=True, sample_offset=self.sample_offset, seed_step=seed_step, out=out,
-            aux_out=self.output_for(x, "x0") if return_x0 and out is not None else None)
-        return (new, x0) if return_x0 else new
-
     def seed_step(self, step: int) -> Optional[torch.Tensor]:
-        """The (seed, step) device tensor of a noisy launch when the seed is a tensor, else None."""
+        """The (seed, step) device tensor that a noisy launch reads when the seed is a tensor (the
+        kernel then reads both from device memory), else None."""
         return None if self.seed_tensor is None else make_seed_step(self.seed_tensor, step, self.device)
 
     def noise_key(self, step: int) -> dict:
@@ -205,20 +194,12 @@ class Run:
         ``noise_step`` it draws that step of the run's stream."""
         seed_step = self.seed_step(noise_step) if noise_step is not None else None
         return ops.linear_step(inputs, coefficients=table, row=row, outputs=1, x0=x0,
-                               stream_noise=noise_step is not None, seed=self.seed64 % (1 << 64),
+                               stream_noise=noise_step is not None, seed=self.seed_int,
                                step=noise_step or 0, sample_offset=self.sample_offset, seed_step=seed_step)
 
     def report(self, i: int, levels: tuple, x: torch.Tensor, denoised: torch.Tensor) -> None:
         """Calls the callback with step i's StepInfo; levels = (before the step, after it)."""
         self.callback(StepInfo(i, self.level_name, levels[0], levels[1], x, denoised))
-
-
-@plan
-def _device_table(rows, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    rows = torch.as_tensor(rows, dtype=torch.float64)
-    if rows.dim() == 1:
-        rows = rows[None]
-    return rows.reshape(-1, rows.shape[-1]).to(device=device, dtype=dtype)
 
 
 @plan

@@ -20,7 +20,6 @@ from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
-from .. import _graph
 from .._model import StepInfo
 from .._validate import check_choice, check_positive, check_positive_int, check_real
 from ..schedules import DDPMSchedule
@@ -110,21 +109,16 @@ def _sde(options):
     return VESDE(**sigmas)
 
 
-@_graph.plan
-def _karras_levels(steps, sigma_min, sigma_max) -> list:
-    return karras_sigmas(steps, sigma_min, sigma_max).tolist()
-
-
 def _karras(steps, options) -> list:
-    """The Karras levels of a run as a list (constants of a compiled graph)."""
-    return _karras_levels(steps, options["sigma_min"], options["sigma_max"])
+    """The Karras levels of a run as a list (made when the sampler is: constants of a compiled graph)."""
+    return karras_sigmas(steps, options["sigma_min"], options["sigma_max"]).tolist()
 
 
 def _posterior(function):
     def build(steps, options):
+        sched = DDPMSchedule()
         extra = {"eta": options["eta"]} if "eta" in options else {}
-        # the default DDPMSchedule, made by the sampler's plan (outside a compiled graph)
-        return lambda model, shape, **run: function(model, shape, None, num_inference_steps=steps,
+        return lambda model, shape, **run: function(model, shape, sched, num_inference_steps=steps,
                                                     prediction_type=options["prediction_type"], **extra, **run)
     return build
 
@@ -151,13 +145,9 @@ def _dpmpp(steps, options):
                                                     **run)
 
 
-@_graph.plan
-def _langevin_levels(steps, sigma_min, sigma_max) -> list:
-    return torch.logspace(math.log10(sigma_max), math.log10(sigma_min), steps, dtype=torch.float64).tolist()
-
-
 def _langevin(steps, options):
-    sigmas = _langevin_levels(steps, options["sigma_min"], options["sigma_max"])
+    sigmas = torch.logspace(math.log10(options["sigma_max"]), math.log10(options["sigma_min"]), steps,
+                            dtype=torch.float64).tolist()
     return lambda model, shape, **run: sample_langevin(model, shape, sigmas, options["langevin_steps"],
                                                        step_size=options["step_size"], **run)
 

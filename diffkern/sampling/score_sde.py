@@ -60,8 +60,7 @@ def _euler_maruyama_plan(sde, num_steps, eps, parameterization, denoise):
     noisy[-1] = not denoise
     rows = coefficients.euler_maruyama_rows(sde.drift_coef(t[:-1]), sde.diffusion(t[:-1]), dt, scale[:-1])
     rows[:, coefficients.INDEX["sigma"]] *= noisy.double()
-    scale = scale.tolist() if isinstance(scale, torch.Tensor) else [float(scale)] * len(t)
-    return t.tolist(), scale, noisy.tolist(), rows
+    return t.tolist(), scale.tolist(), noisy.tolist(), rows
 
 
 def _snr_langevin(run: Run, x, score, score_scale, snr_alpha):
@@ -206,5 +205,4 @@ def _pc_plan(sde, num_steps, eps, predictor, parameterization, denoise):
     if denoise:
         predictor_rows[-1, sigma_col] = 0.0
     noisy = (predictor_rows[:, sigma_col] != 0).tolist()
-    scales = scale.tolist() if isinstance(scale, torch.Tensor) else [float(scale)] * len(t)
-    return t.tolist() + [0.0], scales, alpha.tolist(), noisy, predictor_rows
+    return t.tolist() + [0.0], scale.tolist(), alpha.tolist(), noisy, predictor_rows
