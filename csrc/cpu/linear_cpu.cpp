@@ -60,8 +60,6 @@ std::vector<at::Tensor> linear_step_on(Isa isa, DK_LINEAR_STEP_PARAMS) {
 
 std::vector<at::Tensor> linear_step_cpu(DK_LINEAR_STEP_PARAMS) { return linear_step_on(best_isa(), DK_LINEAR_STEP_ARGS); }
 
-void linear_step_out_cpu(DK_LINEAR_STEP_PARAMS, at::TensorList out) { linear_step_out_kernel(DK_LINEAR_STEP_ARGS, out); }
-
 // Test hook: the same op on a chosen instruction set ("scalar" is the CUDA thread body).
 std::vector<at::Tensor> linear_step_cpu_isa(DK_LINEAR_STEP_PARAMS, c10::string_view isa) {
   return linear_step_on(isa_from_name(std::string(isa).c_str()), DK_LINEAR_STEP_ARGS);
@@ -71,7 +69,7 @@ std::vector<at::Tensor> linear_step_cpu_isa(DK_LINEAR_STEP_PARAMS, c10::string_v
 
 TORCH_LIBRARY_IMPL(diffkern, CPU, m) {
   m.impl("linear_step", &linear_step_cpu);
-  m.impl("linear_step.out", &linear_step_out_cpu);
+  m.impl("linear_step.out", &linear_step_out_kernel);
   m.impl("_linear_step_cpu_isa", &linear_step_cpu_isa);
 }
 

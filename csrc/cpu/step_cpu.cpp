@@ -88,10 +88,6 @@ std::tuple<at::Tensor, at::Tensor> fused_step_cpu(DK_FUSED_STEP_PARAMS) {
   return fused_step_on(best_isa(), DK_FUSED_STEP_ARGS);
 }
 
-void fused_step_out_cpu(DK_FUSED_STEP_PARAMS, at::Tensor& out, const std::optional<at::Tensor>& aux_out) {
-  fused_step_out_kernel(DK_FUSED_STEP_ARGS, out, aux_out);
-}
-
 std::vector<at::Tensor> fused_step_backward_cpu(const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_aux,
                                                 DK_FUSED_STEP_PARAMS, std::array<bool, 6> output_mask) {
   TORCH_CHECK(x.device().is_cpu(), "diffkern::fused_step_backward: CPU kernel called for ", x.device());
@@ -121,7 +117,7 @@ std::tuple<at::Tensor, at::Tensor> fused_step_cpu_isa(DK_FUSED_STEP_PARAMS, c10:
 
 TORCH_LIBRARY_IMPL(diffkern, CPU, m) {
   m.impl("fused_step", &fused_step_cpu);
-  m.impl("fused_step.out", &fused_step_out_cpu);
+  m.impl("fused_step.out", &fused_step_out_kernel);
   m.impl("_fused_step_cpu_isa", &fused_step_cpu_isa);
   m.impl("fused_step_backward", &fused_step_backward_cpu);
 }

@@ -45,8 +45,6 @@ std::vector<at::Tensor> linear_step_cuda(DK_LINEAR_STEP_PARAMS) {
   return s.outputs;
 }
 
-void linear_step_out_cuda(DK_LINEAR_STEP_PARAMS, at::TensorList out) { linear_step_out_kernel(DK_LINEAR_STEP_ARGS, out); }
-
 }  // namespace
 
 void linear_step_out_kernel(DK_LINEAR_STEP_PARAMS, at::TensorList out) {
@@ -58,7 +56,7 @@ void linear_step_out_kernel(DK_LINEAR_STEP_PARAMS, at::TensorList out) {
 
 TORCH_LIBRARY_IMPL(diffkern, CUDA, m) {
   m.impl("linear_step", &linear_step_cuda);
-  m.impl("linear_step.out", &linear_step_out_cuda);
+  m.impl("linear_step.out", &linear_step_out_kernel);
 }
 
 }  // namespace cuda

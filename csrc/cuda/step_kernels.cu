@@ -59,10 +59,6 @@ std::tuple<at::Tensor, at::Tensor> fused_step_cuda(DK_FUSED_STEP_PARAMS) {
   return {s.out, s.aux};
 }
 
-void fused_step_out_cuda(DK_FUSED_STEP_PARAMS, at::Tensor& out, const std::optional<at::Tensor>& aux_out) {
-  fused_step_out_kernel(DK_FUSED_STEP_ARGS, out, aux_out);
-}
-
 std::vector<at::Tensor> fused_step_backward_cuda(const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_aux,
                                                  DK_FUSED_STEP_PARAMS, std::array<bool, 6> output_mask) {
   TORCH_CHECK(x.device().is_cuda(), "diffkern::fused_step_backward: CUDA kernel called for ", x.device());
@@ -92,7 +88,7 @@ void fused_step_out_kernel(DK_FUSED_STEP_PARAMS, at::Tensor& out, const std::opt
 
 TORCH_LIBRARY_IMPL(diffkern, CUDA, m) {
   m.impl("fused_step", &fused_step_cuda);
-  m.impl("fused_step.out", &fused_step_out_cuda);
+  m.impl("fused_step.out", &fused_step_out_kernel);
   m.impl("fused_step_backward", &fused_step_backward_cuda);
 }
 
