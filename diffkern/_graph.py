@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import types
+import weakref
 
 import torch
 
@@ -30,6 +31,47 @@ def compiling() -> bool:
     return torch.compiler.is_compiling() and not _planning[0]
 
 
+class PlanArgument:
+    """Base of the objects a plan may take (a schedule, an SDE). Dynamo hands a plan its arguments as
+    Python constants: torch 2.14 takes such an object as one (guarded by identity), older versions
+    (2.11 was seen) refuse it ("UserDefinedObjectVariable is not a constant"). So each instance is
+    registered at creation by its ``id``, the traced call passes that number (a constant everywhere;
+    dynamo guards on the object's identity), and the plan looks the object up. An instance made while
+    dynamo traces is not registered: its attributes are set only when the graph runs, and the plan
+    refuses it."""
+
+    __slots__ = ()
+
+    def __new__(cls, *args, **kwargs):
+        self = super().__new__(cls)
+        if not torch.compiler.is_compiling():
+            key = id(self)
+            _OBJECTS[key] = weakref.ref(self, lambda _, key=key: _OBJECTS.pop(key, None))
+        return self
+
+
+_OBJECTS: dict = {}  # id -> weak reference, for the live PlanArguments
+_OBJECT = "<diffkern plan argument>"
+
+
+def _passed(value):
+    """A plan argument as the traced call passes it: a PlanArgument as (marker, its id, its type's name)."""
+    if isinstance(value, PlanArgument):
+        return (_OBJECT, id(value), type(value).__name__)
+    return _realized(value)
+
+
+def _received(value):
+    """The argument a plan was passed, the PlanArgument looked up again."""
+    if isinstance(value, tuple) and len(value) == 3 and value[0] == _OBJECT:
+        reference = _OBJECTS.get(value[1])
+        if reference is None or reference() is None:
+            raise ValueError(f"the {value[2]} was made inside the compiled function: make it outside (as the model "
+                             "is) and pass it in")
+        return reference()
+    return value
+
+
 def plan(function):
     """Marks ``function`` as a run's plan: a function of Python values whose result is a constant of
     the compiled graph (see the module's docstring). A diffkern object among its arguments (a
@@ -39,6 +81,8 @@ def plan(function):
     ``_TENSORS``."""
     @functools.wraps(function)
     def planned(*args, **kwargs):
+        args = tuple(_received(value) for value in args)
+        kwargs = {name: _received(value) for name, value in kwargs.items()}
         for value in (*args, *kwargs.values()):
             if type(value).__module__.startswith("diffkern.") and hasattr(value, "__dict__") and not vars(value):
                 raise ValueError(f"the {type(value).__name__} was made inside the compiled function: make it outside "
@@ -57,8 +101,8 @@ def plan(function):
     def call(*args, **kwargs):
         if not compiling():
             return function(*args, **kwargs)
-        args = tuple(_realized(value) for value in args)
-        kwargs = {name: _realized(value) for name, value in kwargs.items()}
+        args = tuple(_passed(value) for value in args)
+        kwargs = {name: _passed(value) for name, value in kwargs.items()}
         return _restored(constant(*args, **kwargs))
     return call
 

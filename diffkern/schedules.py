@@ -7,6 +7,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from ._graph import PlanArgument
 from ._validate import check_positive_int
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "cosine", "squaredcos_cap_v2", "sigmoid")
@@ -25,7 +26,7 @@ def _cosine_betas(num_train_timesteps: int, max_beta: float = 0.999) -> torch.Te
                         dtype=torch.float64)
 
 
-class DDPMSchedule:
+class DDPMSchedule(PlanArgument):
     """The forward process q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I) of DDPM, t = 0 .. T-1.
 
     ``beta_schedule`` is ``linear`` (betas evenly spaced from beta_start to beta_end),

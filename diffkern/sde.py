@@ -19,7 +19,7 @@ from typing import Callable, Optional, Union
 
 import torch
 
-from ._graph import plan
+from ._graph import PlanArgument, plan
 from ._validate import check_positive_int
 from .noise import randn
 
@@ -31,10 +31,14 @@ def _t64(t: TimeLike) -> torch.Tensor:
     return t.to(torch.float64) if isinstance(t, torch.Tensor) else torch.tensor(float(t), dtype=torch.float64)
 
 
-class SDE:
+class SDE(PlanArgument):
     """Base class: subclasses define drift_coef, diffusion, mean_coef, marginal_std and prior_std."""
 
     T = 1.0
+
+    def __init__(self):
+        # (here so that the class's signature is this one, not PlanArgument.__new__'s catch-all)
+        super().__init__()
 
     def drift_coef(self, t: TimeLike) -> torch.Tensor:
         """f(t) with drift f(x, t) = f(t) x."""

@@ -50,6 +50,17 @@ def model_of(kind):
     return lambda x, z: (0.1 * x, torch.ones_like(z))
 
 
+def same_as_eager(compiled, eager, kind: str):
+    """Bitwise, but for a model inductor compiles for CUDA that divides: its Triton division need not
+    round as eager CUDA's does (seen on an H100: the 4-step Heun and DPM-Solver++ runs with the
+    denoiser x / (1 + sigma^2) differ in the last bits). That is the model's own compile tolerance; the
+    fused steps are the same custom ops either way, and the multiply-only models stay bitwise there."""
+    if compiled.device.type == "cuda" and kind in ("denoiser", "noise_level_score"):
+        torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
+    else:
+        assert torch.equal(compiled, eager)
+
+
 def sampler_of(name, **options):
     return registry.make_sampler(name, steps=STEPS.get(name, 4), **dict(OPTIONS.get(name, {}), **options))
 
@@ -119,8 +130,8 @@ def test_inductor_compiled_sampler_equals_eager(name, device):
     torch._dynamo.reset()
     compiled = torch.compile(lambda seed: sampler(model, (16, 3), seed=seed, device=device), fullgraph=True)
     for seed in (5, 6):
-        assert torch.equal(compiled(torch.tensor(seed, device=device)), sampler(model, (16, 3), seed=seed,
-                                                                                  device=device))
+        same_as_eager(compiled(torch.tensor(seed, device=device)), sampler(model, (16, 3), seed=seed, device=device),
+                      registry.ENTRIES[name].model)
 
 
 def test_guided_and_float64_runs_compile(device):
@@ -312,12 +323,17 @@ def test_capture_names_what_cannot_be_one_graph():
 
 @requires_cuda
 def test_capture_refuses_a_model_that_syncs_the_gpu():
-    """On the CPU a host read inside the graph is just a read; on CUDA it cannot be in a CUDA graph."""
-    def syncing_model(x, sigma):
-        return x / (1 + float(x.abs().max()))
+    """A model that takes a value through host memory traces (the copies are graph ops, and on the CPU
+    capture takes it), but a CUDA graph cannot hold the copy to the host: refused, not replayed without
+    its graph. (``float(x.max())`` used only in arithmetic is not such a model: torch 2.11 traces it as
+    a scalar of the graph, and on an H100 capture took it without an error.)"""
+    def host_model(x, sigma):
+        scale = x.abs().max().to("cpu")
+        return x / (1 + scale.to(x.device))
 
+    assert dk.capture(sampler_of("euler"), host_model, (4, 2))(0).shape == (4, 2)
     with pytest.raises(ValueError, match="cannot be captured as one graph"):
-        dk.capture(sampler_of("euler"), syncing_model, (4, 2), device="cuda")(0)
+        dk.capture(sampler_of("euler"), host_model, (4, 2), device="cuda")(0)
 
 
 @requires_cuda
@@ -327,8 +343,7 @@ def test_capture_records_a_cuda_graph_and_replays_new_seeds():
     sampler, model = sampler_of("dpmpp"), model_of("denoiser")
     sample = dk.capture(sampler, model, (16, 4), device="cuda")
     for seed in (1, 2, 3):
-        got = sample(seed)
-        assert torch.equal(got, sampler(model, (16, 4), seed=seed, device="cuda"))
+        same_as_eager(sample(seed), sampler(model, (16, 4), seed=seed, device="cuda"), "denoiser")
     assert counters["inductor"]["cudagraph_skips"] == skips
 
 

@@ -13,7 +13,8 @@ the default mode. The samples equal ``sampler(model, shape, seed=seed, ...)`` ru
 for the steps; the model within its own compile tolerance).
 
 What cannot be one graph is refused on the first call with the cause: a model that reads a tensor on
-the host (``.item()``, ``float(t)``, a Python branch on a value), a progress bar or a callback, an
+the host (a Python branch on a value; ``.item()`` where dynamo cannot keep the number in the graph) or,
+on CUDA, copies one there (``.cpu()``: no CUDA graph can hold it), a progress bar or a callback, an
 adaptive ODE solver (its steps are chosen on the host). The k-diffusion drop-ins compile, but take
 their seed as an int: each new seed recompiles.
 """
@@ -69,11 +70,15 @@ class CapturedSampler:
             torch.compiler.cudagraph_mark_step_begin()
         if self._traced:
             return self._compiled(self.seed).clone()
+        counters = torch._dynamo.utils.counters["inductor"]
+        skips = counters["cudagraph_skips"]
         try:
-            # a CUDA graph that cannot be recorded (a host read inside the run) is an error, not a
-            # silent fallback to launching every step
+            # a CUDA graph that cannot be recorded (a copy to the host inside the run) is an error, not
+            # a silent fallback to launching every step
             with torch._inductor.config.patch({"triton.cudagraph_or_error": True}):
                 out = self._compiled(self.seed)
+            if self.device.type == "cuda" and self.mode == "reduce-overhead" and counters["cudagraph_skips"] > skips:
+                raise RuntimeError("inductor skipped the cudagraph of this run (its log says why)")
         except (torch._dynamo.exc.Unsupported, torch._dynamo.exc.BackendCompilerFailed, RuntimeError) as error:
             cause = str(error).strip().splitlines()[0]
             if not isinstance(error, torch._dynamo.exc.Unsupported) and "cudagraph" not in str(error):
