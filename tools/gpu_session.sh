@@ -3,14 +3,20 @@
 # and the CUDA benchmarks, and leave logs under $OUT (or ./gpu-out). The machine starts bare each
 # time, so every call rebuilds. Stages are bounded so that the logs come back inside one call.
 #
-#   bash tools/gpu_session.sh [build] [tests] [bench] [PYTEST_ARGS...]
+#   bash tools/gpu_session.sh [build] [cudatests] [tests] [bench] [PYTEST_ARGS...]
+#
+# cudatests: the CUDA cases of FIRST_TESTS (the kernels that have never run on a GPU), in parallel;
+# tests: the whole suite; bench: each of BENCH_FILES in turn (in the order given, so the ones that
+# matter most come back even if the call's time runs out), each case selected by BENCH_K. Every
+# stage is bounded (FIRST_S, TESTS_S, BUDGET_S seconds). At most 8 files come back from a call,
+# so the benchmark JSONs come back as one tarball.
 #
 # Peers missing from the machine's image (diffusers) travel as wheels in .whl/ (see the device
 # README): carry ".whl".
 set -uo pipefail
 OUT="${OUT:-$PWD/gpu-out}"
 mkdir -p "$OUT"
-STAGES=" ${*:-build tests bench} "
+STAGES=" ${*:-build cudatests tests bench} "
 START=$(date +%s)
 stage() { echo; echo "=== [$(( $(date +%s) - START ))s] $*"; }
 
@@ -58,16 +64,21 @@ except RuntimeError as e:
   } > "$OUT/diag.log" 2>&1
 fi
 
+if [[ "$STAGES" == *" cudatests "* ]]; then
+  # the kernels that have never run on a GPU first, so their result comes back even if the whole
+  # suite does not finish (test_compile: CUDA graphs of whole runs via dk.capture, compiled loops
+  # and tensor seeds on the GPU; test_no_host_sync's CUDA tests say "gpu" in their names). The
+  # 2026-12-05 H100 run took 91 s for 661 of these with 8 workers.
+  stage "CUDA tests of ${FIRST_TESTS:=tests/test_compile.py tests/test_no_host_sync.py tests/test_training.py tests/test_poisson_field.py tests/test_cnf_training.py tests/test_autograd.py tests/test_likelihood_solvers.py tests/test_likelihood.py tests/test_k_diffusion.py tests/test_pfgm.py}"
+  OMP_NUM_THREADS=2 timeout "${FIRST_S:-240}" python3 -m pytest -v -p no:cacheprovider -p no:warnings -rfE \
+      -n "${XDIST:-8}" -k "cuda or gpu or capture" $FIRST_TESTS > "$OUT/first-tests.log" 2>&1
+  grep -oE "(FAILED|ERROR) tests/\S+" "$OUT/first-tests.log" | sort | uniq | head -60
+  grep -c PASSED "$OUT/first-tests.log"; tail -1 "$OUT/first-tests.log"
+fi
+
 if [[ "$STAGES" == *" tests "* ]]; then
-  # the kernels that have never run on a GPU first (FIRST_TESTS), so their result comes back even if
-  # the whole suite does not finish
-  stage "CUDA tests of ${FIRST_TESTS:=tests/test_compile.py tests/test_no_host_sync.py tests/test_training.py tests/test_poisson_field.py tests/test_cnf_training.py}"
-  # (test_compile: CUDA graphs of whole runs via dk.capture, compiled loops and tensor seeds on the GPU)
-  timeout 200 python3 -m pytest -q -p no:cacheprovider -p no:warnings -rfE -k "cuda or capture" $FIRST_TESTS \
-      > "$OUT/first-tests.log" 2>&1
-  grep -oE "(FAILED|ERROR) tests/\S+" "$OUT/first-tests.log" | sort | uniq | head -40; tail -1 "$OUT/first-tests.log"
   stage "tests"
-  EXTRA=$(printf '%s\n' "$@" | grep -v -E '^(build|diag|tests|bench)$' | tr '\n' ' ')
+  EXTRA=$(printf '%s\n' "$@" | grep -v -E '^(build|diag|cudatests|tests|bench)$' | tr '\n' ' ')
   timeout "${TESTS_S:-330}" python3 -m pytest -v -p no:cacheprovider -p no:warnings -rfE --timeout 120 -n "${XDIST:-8}" \
       --junitxml="$OUT/tests.xml" ${PYTEST_K:+-k "$PYTEST_K"} $EXTRA tests > "$OUT/tests.log" 2>&1
   grep -oE "(FAILED|ERROR) tests/\S+" "$OUT/tests.log" | sort | uniq | head -100
@@ -76,12 +87,19 @@ fi
 
 if [[ "$STAGES" == *" bench "* ]]; then
   stage "benchmarks (CUDA)"
-  LEFT=$(( ${BUDGET_S:-580} - ($(date +%s) - START) )); echo "benchmark budget ${LEFT}s"
-  # (round 3: BENCH_FILES="benchmarks/test_bench_compiled_loops.py benchmarks/test_bench_unet_loop.py" for the
-  # whole-loop graphs issue; the UNet's whole-run capture compiles for minutes)
-  timeout "$LEFT" python3 -m pytest ${BENCH_FILES:-benchmarks} --benchmark-only -q -p no:cacheprovider -p no:warnings -k "${BENCH_K:-cuda}" \
-      --benchmark-min-rounds=20 --benchmark-max-time=0.2 --benchmark-json="$OUT/bench.json" 2>&1 \
-      | tee "$OUT/bench.log" | sed -n '/diffkern summary/,$p'
+  # (round 3: the whole-loop graphs issue's benchmarks are test_bench_compiled_loops.py and
+  # test_bench_unet_loop.py; the UNet's whole-run capture compiles for minutes)
+  mkdir -p /tmp/bench-json
+  for file in ${BENCH_FILES:-benchmarks}; do
+    LEFT=$(( ${BUDGET_S:-580} - ($(date +%s) - START) ))
+    [ "$LEFT" -gt 20 ] || { echo "no time left for $file"; continue; }
+    echo "--- $file (${LEFT}s left)"
+    timeout "$LEFT" python3 -m pytest "$file" --benchmark-only -q -p no:cacheprovider -p no:warnings \
+        -k "${BENCH_K:-cuda}" --benchmark-min-rounds="${BENCH_ROUNDS:-20}" --benchmark-max-time=0.2 \
+        --benchmark-json="/tmp/bench-json/$(basename "$file" .py).json" 2>&1 \
+        | tee -a "$OUT/bench.log" | sed -n '/diffkern summary/,$p'
+  done
+  tar -czf "$OUT/bench-json.tar.gz" -C /tmp bench-json
 fi
 [ -f "$OUT/diag.log" ] && { echo "--- diag.log"; head -c 6000 "$OUT/diag.log"; }
 stage "done"
