@@ -6,6 +6,10 @@ test split, and wall time on this machine's CPU. Writes a markdown table, the ro
 10-20 evaluations what DDIM needs many more for.
 
     python benchmarks/digits_sampler_quality.py [OUT_PREFIX]   # default benchmarks/results/DATE-cpu-digits-samplers
+    python benchmarks/digits_sampler_quality.py OUT_PREFIX --only "PFGM, Euler" "PFGM, Heun"
+
+``--only`` runs the samplers named and puts their rows into the table already at OUT_PREFIX (its other
+rows kept as they were measured), then writes the markdown, JSON and plot again.
 """
 import datetime
 import json
@@ -35,9 +39,15 @@ def ordering(rows) -> list:
     return found
 
 
-def main(prefix: str) -> None:
+def main(prefix: str, only=None) -> None:
     torch.manual_seed(0)
-    rows = sampler_table.run(sampler_table.plan(), samples=SAMPLES, seed=0, progress=True)
+    rows = sampler_table.run(sampler_table.plan(names=only), samples=SAMPLES, seed=0, progress=True)
+    added = ""
+    if only:
+        with open(prefix + ".json") as f:
+            kept = [sampler_table.Row(**r) for r in json.load(f)["rows"] if r["sampler"] not in only]
+        rows = kept + rows
+        added = f" Rows of {', '.join(only)} added on {datetime.date.today()} (the others as measured before)."
     floor = digit_metrics.metrics(digits("train")[:SAMPLES])  # real digits, as many as the samplers give
     claims = ordering(rows)
     cpu = platform.processor() or platform.machine()
@@ -45,7 +55,8 @@ def main(prefix: str) -> None:
              f"{torch.get_num_threads()} threads, torch {torch.__version__})",
              "", f"{SAMPLES} samples per run, seed 0, the shipped models (diffkern/datasets/models); real digits "
              f"({SAMPLES} training images against the test split): digits-FD {floor['fd']:.1f}, coverage TV "
-             f"{floor['coverage_tv']:.3f}, precision {floor['precision']:.2f}, recall {floor['recall']:.2f}.", "",
+             f"{floor['coverage_tv']:.3f}, precision {floor['precision']:.2f}, recall {floor['recall']:.2f}."
+             + added, "",
              sampler_table.markdown(rows), "", "## DPM-Solver++ and UniPC against DDIM", ""]
     for c in claims:
         match = (f"DDIM matches it at {c['ddim_evals_to_match']} evaluations" if c["ddim_evals_to_match"]
@@ -63,4 +74,7 @@ def main(prefix: str) -> None:
 
 if __name__ == "__main__":
     default = os.path.join("benchmarks", "results", f"{datetime.date.today()}-cpu-digits-samplers")
-    main(sys.argv[1] if len(sys.argv) > 1 else default)
+    args = sys.argv[1:]
+    names = args[args.index("--only") + 1:] if "--only" in args else None
+    args = args[:args.index("--only")] if "--only" in args else args
+    main(args[0] if args else default, names)

@@ -24,7 +24,7 @@ from .training.data import digits
 
 # (sampler label of sampler_table, budget of model evaluations)
 PLAN = [("DDPM", 100), ("DDIM", 20), ("DPM-Solver++ 2M", 10), ("UniPC (drop-in)", 10), ("Heun (EDM)", 19),
-        ("Euler-Maruyama (VP)", 100), ("probability-flow ODE, Heun", 20), ("flow, Heun", 20)]
+        ("Euler-Maruyama (VP)", 100), ("probability-flow ODE, Heun", 20), ("flow, Heun", 20), ("PFGM, Euler", 20)]
 QUICK_PLAN = [("DDIM", 10), ("DPM-Solver++ 2M", 10), ("Euler-Maruyama (VP)", 50), ("flow, Euler", 10)]
 # test images, and dopri5's tolerance: the score's 1 / std near t = 0 makes a coarse fixed grid's
 # likelihood far off (25 Heun steps: 1.95 bits/dim where the converged value is 2.2), an adaptive

@@ -12,7 +12,8 @@ What runs each sampler (one model per family, so samplers of a family differ onl
   drop-ins);
 - the VP score model: Euler-Maruyama, predictor-corrector, the probability-flow ODE by Heun steps and by
   adaptive dopri5 (its budget is a tolerance; the evaluations it used are counted);
-- the flow-matching model: Euler and Heun.
+- the flow-matching model: Euler and Heun;
+- the PFGM field model: ``dk.sample_pfgm``'s Euler and Heun (in log z) from the plane z = PFGM_Z_MAX.
 
 Evaluations are counted by wrapping the model, never derived from the step count.
 
@@ -35,6 +36,9 @@ EVALS = (5, 10, 20, 50, 100, 1000)
 # dopri5's budgets: tolerances (rtol = atol), loosest first
 DOPRI5_TOLERANCES = (1e-1, 3e-2, 1e-2, 1e-3, 1e-4)
 SHAPE = (1, 8, 8)
+# where the PFGM model's samples start: PFGM's own z_max (its CIFAR-10 value, dk.sample_pfgm's default);
+# the README's digits section gives what nearer planes do
+PFGM_Z_MAX = 40.0
 
 
 class Counted(torch.nn.Module):
@@ -51,7 +55,7 @@ class Counted(torch.nn.Module):
 
 @dataclass(frozen=True)
 class TableSampler:
-    """A sampler of the table: its label, the shipped model it takes ("ddpm", "denoiser", "vp", "flow"),
+    """A sampler of the table: its label, the shipped model it takes ("ddpm", "denoiser", "vp", "flow", "pfgm"),
     model calls per step, the budgets it runs at (a subset of EVALS; None: all), and
     ``sample(model, evals, seed, samples, models)`` -> samples [N, 1, 8, 8]."""
 
@@ -158,6 +162,15 @@ def _flow(solver: str):
     return sample
 
 
+def _pfgm(solver: str):
+    import diffkern as dk
+
+    def sample(model, evals, seed, samples, context):
+        steps = _steps(evals, 2) if solver == "heun" else evals  # PFGM's Heun: two calls every step
+        return dk.sample_pfgm(model, (samples, *SHAPE), z_max=PFGM_Z_MAX, num_steps=steps, solver=solver, seed=seed)
+    return sample
+
+
 def samplers() -> Dict[str, TableSampler]:
     """The table's samplers by key."""
     import diffkern as dk
@@ -183,6 +196,8 @@ def samplers() -> Dict[str, TableSampler]:
                      tuple(range(len(DOPRI5_TOLERANCES)))),
         TableSampler("flow, Euler", "flow", 1, _flow("euler"), few),
         TableSampler("flow, Heun", "flow", 2, _flow("heun"), (5, 9, 19, 49, 99)),
+        TableSampler("PFGM, Euler", "pfgm", 1, _pfgm("euler"), few),
+        TableSampler("PFGM, Heun", "pfgm", 2, _pfgm("heun"), (10, 20, 50, 100)),
     )}
 
 
@@ -206,7 +221,8 @@ def models() -> dict:
 
     wrapped, sigma_min, sigma_max = denoiser("digits-ddpm")
     return {"ddpm": load_pretrained("digits-ddpm"), "denoiser": wrapped, "vp": load_pretrained("digits-vp"),
-            "flow": load_pretrained("digits-flow"), "schedule": dk.DDPMSchedule(), "sigma_min": sigma_min,
+            "flow": load_pretrained("digits-flow"), "pfgm": load_pretrained("digits-pfgm"),
+            "schedule": dk.DDPMSchedule(), "sigma_min": sigma_min,
             "sigma_max": sigma_max}
 
 
@@ -274,7 +290,7 @@ def markdown(rows: list) -> str:
 
 
 FAMILIES = {"ddpm": "DDPM epsilon model, its own timesteps", "denoiser": "the same model as a denoiser, Karras sigmas",
-            "vp": "VP score model", "flow": "rectified-flow model"}
+            "vp": "VP score model", "flow": "rectified-flow model", "pfgm": "PFGM field model"}
 
 
 def plot(rows: list, path: str, floor: Optional[float] = None) -> bool:
@@ -288,7 +304,9 @@ def plot(rows: list, path: str, floor: Optional[float] = None) -> bool:
     import matplotlib.pyplot as plt
 
     table = samplers()
-    fig, axes = plt.subplots(2, 2, figsize=(10, 7.5), sharex=True, sharey=True, layout="constrained")
+    fig, axes = plt.subplots(2, 3, figsize=(14, 7.5), sharex=True, sharey=True, layout="constrained")
+    for ax in axes.flat[len(FAMILIES):]:
+        ax.set_visible(False)
     for ax, (family, title) in zip(axes.flat, FAMILIES.items()):
         names = [n for n in dict.fromkeys(r.sampler for r in rows) if table[n].model == family]
         for name in names:

@@ -9,7 +9,9 @@ plain tensor arithmetic, so a difference could only come from the samplers' plan
 compiled results must be bitwise equal to eager ones (the fused steps are the same custom ops in both;
 inductor leaves them alone).
 
-The CUDA variants run wherever a GPU is present; none was lent to the work that wrote them.
+The CUDA variants run wherever a GPU is present; on an H100 (torch 2.11, 2026-12-05) they showed torch
+2.11 refusing schedule and SDE objects as plan arguments (fixed: diffkern._graph.PlanArgument) and
+inductor's Triton division in a model (hence same_as_eager).
 """
 import functools
 

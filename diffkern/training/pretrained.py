@@ -6,13 +6,14 @@ plain PyTorch):
   drop-ins; the denoiser samplers through ``denoiser("digits-ddpm")``, k-diffusion's wrapper);
 - ``digits-vp``: a score model of the VP SDE (Euler-Maruyama, predictor-corrector, the probability-flow
   ODE and its likelihood);
-- ``digits-flow``: a rectified-flow velocity model (flow Euler / Heun).
+- ``digits-flow``: a rectified-flow velocity model (flow Euler / Heun);
+- ``digits-pfgm``: a Poisson-field model (PFGM's objective; ``dk.sample_pfgm``, Euler / Heun in log z).
 
 A shipped file holds the EMA weights, the training configuration, the exact command line that made it
 and the test metrics it scored when exported (``recorded``); ``models/manifest.json`` pins each file's
 sha256, checked on every load.
 
-    python tools/export_digit_models.py runs/digits-ddpm runs/digits-vp runs/digits-flow
+    python tools/export_digit_models.py runs/digits-ddpm runs/digits-vp runs/digits-flow runs/digits-pfgm
 """
 from __future__ import annotations
 
@@ -30,10 +31,10 @@ from .trainer import TrainConfig, build_network, objective, sampler_model
 
 MODELS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "datasets", "models")
 MANIFEST = os.path.join(MODELS_DIR, "manifest.json")
-PRETRAINED = ("digits-ddpm", "digits-vp", "digits-flow")
+PRETRAINED = ("digits-ddpm", "digits-vp", "digits-flow", "digits-pfgm")
 # what each model's recorded test metrics are measured with: a registry sampler, its steps and options
 RECORD_SAMPLERS = {"digits-ddpm": ("ddim", 50, {}), "digits-vp": ("ode", 50, {"solver": "heun"}),
-                   "digits-flow": ("flow", 25, {"solver": "heun"})}
+                   "digits-flow": ("flow", 25, {"solver": "heun"}), "digits-pfgm": ("pfgm", 50, {"solver": "euler"})}
 RECORD_SAMPLES, RECORD_SEED = 500, 0
 
 
