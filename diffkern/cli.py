@@ -399,7 +399,7 @@ def _add_sampler_options(generate: argparse.ArgumentParser) -> None:
     generate.add_argument("--steps", type=_positive_int, default=None, help="sampler steps (each sampler's default, "
                           "above)")
     types = {"eta": float, "sigma_min": float, "sigma_max": float, "order": int, "langevin_steps": _positive_int,
-             "step_size": float, "z_max": float}
+             "step_size": float, "z_max": float, "max_radius": float}
     for name, option in registry.OPTIONS.items():
         by_default = {}  # each sampler's own default, grouped
         for reader in registry.readers(name):

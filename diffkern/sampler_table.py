@@ -13,7 +13,8 @@ What runs each sampler (one model per family, so samplers of a family differ onl
 - the VP score model: Euler-Maruyama, predictor-corrector, the probability-flow ODE by Heun steps and by
   adaptive dopri5 (its budget is a tolerance; the evaluations it used are counted);
 - the flow-matching model: Euler and Heun;
-- the PFGM field model: ``dk.sample_pfgm``'s Euler and Heun (in log z) from the plane z = PFGM_Z_MAX.
+- the PFGM field model: ``dk.sample_pfgm``'s Euler and Heun (in log z) from the plane z = PFGM_Z_MAX, the
+  prior's radii truncated at pretrained.PFGM_MAX_RADIUS.
 
 Evaluations are counted by wrapping the model, never derived from the step count.
 
@@ -36,8 +37,8 @@ EVALS = (5, 10, 20, 50, 100, 1000)
 # dopri5's budgets: tolerances (rtol = atol), loosest first
 DOPRI5_TOLERANCES = (1e-1, 3e-2, 1e-2, 1e-3, 1e-4)
 SHAPE = (1, 8, 8)
-# where the PFGM model's samples start: PFGM's own z_max (its CIFAR-10 value, dk.sample_pfgm's default);
-# the README's digits section gives what nearer planes do
+# where the PFGM model's samples start: PFGM's own z_max (its CIFAR-10 value, dk.sample_pfgm's default),
+# the prior's radii truncated where its training perturbations end (pretrained.PFGM_MAX_RADIUS)
 PFGM_Z_MAX = 40.0
 
 
@@ -165,9 +166,12 @@ def _flow(solver: str):
 def _pfgm(solver: str):
     import diffkern as dk
 
+    from .training.pretrained import PFGM_MAX_RADIUS
+
     def sample(model, evals, seed, samples, context):
         steps = _steps(evals, 2) if solver == "heun" else evals  # PFGM's Heun: two calls every step
-        return dk.sample_pfgm(model, (samples, *SHAPE), z_max=PFGM_Z_MAX, num_steps=steps, solver=solver, seed=seed)
+        return dk.sample_pfgm(model, (samples, *SHAPE), z_max=PFGM_Z_MAX, num_steps=steps, solver=solver, seed=seed,
+                              max_radius=PFGM_MAX_RADIUS)
     return sample
 
 

@@ -288,3 +288,35 @@ def test_forward_and_field_bad_arguments():
         field(torch.zeros(4, 3), torch.ones(4))
     with pytest.raises(ValueError, match="z must be"):
         field(torch.zeros(4, 2), torch.ones(3))
+
+
+def test_prior_truncated_at_max_radius():
+    """max_radius moves the samples beyond it onto that sphere along their rays, and leaves the others
+    (bitwise); PFGM's heavy tail at 64 features puts half the radii beyond 470 at z_max = 40."""
+    exact = dk.pfgm_prior((4000, 64), 40.0, seed=3, dtype=torch.float64)
+    cut = dk.pfgm_prior((4000, 64), 40.0, seed=3, dtype=torch.float64, max_radius=470.0)
+    r_exact, r_cut = exact.norm(dim=1), cut.norm(dim=1)
+    inside = r_exact <= 470.0
+    assert 0.4 < inside.double().mean() < 0.6 and (r_exact > 3200).double().mean() > 0.05
+    assert torch.equal(cut[inside], exact[inside])
+    torch.testing.assert_close(r_cut[~inside], torch.full_like(r_cut[~inside], 470.0), rtol=1e-12, atol=0)
+    torch.testing.assert_close(cut[~inside] / r_cut[~inside, None], exact[~inside] / r_exact[~inside, None],
+                               rtol=1e-12, atol=1e-15)
+
+
+def test_max_radius_is_checked_and_reaches_the_sampler():
+    field = EmpiricalPoissonField(dk.randn((16, 2), seed=1))
+    with pytest.raises(ValueError, match="max_radius"):
+        dk.pfgm_prior((4, 2), 40.0, max_radius=0.0)
+    with pytest.raises(ValueError, match="max_radius"):
+        dk.sample_pfgm(field, (4, 2), num_steps=2, max_radius=-1.0)
+    with pytest.raises(ValueError, match="max_radius shapes the prior"):
+        dk.sample_pfgm(field, (4, 2), num_steps=2, x_T=torch.zeros(4, 2), max_radius=10.0)
+    # the sampler starts from the truncated prior: the same run as from that prior given as x_T
+    start = dk.pfgm_prior((64, 2), 40.0, seed=2, max_radius=50.0)
+    untruncated = dk.pfgm_prior((64, 2), 40.0, seed=2)
+    assert float(start.norm(dim=1).max()) <= 50.0 * (1 + 1e-6) < float(untruncated.norm(dim=1).max())
+    assert torch.equal(dk.sample_pfgm(field, (64, 2), num_steps=2, max_radius=50.0, seed=2),
+                       dk.sample_pfgm(field, (64, 2), num_steps=2, x_T=start, seed=2))
+    from diffkern.sampling import registry
+    assert registry.make_sampler("pfgm", steps=2, max_radius=50.0).config()["options"]["max_radius"] == 50.0

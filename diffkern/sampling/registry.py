@@ -79,6 +79,8 @@ OPTIONS: Dict[str, Option] = {
     "step_size": Option(2e-3, "Langevin step size at sigma_min (times sigma^2 / sigma_min^2 above it; stable below "
                               "2 sigma_min^2)", lambda n, v: check_positive(n, v)),
     "z_max": Option(40.0, "PFGM's starting plane z = z_max", lambda n, v: check_positive(n, v)),
+    "max_radius": Option(None, "PFGM: the prior's radii truncated at this (a learned field is trained only as far "
+                               "out as its perturbations reach)", lambda n, v: check_positive(n, v)),
 }
 
 
@@ -158,7 +160,7 @@ def _flow(steps, options):
 
 def _pfgm(steps, options):
     return lambda model, shape, **run: sample_pfgm(model, shape, num_steps=steps, z_max=options["z_max"],
-                                                   solver=options["solver"], **run)
+                                                   solver=options["solver"], max_radius=options["max_radius"], **run)
 
 
 class _StepRecords:
@@ -251,8 +253,8 @@ ENTRIES: Dict[str, SamplerEntry] = {e.name: e for e in (
                  lambda steps, options: steps * options["langevin_steps"] + 1),
     SamplerEntry("dpmpp", "DPM-Solver++", sample_dpmpp, "denoiser", 20, dict(_KARRAS, order=2, eta=0.0), _dpmpp),
     SamplerEntry("flow", "flow matching", sample_flow, "velocity", 50, {"solver": "euler"}, _flow, _flow_calls),
-    SamplerEntry("pfgm", "PFGM", sample_pfgm, "field", 100, {"z_max": 40.0, "solver": "heun"}, _pfgm,
-                 _two_per_step),
+    SamplerEntry("pfgm", "PFGM", sample_pfgm, "field", 100, {"z_max": 40.0, "solver": "heun", "max_radius": None},
+                 _pfgm, _two_per_step),
 )}
 
 
