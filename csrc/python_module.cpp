@@ -17,7 +17,7 @@ namespace {
 
 bool tensor_arg(PyObject* obj, const char* name, at::Tensor& out) {
   if (!THPVariable_Check(obj)) {
-    PyErr_Format(PyExc_TypeError, "fused_step_into: %s must be a tensor", name);
+    PyErr_Format(PyExc_TypeError, "diffkern._C: %s must be a tensor", name);
     return false;
   }
   out = THPVariable_Unpack(obj);
@@ -34,7 +34,7 @@ bool optional_arg(PyObject* obj, const char* name, std::optional<at::Tensor>& ou
 
 bool int_arg(PyObject* obj, const char* name, int64_t& out) {
   if (!PyLong_Check(obj)) {
-    PyErr_Format(PyExc_TypeError, "fused_step_into: %s must be an int", name);
+    PyErr_Format(PyExc_TypeError, "diffkern._C: %s must be an int", name);
     return false;
   }
   out = PyLong_AsLongLong(obj);

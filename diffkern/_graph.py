@@ -6,7 +6,7 @@ steps, a schedule, the noise levels. Each sampler computes it in one function ma
 at trace time with the real values and bakes its result into the graph
 (``torch.compiler.assume_constant_result``), so the loop itself never reads a tensor on the host
 and nothing in it changes a Python value that dynamo guards per step. Its arguments must be Python
-values or objects such as a schedule or an SDE (guarded by identity). A tensor of levels given as an
+values or schedules and SDEs (PlanArgument: passed by identity). A tensor of levels given as an
 argument is refused while compiling (:func:`constant_levels`): a graph input's values can change
 between calls without a retrace, so baking them would be silently wrong.
 
@@ -64,29 +64,23 @@ def _passed(value):
 def _received(value):
     """The argument a plan was passed, the PlanArgument looked up again."""
     if isinstance(value, tuple) and len(value) == 3 and value[0] == _OBJECT:
-        reference = _OBJECTS.get(value[1])
-        if reference is None or reference() is None:
+        found = _OBJECTS[value[1]]() if value[1] in _OBJECTS else None
+        if found is None:
             raise ValueError(f"the {value[2]} was made inside the compiled function: make it outside (as the model "
                              "is) and pass it in")
-        return reference()
+        return found
     return value
 
 
 def plan(function):
     """Marks ``function`` as a run's plan: a function of Python values whose result is a constant of
-    the compiled graph (see the module's docstring). A diffkern object among its arguments (a
-    schedule, an SDE) that was made inside the compiled function is refused: dynamo hands a plan the
-    objects it was given, and one made during tracing is not built yet (its attributes are set when
-    the graph runs). Tensors in the result (at its top or in tuples) reach the graph through
-    ``_TENSORS``."""
+    the compiled graph (see the module's docstring). A schedule or SDE among its arguments reaches it
+    as a PlanArgument, and one made inside the compiled function is refused (see PlanArgument).
+    Tensors in the result (at its top or in tuples) reach the graph through ``_TENSORS``."""
     @functools.wraps(function)
     def planned(*args, **kwargs):
         args = tuple(_received(value) for value in args)
         kwargs = {name: _received(value) for name, value in kwargs.items()}
-        for value in (*args, *kwargs.values()):
-            if type(value).__module__.startswith("diffkern.") and hasattr(value, "__dict__") and not vars(value):
-                raise ValueError(f"the {type(value).__name__} was made inside the compiled function: make it outside "
-                                 "(as the model is) and pass it in")
         _planning[0] += 1
         try:
             return _stored(function(*args, **kwargs))

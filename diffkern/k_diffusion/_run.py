@@ -234,15 +234,9 @@ class Run:
         self.s_in = x.new_ones([x.shape[0]])
         self.dtype, self.device = x.dtype, x.device
         self.table_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-        self._rows, self._tables = {}, {}
+        self._tables = {}
 
     # ---- before the loop ----
-
-    def add(self, kind: str, values: list) -> int:
-        """Appends a coefficient row to the table ``kind``; returns its index."""
-        rows = self._rows.setdefault(kind, [])
-        rows.append(values)
-        return len(rows) - 1
 
     def plan(self, planner: Callable, *options):
         """planner(levels, values, *options): what a sampler computes from the levels before its loop
@@ -251,11 +245,9 @@ class Run:
             return planner(self.levels, self.values, *options)
         return _host_plan(planner, tuple(self.values), options)
 
-    def tables(self, rows: Optional[tuple] = None) -> None:
-        """The device tables of the rows added, or of ``rows`` (a planner's RowBook.rows)."""
-        if rows is not None:
-            self._rows = dict(rows)
-        self._tables = {kind: device_table(rows, self.device, self.table_dtype) for kind, rows in self._rows.items()}
+    def tables(self, rows: tuple) -> None:
+        """The device tables of ``rows`` (a planner's RowBook.rows: ((kind, rows), ...))."""
+        self._tables = {kind: device_table(table, self.device, self.table_dtype) for kind, table in rows}
 
     def steps(self, n: int):
         if self.disable:  # as trange(n, disable=True), and nothing a compiled graph breaks on

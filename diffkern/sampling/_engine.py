@@ -185,9 +185,8 @@ class Run:
 
     def noise_key(self, step: int) -> dict:
         """The keywords of dk.randn and the ops for stream step ``step`` of this run."""
-        if self.seed_tensor is not None:
-            return {"seed": self.seed_tensor, "step": step, "sample_offset": self.sample_offset}
-        return {"seed": self.seed, "step": step, "sample_offset": self.sample_offset}
+        seed = self.seed if self.seed_tensor is None else self.seed_tensor
+        return {"seed": seed, "step": step, "sample_offset": self.sample_offset}
 
     def linear(self, inputs, table, row, *, x0=False, noise_step=None) -> list:
         """One ops.linear_step of ``inputs`` (the state first) with row ``row`` of ``table``; with
